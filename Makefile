@@ -1,0 +1,52 @@
+# dicom-node: the two set-up commands are `make serve` and `make test`.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+PIP := $(BIN)/pip install -c constraints.txt
+STAMP := $(VENV)/.installed
+ARGS ?=
+PYTEST_ARGS ?=
+
+.PHONY: install serve test test-deps services lint typecheck bench clean
+
+install: $(STAMP)
+
+# The stamp makes `make install` a no-op while pyproject.toml and constraints.txt are unchanged.
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(PIP) --upgrade pip
+	$(PIP) torch==2.13.0
+	$(PIP) -e '.[dev]'
+	touch $@
+
+serve: install
+	$(BIN)/dicom-node serve $(ARGS)
+
+# Debian packages the tests use as real peers: Orthanc (PACS), DCMTK (modality), dicom3tools (dciodvfy),
+# Chromium for the browser test of the admin page.
+test-deps:
+	@missing=""; \
+	for p in orthanc dcmtk dicom3tools chromium chromium-driver; do \
+	  dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; \
+	done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing Debian packages:$$missing"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
+	fi
+
+services:
+	bash .ci/services.sh
+
+test: install test-deps services
+	$(BIN)/pytest $(PYTEST_ARGS)
+
+lint:
+	$(BIN)/ruff check dicom_node workers models tests bench
+	$(BIN)/mypy dicom_node workers models
+
+bench: install
+	$(BIN)/python -m bench
+
+clean:
+	rm -rf $(VENV) build *.egg-info
