@@ -122,7 +122,7 @@ class SelectionRule(_Section):
     holds one of the values (e.g. LOCALIZER)."""
 
     name: str
-    detector: Literal["brain_mri", "chest_xray"] | None = None
+    detector: DetectorName | None = None
     reason: str | None = None
     modality: list[str] = Field(default_factory=list)
     body_part_examined: list[str] = Field(default_factory=list)
@@ -194,10 +194,22 @@ class SelectionSettings(_Section):
     rules: list[SelectionRule] = Field(default_factory=_default_selection_rules)
 
 
+ResultKind = Literal["SEG", "SR", "PM", "SC"]
+DetectorName = Literal["brain_mri", "chest_xray"]
+
+
+def _default_objects() -> list[ResultKind]:
+    return ["SEG", "SR"]
+
+
+def _default_detectors() -> dict[DetectorName, DetectorSettings]:
+    return {"brain_mri": DetectorSettings(), "chest_xray": DetectorSettings()}
+
+
 class DestinationProfile(_Section):
     """Which result objects a destination receives (IHE AIR: SEG, SR, Parametric Map, Secondary Capture)."""
 
-    objects: list[Literal["SEG", "SR", "PM", "SC"]] = Field(default_factory=lambda: ["SEG", "SR"])
+    objects: list[ResultKind] = Field(default_factory=_default_objects)
     keep_empty_frames: bool = True
     storage_commitment: bool = False
 
@@ -301,9 +313,7 @@ class Settings(BaseSettings):
     selection: SelectionSettings = Field(default_factory=SelectionSettings)
     destinations: list[Destination] = Field(default_factory=list)
     webhooks: list[Webhook] = Field(default_factory=list)
-    detectors: dict[Literal["brain_mri", "chest_xray"], DetectorSettings] = Field(
-        default_factory=lambda: {"brain_mri": DetectorSettings(), "chest_xray": DetectorSettings()}
-    )
+    detectors: dict[DetectorName, DetectorSettings] = Field(default_factory=_default_detectors)
     broker: BrokerSettings = Field(default_factory=BrokerSettings)
     workers: WorkerSettings = Field(default_factory=WorkerSettings)
     http: HttpSettings = Field(default_factory=HttpSettings)
