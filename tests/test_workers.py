@@ -145,7 +145,9 @@ def test_redis_restarted_mid_stream_loses_nothing(node: Node, redis_server: Redi
     time.sleep(1)
     redis_server.start()
     jobs = node.wait_states(first + during, DONE, 150, sweep=True)
-    assert [job.state.value for job in jobs] == ["succeeded"] * 6
+    assert [(job.state.value, job.error) for job in jobs] == [("succeeded", None)] * 6, [
+        (node.events(job.id), node.workers[0].output()[-5000:]) for job in jobs if job.state.value != "succeeded"
+    ]
     assert len(node.result_dirs()) == 6
     for job in jobs:
         assert node.events(job.id).count("succeeded") == 1
