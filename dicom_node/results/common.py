@@ -151,6 +151,10 @@ def finish(dataset: Dataset, kind: str, model: ModelIdentity) -> Dataset:
     dataset.SeriesDescription = RESULT_SERIES[kind].description
     # highdicom takes one Software Versions value; the attribute is multi-valued (node version, model version).
     dataset.SoftwareVersions = list(software_versions(model))
+    if kind in ("PM", "SC") and "Laterality" not in dataset:
+        # General Series Laterality (PS3.3 C.7.3.1) is Type 2C; these IODs carry no Image/Frame Laterality, so
+        # dciodvfy requires the attribute; empty = unknown.
+        dataset.Laterality = None
     return add_processing_algorithm(dataset, model)
 
 
