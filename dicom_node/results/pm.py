@@ -59,7 +59,9 @@ def build_pm(source: SourceSeries, model: ModelIdentity, pixel_threshold: float)
         real_world_value_mappings=[mapping],
         voi_lut_transformations=[
             # LINEAR_EXACT: float maps need window widths below 1, which plain LINEAR forbids (PS3.3 C.11.2.1.3).
-            hd.VOILUTTransformation(window_center=float(pixel_threshold), window_width=width, voi_lut_function="LINEAR_EXACT")
+            hd.VOILUTTransformation(
+                window_center=float(pixel_threshold), window_width=width, voi_lut_function="LINEAR_EXACT"
+            )
         ],
         content_label="ANOMALY",
         content_description="Anomaly score map",

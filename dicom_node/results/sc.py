@@ -63,7 +63,11 @@ def _burn_in(picture: Image.Image) -> None:
     font = ImageFont.load_default(size=size)
     margin = max(4, size // 3)
     draw.text(
-        (margin, margin), WARNING_TEXT, fill=(255, 255, 255), font=font, stroke_width=max(1, size // 12),
+        (margin, margin),
+        WARNING_TEXT,
+        fill=(255, 255, 255),
+        font=font,
+        stroke_width=max(1, size // 12),
         stroke_fill=(0, 0, 0),
     )
 
@@ -83,8 +87,10 @@ def render(image: Dataset, anomaly_map: np.ndarray, pixel_threshold: float) -> n
 
 def _orientation(image: Dataset) -> tuple[str, str] | None:
     """Patient Orientation of the rows and columns (PS3.3 C.7.6.1.1.1) from the image's own attributes."""
-    if image.get("PatientOrientation") and len(image.PatientOrientation) == 2:
-        return str(image.PatientOrientation[0]), str(image.PatientOrientation[1])
+    given = image.get("PatientOrientation")
+    if given and len(given) == 2 and all(str(value)[:1] in "APRLHF" and str(value) for value in given):
+        # highdicom takes single letters; an oblique "LP" keeps its dominant first letter.
+        return str(given[0])[0], str(given[1])[0]
     cosines = image.get("ImageOrientationPatient")
     if cosines is None:
         return None
@@ -114,15 +120,19 @@ def build_sc(
         pixel_array=pixels,
         photometric_interpretation=hd.PhotometricInterpretationValues.RGB,
         bits_allocated=8,
-        coordinate_system=hd.CoordinateSystemNames.PATIENT if orientation else None,
+        coordinate_system=hd.CoordinateSystemNames.PATIENT,
         series_instance_uid=uids.series_instance_uid,
         series_number=RESULT_SERIES["SC"].number,
         sop_instance_uid=uids.sop_instance_uid,
         instance_number=1,
         manufacturer=MANUFACTURER,
-        patient_orientation=orientation,
+        patient_orientation=orientation or ("L", "F"),
         transfer_syntax_uid="1.2.840.10008.1.2.1",
     )
+    if orientation is None:
+        # highdicom insists on an orientation; unknown is an empty Patient Orientation (Type 2C), not a guess.
+        del sc.PatientOrientation
+        sc.add_new(0x00200020, "CS", None)
     sc.BurnedInAnnotation = "YES"
     sc.ImageComments = f"{WARNING_TEXT}: anomaly map of {image.SOPInstanceUID}"[:10240]
     # Reference the source image (PS3.3 C.7.6.1.1.3 Source Image Sequence) so viewers can jump to it.

@@ -22,6 +22,7 @@ names the earlier SR in the Predecessor Documents Sequence (PS3.3 C.17.2.1).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import highdicom as hd
 import numpy as np
@@ -85,16 +86,14 @@ def _finding_group(
     model: ModelIdentity,
     algorithm: hd.sr.AlgorithmIdentification,
 ) -> hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations | hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations:
-    common = {
+    common: dict[str, Any] = {
         "tracking_identifier": hd.sr.TrackingIdentifier(uid=finding.tracking_uid, identifier=finding.label),
         "finding_type": FINDING_TYPE,
         "finding_category": FINDING_CATEGORY,
         "algorithm_id": algorithm,
         "finding_sites": _finding_sites(model),
         "measurements": [
-            hd.sr.Measurement(
-                name=ANOMALY_SCORE, value=finding.max_score, unit=UNITLESS, derivation=codes.SCT.Maximum
-            )
+            hd.sr.Measurement(name=ANOMALY_SCORE, value=finding.max_score, unit=UNITLESS, derivation=codes.SCT.Maximum)
         ],
         "qualitative_evaluations": [_assessment(True)],
     }
@@ -108,7 +107,7 @@ def _finding_group(
         return hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(referenced_segment=referenced, **common)
     image = source.datasets[finding.peak_frame]
     region = hd.sr.ImageRegion(
-        graphic_type=hd.sr.GraphicTypeValues.POLYGON,
+        graphic_type=hd.sr.GraphicTypeValues("POLYGON"),
         graphic_data=_box_polygon(finding),
         source_image=hd.sr.SourceImageForRegion.from_source_image(image),
     )
