@@ -82,7 +82,9 @@ def build_results(
             predecessors=predecessors,
         )
     if "PM" in wanted:
-        objects["PM"] = build_pm(source, result.model, result.pixel_threshold)
+        pm = build_pm(source, result.model, result.pixel_threshold)
+        if pm is not None:
+            objects["PM"] = pm
     if "SC" in wanted:
         frame = key_frame(source, findings)
         objects["SC"] = build_sc(

@@ -158,6 +158,28 @@ def finish(dataset: Dataset, kind: str, model: ModelIdentity) -> Dataset:
     return add_processing_algorithm(dataset, model)
 
 
+def projection_geometry(dataset: Dataset, source: Dataset) -> Dataset:
+    """Multi-frame objects over a radiograph (no Frame of Reference): the General Image Patient Orientation is
+    then Type 2C (PS3.3 C.7.6.1) and comes from the source; a Pixel Spacing of zero copied from the source
+    (it means "unknown") is dropped rather than sent as an invalid value."""
+    if "FrameOfReferenceUID" in dataset:
+        return dataset
+    if "PatientOrientation" not in dataset:
+        orientation = source.get("PatientOrientation")
+        if orientation:
+            dataset.PatientOrientation = list(orientation)
+        else:
+            dataset.add_new(0x00200020, "CS", None)
+    shared = dataset.get("SharedFunctionalGroupsSequence")
+    if shared:
+        measures = shared[0].get("PixelMeasuresSequence")
+        if measures and any(float(v) <= 0 for v in measures[0].get("PixelSpacing", [1, 1])):
+            del measures[0].PixelSpacing
+            if len(measures[0]) == 0:
+                del shared[0].PixelMeasuresSequence
+    return dataset
+
+
 @dataclass(frozen=True)
 class SourceSeries:
     """The source instances and the detector's maps, both in spatial order (slice position along the normal).

@@ -3,7 +3,7 @@
 The Real World Value Mapping (PS3.3 C.7.6.16.2.11) says what the numbers are: "Anomaly score", unit UCUM "1",
 identity mapping (slope 1, intercept 0) over the map's value range. The window is centred on the calibrated pixel
 threshold so the default display shows "above threshold" bright. Same Frame of Reference and per-frame source
-references as the SEG.
+references as the SEG. Only for sources with a Frame of Reference (the IOD requires one): not for radiographs.
 """
 
 from __future__ import annotations
@@ -26,8 +26,12 @@ from dicom_node.results.common import (
 from models.base import ModelIdentity
 
 
-def build_pm(source: SourceSeries, model: ModelIdentity, pixel_threshold: float) -> Dataset:
-    """The anomaly-score map of ``source`` in source geometry."""
+def build_pm(source: SourceSeries, model: ModelIdentity, pixel_threshold: float) -> Dataset | None:
+    """The anomaly-score map of ``source`` in source geometry, or None when the source has no Frame of Reference
+    (a radiograph): the Parametric Map IOD requires the Frame of Reference Module and plane position/orientation,
+    which a projection image cannot give. The SEG and the Secondary Capture carry a radiograph's map instead."""
+    if "FrameOfReferenceUID" not in source.datasets[0]:
+        return None
     uids = result_uids(source.series_instance_uid, source.sop_instance_uids, model, "PM")
     maps = np.ascontiguousarray(source.maps, dtype=np.float32)
     low, high = float(maps.min()), float(maps.max())

@@ -25,6 +25,7 @@ from dicom_node.results.common import (
     algorithm_identification,
     finish,
     model_name,
+    projection_geometry,
     result_uids,
     software_versions,
 )
@@ -83,4 +84,5 @@ def build_seg(
         content_description="Regions above the calibrated anomaly threshold"[:64],
         omit_empty_frames=not keep_empty_frames,
     )
+    projection_geometry(seg, source.datasets[0])
     return finish(seg, "SEG", model)

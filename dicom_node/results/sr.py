@@ -11,7 +11,7 @@ Content tree::
           Tracking Identifier/UID, Finding, Algorithm Identification (TID 4019: name, version, pixel threshold),
           Anomaly score (NUM, UCUM "1"), Anomaly assessment = Normal | Abnormal at the calibrated image threshold
         Measurement Group per finding (TID 1411 volumetric ROI → SEG segment, brain;
-                                      TID 1410 planar ROI → SCOORD POLYGON around the finding, radiograph)
+                                      TID 1410 planar ROI → closed SCOORD POLYLINE box, radiograph)
           Tracking Identifier/UID (= the SEG segment's), Finding, Algorithm Identification,
           Anomaly score (NUM, maximum over the region), Anomaly assessment = Abnormal
 
@@ -72,8 +72,9 @@ def _finding_sites(model: ModelIdentity) -> list[hd.sr.FindingSite] | None:
 
 
 def _box_polygon(finding: Finding) -> np.ndarray:
-    """Closed polygon (first point = last) around the finding in image coordinates (column, row), where (0, 0) is
-    the top left corner of the top left pixel (PS3.3 C.18.6.1.1), so the box covers whole pixels."""
+    """Closed polygon (2-D SCOORD POLYLINE, first point = last) around the finding in image coordinates (column,
+    row), where (0, 0) is the top left corner of the top left pixel (PS3.3 C.18.6.1.1): the box covers whole
+    pixels."""
     row_min, col_min, row_max, col_max = finding.bbox
     left, top, right, bottom = float(col_min), float(row_min), float(col_max + 1), float(row_max + 1)
     return np.array([[left, top], [right, top], [right, bottom], [left, bottom], [left, top]], dtype=np.float32)
@@ -107,7 +108,7 @@ def _finding_group(
         return hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(referenced_segment=referenced, **common)
     image = source.datasets[finding.peak_frame]
     region = hd.sr.ImageRegion(
-        graphic_type=hd.sr.GraphicTypeValues("POLYGON"),
+        graphic_type=hd.sr.GraphicTypeValues.POLYLINE,
         graphic_data=_box_polygon(finding),
         source_image=hd.sr.SourceImageForRegion.from_source_image(image),
     )
@@ -122,7 +123,17 @@ def _library_images(source: SourceSeries, findings: Findings) -> list[Dataset]:
     frames = {finding.peak_frame for finding in findings.findings}
     if source.image_scores.size:
         frames.add(int(np.argmax(source.image_scores)))
-    return [source.datasets[frame] for frame in sorted(frames)]
+    images = [source.datasets[frame] for frame in sorted(frames)]
+    # TID 1603 descriptors of a radiograph need Patient Orientation and Imager Pixel Spacing; an image without
+    # them is left out of the (optional) library rather than described with invented values.
+    return [ds for ds in images if ds.get("Modality") not in _PROJECTION or _has_projection_descriptors(ds)]
+
+
+_PROJECTION = {"CR", "DX", "IO", "MG", "PX", "RF", "RG", "XA"}
+
+
+def _has_projection_descriptors(ds: Dataset) -> bool:
+    return len(ds.get("PatientOrientation") or []) == 2 and len(ds.get("ImagerPixelSpacing") or []) == 2
 
 
 def build_sr(
