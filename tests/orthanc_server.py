@@ -16,7 +16,6 @@ from typing import Any
 
 import httpx
 import pytest
-
 from conftest import free_port
 
 ORTHANC = Path("/usr/sbin/Orthanc")
