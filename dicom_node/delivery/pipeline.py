@@ -1,0 +1,321 @@
+"""Deliver one job's results: build the objects each destination wants, store them, send them, record everything.
+
+``deliver_job`` is idempotent and resumable: result objects have deterministic UIDs (a re-run writes the same files
+and adds no second ResultObject row), a destination that already stored the results is not sent to again, and a
+destination that refused them for good is not retried. Each call makes at most one attempt per pending
+destination; the caller (the Celery task) re-schedules itself for the time the report names.
+
+Job states: succeeded → delivered (every destination stored, with or without warning) or delivery_failed (one
+refused for good, or ran out of attempts). Every attempt is a DeliveryAttempt row; state changes are JobEvent rows.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pydicom
+from pydicom.dataset import Dataset
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from dicom_node.config import Destination, Settings, Webhook
+from dicom_node.db import Database
+from dicom_node.db.models import DeliveryAttempt, Instance, Job, JobEvent, JobState, ResultObject
+from dicom_node.delivery.scu import ScuTimeouts, SendOutcome, store_files
+from dicom_node.delivery.stow import stow_files
+from dicom_node.delivery.webhook import TriageEvent, post_event
+from dicom_node.results.build import ObjectRequest, build_results
+from models.base import SeriesResult
+
+log = logging.getLogger(__name__)
+
+DELIVERABLE_STATES = {JobState.SUCCEEDED, JobState.DELIVERED, JobState.DELIVERY_FAILED}
+DONE = {"stored", "warning"}
+WEBHOOK_BACKOFF_INITIAL = 2.0
+WEBHOOK_BACKOFF_MAX = 300.0
+
+
+@dataclass
+class DeliveryReport:
+    """What one ``deliver_job`` call did and what is left: ``retry_in_seconds`` None means nothing to retry."""
+
+    job_id: int
+    state: str
+    objects: dict[str, str] = field(default_factory=dict)  # kind key → file path
+    stored: list[str] = field(default_factory=list)
+    failed: dict[str, str] = field(default_factory=dict)
+    retry: dict[str, float] = field(default_factory=dict)  # target → seconds until the next attempt
+    seconds_complete_to_stored: float | None = None
+    skipped_reason: str | None = None
+
+    @property
+    def retry_in_seconds(self) -> float | None:
+        return min(self.retry.values()) if self.retry else None
+
+
+@dataclass(frozen=True)
+class _Target:
+    """A destination or a webhook, named as in DeliveryAttempt.destination."""
+
+    name: str
+    destination: Destination | None = None
+    webhook: Webhook | None = None
+
+    @property
+    def max_attempts(self) -> int:
+        if self.destination is not None:
+            return self.destination.max_attempts
+        assert self.webhook is not None
+        return self.webhook.max_attempts
+
+    def backoff(self, attempt: int) -> float:
+        """Seconds before attempt ``attempt + 1``: initial × 2^(attempt-1), capped."""
+        if self.destination is not None:
+            initial, cap = self.destination.backoff_initial_seconds, self.destination.backoff_max_seconds
+        else:
+            initial, cap = WEBHOOK_BACKOFF_INITIAL, WEBHOOK_BACKOFF_MAX
+        return float(min(cap, initial * 2 ** max(0, attempt - 1)))
+
+
+def _requests(destination: Destination) -> list[ObjectRequest]:
+    profile = destination.profile
+    return [ObjectRequest(kind, profile.keep_empty_frames if kind == "SEG" else True) for kind in profile.objects]
+
+
+def _event(session: Session, job: Job, event: str, detail: str, to_state: JobState | None = None) -> None:
+    from_state = str(job.state)
+    if to_state is not None:
+        job.state = to_state
+    session.add(JobEvent(job_id=job.id, from_state=from_state, to_state=str(job.state), event=event, detail=detail))
+
+
+def _attempts(session: Session, job_id: int) -> dict[str, list[DeliveryAttempt]]:
+    rows = session.scalars(select(DeliveryAttempt).where(DeliveryAttempt.job_id == job_id).order_by(DeliveryAttempt.id))
+    by_target: dict[str, list[DeliveryAttempt]] = {}
+    for row in rows:
+        by_target.setdefault(row.destination, []).append(row)
+    return by_target
+
+
+def _trailing_retries(attempts: Sequence[DeliveryAttempt]) -> int:
+    """Attempts in the current round: the retries since the last stored/failed outcome (or since the start)."""
+    count = 0
+    for row in reversed(attempts):
+        if row.outcome != "retry":
+            break
+        count += 1
+    return count
+
+
+def _predecessor_srs(session: Session, job: Job) -> list[Dataset]:
+    """Earlier SRs of this series (the job this one re-runs), for the Predecessor Documents Sequence."""
+    if job.predecessor_job_id is None:
+        return []
+    rows = session.scalars(
+        select(ResultObject).where(ResultObject.job_id == job.predecessor_job_id, ResultObject.kind == "SR")
+    )
+    return [pydicom.dcmread(row.file_path, stop_before_pixels=True) for row in rows if Path(row.file_path).exists()]
+
+
+def _write(dataset: Dataset, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    dataset.save_as(tmp, enforce_file_format=True)
+    tmp.replace(path)
+
+
+def _record_objects(session: Session, job: Job, objects: dict[str, Dataset], directory: Path) -> dict[str, Path]:
+    paths: dict[str, Path] = {}
+    for key, dataset in objects.items():
+        path = directory / f"{key}.dcm"
+        _write(dataset, path)
+        paths[key] = path
+        uid = str(dataset.SOPInstanceUID)
+        row = session.scalar(select(ResultObject).where(ResultObject.sop_instance_uid == uid))
+        if row is None:
+            session.add(
+                ResultObject(
+                    job_id=job.id,
+                    kind=key.split("-", 1)[0],
+                    sop_class_uid=str(dataset.SOPClassUID),
+                    sop_instance_uid=uid,
+                    series_instance_uid=str(dataset.SeriesInstanceUID),
+                    file_path=str(path),
+                )
+            )
+    return paths
+
+
+def _targets(settings: Settings, abnormal: bool) -> list[_Target]:
+    targets = [_Target(f"webhook:{hook.url}"[:128], webhook=hook) for hook in settings.webhooks] if abnormal else []
+    targets += [_Target(dest.name[:128], destination=dest) for dest in settings.destinations]
+    return targets
+
+
+def _send(target: _Target, files: Sequence[Path], settings: Settings, event: TriageEvent) -> SendOutcome:
+    if target.webhook is not None:
+        return post_event(target.webhook, event)
+    destination = target.destination
+    assert destination is not None
+    if destination.kind == "stow-rs":
+        return stow_files(destination, files, timeout=settings.network.dimse_timeout)
+    network = settings.network
+    timeouts = ScuTimeouts(network.acse_timeout, network.dimse_timeout, network.network_timeout)
+    return store_files(destination, files, calling_ae=settings.node.ae_title, timeouts=timeouts)
+
+
+def _seconds_since(start: datetime | None, end: datetime) -> float | None:
+    if start is None:
+        return None
+    if start.tzinfo is None:  # SQLite returns naive datetimes (stored as UTC)
+        start = start.replace(tzinfo=UTC)
+    return (end - start).total_seconds()
+
+
+def deliver_job(db: Database, settings: Settings, job_id: int, *, force: bool = False) -> DeliveryReport:
+    """Build, record and send the results of job ``job_id``; ``force`` re-sends to destinations that already
+    stored or refused them (the admin's "redeliver")."""
+    with db.session() as session:
+        job = session.get(Job, job_id)
+        if job is None:
+            return DeliveryReport(job_id, "missing", skipped_reason=f"job {job_id} does not exist")
+        if job.state not in DELIVERABLE_STATES or not job.result_path:
+            return DeliveryReport(job_id, str(job.state), skipped_reason=f"job is {job.state}, nothing to deliver")
+        result = SeriesResult.load(Path(job.result_path))
+        instances = session.scalars(
+            select(Instance).where(Instance.sop_instance_uid.in_(result.sop_instance_uids))
+        ).all()
+        paths = {row.sop_instance_uid: row.file_path for row in instances}
+        study = job.study
+        completed_at = job.study_completed_at or study.completed_at
+        triage = TriageEvent(
+            study_instance_uid=study.study_instance_uid,
+            series_instance_uid=job.series.series_instance_uid,
+            accession_number=study.accession_number,
+            detector=result.model.detector,
+            model_version=result.model.version,
+            score=float(result.series_score),
+            threshold=float(result.image_threshold),
+            abnormal=result.is_abnormal,
+            finding="anomaly above the calibrated threshold" if result.is_abnormal else "none",
+            job_id=job.id,
+            study_completed_at=completed_at.isoformat() if completed_at else None,
+        )
+        predecessors = _predecessor_srs(session, job)
+        history = _attempts(session, job.id)
+
+    targets = _targets(settings, result.is_abnormal)
+    pending = [t for t in targets if force or not history.get(t.name) or history[t.name][-1].outcome == "retry"]
+    report = DeliveryReport(job_id, str(job.state))
+    for target in targets:
+        last = history.get(target.name, [])
+        if target in pending or not last:
+            continue
+        if last[-1].outcome in DONE:
+            report.stored.append(target.name)
+        else:
+            report.failed[target.name] = last[-1].detail or "failed"
+
+    requests = [r for t in pending if t.destination is not None for r in _requests(t.destination)]
+    files_by_key: dict[str, Path] = {}
+    if requests:
+        missing = [uid for uid in result.sop_instance_uids if uid not in paths]
+        if missing:
+            reason = f"{len(missing)} source instance(s) not in the database, e.g. {missing[0]}"
+            return _fail(db, job_id, report, reason)
+        started = time.perf_counter()
+        headers = [pydicom.dcmread(paths[uid], stop_before_pixels=True) for uid in result.sop_instance_uids]
+        built = build_results(
+            headers,
+            result,
+            requests,
+            read_pixels=lambda ds: pydicom.dcmread(paths[str(ds.SOPInstanceUID)]),
+            predecessors=predecessors,
+        )
+        with db.session() as session:
+            job = session.get_one(Job, job_id)
+            directory = settings.results_dir / f"job-{job_id}" / "dicom"
+            files_by_key = _record_objects(session, job, built.objects, directory)
+            took = time.perf_counter() - started
+            _event(session, job, "results_built", f"{', '.join(sorted(files_by_key))} in {took:.2f} s")
+        report.objects = {key: str(path) for key, path in files_by_key.items()}
+
+    for target in pending:
+        files = []
+        if target.destination is not None:
+            files = [files_by_key[r.key] for r in _requests(target.destination) if r.key in files_by_key]
+            if not files:
+                report.stored.append(target.name)
+                continue
+        earlier = history.get(target.name, [])
+        attempt = len(earlier) + 1
+        in_round = _trailing_retries(earlier) + 1
+        started_at = datetime.now(UTC)
+        outcome = _send(target, files, settings, triage)
+        if outcome.outcome == "retry" and in_round >= target.max_attempts:
+            outcome = SendOutcome("failed", outcome.status, f"gave up after {in_round} attempts: {outcome.detail}")
+        with db.session() as session:
+            session.add(
+                DeliveryAttempt(
+                    job_id=job_id,
+                    destination=target.name,
+                    attempt=attempt,
+                    started_at=started_at,
+                    finished_at=datetime.now(UTC),
+                    outcome=outcome.outcome,
+                    status=outcome.status,
+                    detail=outcome.detail,
+                )
+            )
+        log.info("job %s → %s attempt %d: %s (%s)", job_id, target.name, attempt, outcome.outcome, outcome.detail)
+        if outcome.outcome in DONE:
+            report.stored.append(target.name)
+        elif outcome.outcome == "retry":
+            report.retry[target.name] = target.backoff(in_round)
+        else:
+            report.failed[target.name] = outcome.detail
+    return _finish(db, job_id, report, completed_at)
+
+
+def _fail(db: Database, job_id: int, report: DeliveryReport, reason: str) -> DeliveryReport:
+    with db.session() as session:
+        job = session.get_one(Job, job_id)
+        job.error = reason
+        _event(session, job, "delivery_failed", reason, JobState.DELIVERY_FAILED)
+    report.state = str(JobState.DELIVERY_FAILED)
+    report.failed["(build)"] = reason
+    return report
+
+
+def _finish(db: Database, job_id: int, report: DeliveryReport, completed_at: datetime | None) -> DeliveryReport:
+    now = datetime.now(UTC)
+    with db.session() as session:
+        job = session.get_one(Job, job_id)
+        if report.retry:
+            job.next_attempt_at = now + timedelta(seconds=report.retry_in_seconds or 0)
+            detail = "; ".join(f"{name} in {seconds:.0f} s" for name, seconds in report.retry.items())
+            _event(session, job, "delivery_retry", f"next attempt: {detail}")
+        elif report.failed:
+            reason = "; ".join(f"{name}: {why}" for name, why in report.failed.items())
+            job.error = reason[:4000]
+            job.next_attempt_at = None
+            if job.state != JobState.DELIVERY_FAILED:
+                _event(session, job, "delivery_failed", reason, JobState.DELIVERY_FAILED)
+        elif report.stored:
+            job.next_attempt_at = None
+            if job.state != JobState.DELIVERED:
+                job.delivered_at = now
+                report.seconds_complete_to_stored = _seconds_since(completed_at, now)
+                timing = (
+                    f"; results stored {report.seconds_complete_to_stored:.1f} s after study complete"
+                    if report.seconds_complete_to_stored is not None
+                    else ""
+                )
+                _event(session, job, "delivered", f"stored at {', '.join(report.stored)}{timing}", JobState.DELIVERED)
+        report.state = str(job.state)
+    return report

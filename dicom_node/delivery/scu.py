@@ -1,0 +1,123 @@
+"""C-STORE SCU towards a PACS (PS3.4 Annex B, PS3.7 9.1.1).
+
+One association per delivery attempt, proposing only the SOP classes being sent, each with Explicit and Implicit VR
+Little Endian. The outcome of the attempt is classified so the pipeline knows what to do next:
+
+* 0x0000 → ``stored``; 0xB000, 0xB006, 0xB007 → ``warning`` (stored, with coercion/elements discarded)
+* no association, association aborted, 0xA7xx (out of resources) → ``retry`` with exponential backoff
+* 0xA9xx (data set does not match SOP class), 0xCxxx (cannot understand), other failures, permanent association
+  rejection → ``failed``, with the reason; retrying would only repeat the refusal.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import pydicom
+from pynetdicom import AE
+from pynetdicom.association import Association
+from pynetdicom.status import code_to_category
+
+from dicom_node.config import Destination
+
+log = logging.getLogger(__name__)
+
+TRANSFER_SYNTAXES = ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2"]  # Explicit, Implicit VR Little Endian
+WARNING_STATUSES = {0xB000, 0xB006, 0xB007}
+OUTCOME_ORDER = {"stored": 0, "warning": 1, "retry": 2, "failed": 3}
+
+
+@dataclass(frozen=True)
+class SendOutcome:
+    """Result of one attempt: ``outcome`` stored | warning | retry | failed, the worst DIMSE status, a reason."""
+
+    outcome: str
+    status: int | None
+    detail: str
+
+
+def classify_status(status: int) -> str:
+    if status == 0x0000:
+        return "stored"
+    if status in WARNING_STATUSES:
+        return "warning"
+    if 0xA700 <= status <= 0xA7FF:
+        return "retry"
+    return "failed"
+
+
+@dataclass(frozen=True)
+class ScuTimeouts:
+    acse: float = 30.0
+    dimse: float = 120.0
+    network: float = 300.0
+
+
+def _worst(outcomes: Sequence[SendOutcome]) -> SendOutcome:
+    return max(outcomes, key=lambda o: OUTCOME_ORDER[o.outcome])
+
+
+def _associate(
+    destination: Destination, calling_ae: str, sop_classes: Sequence[str], timeouts: ScuTimeouts
+) -> tuple[Association | None, str]:
+    ae = AE(ae_title=calling_ae)
+    ae.acse_timeout = timeouts.acse
+    ae.dimse_timeout = timeouts.dimse
+    ae.network_timeout = timeouts.network
+    for sop_class in sop_classes:
+        ae.add_requested_context(sop_class, TRANSFER_SYNTAXES)
+    assert destination.host and destination.port and destination.ae_title
+    assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title)
+    if assoc.is_established:
+        return assoc, ""
+    if assoc.is_rejected:
+        # PS3.8 9.3.4: result 1 = rejected-permanent, 2 = rejected-transient.
+        primitive = assoc.acceptor.primitive
+        result = getattr(primitive, "result", None)
+        source, diagnostic = getattr(primitive, "result_source", None), getattr(primitive, "diagnostic", None)
+        reason = f"association rejected (result {result}, source {source}, reason {diagnostic})"
+        return None, ("failed:" if result == 1 else "retry:") + reason
+    if assoc.is_aborted:
+        return None, "retry:association aborted"
+    return None, f"retry:no association with {destination.ae_title}@{destination.host}:{destination.port}"
+
+
+def store_files(
+    destination: Destination, files: Sequence[Path], *, calling_ae: str, timeouts: ScuTimeouts | None = None
+) -> SendOutcome:
+    """Send ``files`` over one association and classify the attempt."""
+    timeouts = timeouts or ScuTimeouts()
+    datasets = [pydicom.dcmread(path) for path in files]
+    sop_classes = sorted({str(ds.SOPClassUID) for ds in datasets})
+    assoc, problem = _associate(destination, calling_ae, sop_classes, timeouts)
+    if assoc is None:
+        outcome, _, reason = problem.partition(":")
+        log.warning("delivery to %s: %s", destination.name, reason)
+        return SendOutcome(outcome, None, reason)
+    outcomes: list[SendOutcome] = []
+    try:
+        for ds in datasets:
+            response = assoc.send_c_store(ds)
+            if "Status" not in response:
+                lost = f"no C-STORE response for {ds.SOPInstanceUID} (connection lost or timed out)"
+                outcomes.append(SendOutcome("retry", None, lost))
+                break
+            status = int(response.Status)
+            outcome = classify_status(status)
+            comment = response.get("ErrorComment", "")
+            detail = f"{ds.SOPInstanceUID}: 0x{status:04X} {code_to_category(status)} {comment}".rstrip()
+            outcomes.append(SendOutcome(outcome, status, detail))
+            log.info("C-STORE %s to %s: 0x%04X (%s)", ds.SOPInstanceUID, destination.name, status, outcome)
+            if outcome in ("failed", "retry"):
+                break
+    finally:
+        if assoc.is_established:
+            assoc.release()
+    worst = _worst(outcomes)
+    if worst.outcome in ("stored", "warning"):
+        statuses = ", ".join(f"0x{o.status:04X}" for o in outcomes if o.status is not None)
+        return SendOutcome(worst.outcome, worst.status, f"{len(outcomes)} instance(s) stored: {statuses}")
+    return worst

@@ -1,0 +1,98 @@
+"""Build the result objects of one SeriesResult: the one entry point the delivery pipeline and the benchmark use."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from pydicom.dataset import Dataset
+
+from dicom_node.results.common import Findings, SourceSeries, align, find_findings, result_uids
+from dicom_node.results.pm import build_pm
+from dicom_node.results.sc import build_sc
+from dicom_node.results.seg import build_seg, seg_variant
+from dicom_node.results.sr import build_sr
+from models.base import SeriesResult
+
+
+@dataclass(frozen=True)
+class ObjectRequest:
+    """One object to build: ``kind`` SEG/SR/PM/SC and, for SEG, whether empty frames are kept."""
+
+    kind: str
+    keep_empty_frames: bool = True
+
+    @property
+    def key(self) -> str:
+        return f"SEG-{seg_variant(self.keep_empty_frames)}" if self.kind == "SEG" else self.kind
+
+
+@dataclass
+class BuiltObjects:
+    source: SourceSeries
+    findings: Findings
+    objects: dict[str, Dataset]  # ObjectRequest.key → dataset
+
+
+def key_frame(source: SourceSeries, findings: Findings) -> int:
+    """The image a key image shows: where the strongest finding peaks, else the highest-scoring image."""
+    if findings.findings:
+        return findings.findings[0].peak_frame
+    return int(np.argmax(source.image_scores)) if source.image_scores.size else 0
+
+
+def build_results(
+    datasets: Sequence[Dataset],
+    result: SeriesResult,
+    requests: Sequence[ObjectRequest],
+    *,
+    read_pixels: Callable[[Dataset], Dataset],
+    predecessors: Sequence[Dataset] = (),
+) -> BuiltObjects:
+    """Build every requested object once. ``datasets`` may be headers only; ``read_pixels`` returns the full
+    instance for the key image. The SR references the SEG that keeps empty frames when one is built (all SEG
+    variants share segment numbers and tracking UIDs)."""
+    source = align(datasets, result)
+    seed = result_uids(source.series_instance_uid, source.sop_instance_uids, result.model, "findings").sop_instance_uid
+    findings = find_findings(source, result.pixel_threshold, seed)
+    objects: dict[str, Dataset] = {}
+    wanted = {request.key: request for request in requests}
+    for key, request in wanted.items():
+        if request.kind != "SEG":
+            continue
+        seg = build_seg(
+            source, findings, result.model, result.pixel_threshold, keep_empty_frames=request.keep_empty_frames
+        )
+        if seg is not None:
+            objects[key] = seg
+    if "SR" in wanted:
+        referenced = objects.get("SEG-all-frames") or objects.get("SEG-non-empty-frames")
+        if referenced is None and source.is_volume and findings.findings:
+            # The brain findings are TID 1411 references to SEG segments: build the SEG even if not sent.
+            referenced = build_seg(source, findings, result.model, result.pixel_threshold)
+        objects["SR"] = build_sr(
+            source,
+            findings,
+            result.model,
+            series_score=result.series_score,
+            image_threshold=result.image_threshold,
+            pixel_threshold=result.pixel_threshold,
+            seg=referenced,
+            predecessors=predecessors,
+        )
+    if "PM" in wanted:
+        pm = build_pm(source, result.model, result.pixel_threshold)
+        if pm is not None:
+            objects["PM"] = pm
+    if "SC" in wanted:
+        frame = key_frame(source, findings)
+        objects["SC"] = build_sc(
+            read_pixels(source.datasets[frame]),
+            source.maps[frame],
+            result.model,
+            result.pixel_threshold,
+            source.series_instance_uid,
+            source.sop_instance_uids,
+        )
+    return BuiltObjects(source, findings, objects)

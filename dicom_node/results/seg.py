@@ -1,0 +1,88 @@
+"""Segmentation IOD (PS3.3 A.51): BINARY anomaly regions at the calibrated pixel threshold.
+
+One segment per connected finding (PS3.3 C.8.20.4 Segment Description Macro): Segment Algorithm Type AUTOMATIC,
+algorithm identification (family DCM 123110 Artificial Intelligence), Segmented Property Category and Type (SCT), a
+Tracking ID and UID per segment. The SEG shares the source's Frame of Reference and references its source instance
+per frame (Derivation Image / Source Image Sequence in the Per-frame Functional Groups, PS3.3 C.7.6.16.2.6).
+
+A brain series gives a multi-frame SEG over the source slices; a radiograph gives one frame. Empty frames are kept
+or omitted according to the destination profile (omitting them breaks the alignment in some viewers).
+"""
+
+from __future__ import annotations
+
+import highdicom as hd
+from pydicom.dataset import Dataset
+
+from dicom_node.results.common import (
+    ANATOMY,
+    FINDING_CATEGORY,
+    FINDING_TYPE,
+    MANUFACTURER,
+    RESULT_SERIES,
+    Findings,
+    SourceSeries,
+    algorithm_identification,
+    finish,
+    model_name,
+    projection_geometry,
+    result_uids,
+    software_versions,
+)
+from models.base import ModelIdentity
+
+
+def seg_variant(keep_empty_frames: bool) -> str:
+    return "all-frames" if keep_empty_frames else "non-empty-frames"
+
+
+def build_seg(
+    source: SourceSeries,
+    findings: Findings,
+    model: ModelIdentity,
+    pixel_threshold: float,
+    *,
+    keep_empty_frames: bool = True,
+) -> Dataset | None:
+    """The SEG of ``findings`` over ``source``, or None when there is no finding (a SEG needs a segment)."""
+    if not findings.findings:
+        return None
+    uids = result_uids(
+        source.series_instance_uid, source.sop_instance_uids, model, "SEG", seg_variant(keep_empty_frames)
+    )
+    algorithm = algorithm_identification(model, pixel_threshold)
+    anatomy = ANATOMY.get(model.detector)
+    descriptions = [
+        hd.seg.SegmentDescription(
+            segment_number=finding.number,
+            segment_label=finding.label,
+            segmented_property_category=FINDING_CATEGORY,
+            segmented_property_type=FINDING_TYPE,
+            algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
+            algorithm_identification=algorithm,
+            tracking_uid=finding.tracking_uid,
+            tracking_id=finding.label,
+            anatomic_regions=[anatomy] if anatomy is not None else None,
+        )
+        for finding in findings.findings
+    ]
+    pixel_array = findings.labels if source.is_volume else findings.labels[0]
+    seg = hd.seg.Segmentation(
+        source_images=source.datasets,
+        pixel_array=pixel_array,
+        segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+        segment_descriptions=descriptions,
+        series_instance_uid=uids.series_instance_uid,
+        series_number=RESULT_SERIES["SEG"].number,
+        sop_instance_uid=uids.sop_instance_uid,
+        instance_number=1,
+        manufacturer=MANUFACTURER,
+        manufacturer_model_name=model_name(model),
+        software_versions=software_versions(model)[0],
+        device_serial_number=model.weights_sha256[:16] or "unknown",
+        content_label="ANOMALY",
+        content_description="Regions above the calibrated anomaly threshold"[:64],
+        omit_empty_frames=not keep_empty_frames,
+    )
+    projection_geometry(seg, source.datasets[0])
+    return finish(seg, "SEG", model)

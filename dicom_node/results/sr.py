@@ -1,0 +1,200 @@
+"""Comprehensive 3D SR (PS3.3 A.35.13) with a TID 1500 Measurement Report (PS3.16 TID 1500).
+
+Content tree::
+
+    Imaging Measurement Report (TID 1500)
+      Language, Observer Context: Device observer = the algorithm (TID 1001/1004, Device UID = IHE AIR Device UID)
+      Procedure Reported (LOINC)
+      Image Library (TID 1600): the images the findings are on and the highest-scoring image
+      Imaging Measurements
+        Measurement Group (TID 1501): the whole series
+          Tracking Identifier/UID, Finding, Algorithm Identification (TID 4019: name, version, pixel threshold),
+          Anomaly score (NUM, UCUM "1"), Anomaly assessment = Normal | Abnormal at the calibrated image threshold
+        Measurement Group per finding (TID 1411 volumetric ROI → SEG segment, brain;
+                                      TID 1410 planar ROI → closed SCOORD POLYLINE box, radiograph)
+          Tracking Identifier/UID (= the SEG segment's), Finding, Algorithm Identification,
+          Anomaly score (NUM, maximum over the region), Anomaly assessment = Abnormal
+
+Completion Flag COMPLETE, Verification Flag UNVERIFIED (nobody has signed it). A re-run over a changed instance set
+names the earlier SR in the Predecessor Documents Sequence (PS3.3 C.17.2.1).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import highdicom as hd
+import numpy as np
+from pydicom.dataset import Dataset
+from pydicom.sr.codedict import codes
+
+from dicom_node.results.common import (
+    ABNORMAL,
+    ANATOMY,
+    ANOMALY_ASSESSMENT,
+    ANOMALY_SCORE,
+    FINDING_CATEGORY,
+    FINDING_TYPE,
+    GENERIC_PROCEDURE,
+    MANUFACTURER,
+    NORMAL,
+    PROCEDURE,
+    RESULT_SERIES,
+    UNITLESS,
+    Finding,
+    Findings,
+    SourceSeries,
+    derived_uid,
+    device_uid,
+    finish,
+    model_name,
+    result_uids,
+)
+from models.base import ModelIdentity
+
+
+def _algorithm(model: ModelIdentity, image_threshold: float, pixel_threshold: float) -> hd.sr.AlgorithmIdentification:
+    return hd.sr.AlgorithmIdentification(
+        name=model_name(model),
+        version=model.version[:64],
+        parameters=[f"image_threshold={image_threshold:.6g}", f"pixel_threshold={pixel_threshold:.6g}"],
+    )
+
+
+def _assessment(abnormal: bool) -> hd.sr.QualitativeEvaluation:
+    return hd.sr.QualitativeEvaluation(ANOMALY_ASSESSMENT, ABNORMAL if abnormal else NORMAL)
+
+
+def _finding_sites(model: ModelIdentity) -> list[hd.sr.FindingSite] | None:
+    anatomy = ANATOMY.get(model.detector)
+    return [hd.sr.FindingSite(anatomic_location=anatomy)] if anatomy is not None else None
+
+
+def _box_polygon(finding: Finding) -> np.ndarray:
+    """Closed polygon (2-D SCOORD POLYLINE, first point = last) around the finding in image coordinates (column,
+    row), where (0, 0) is the top left corner of the top left pixel (PS3.3 C.18.6.1.1): the box covers whole
+    pixels."""
+    row_min, col_min, row_max, col_max = finding.bbox
+    left, top, right, bottom = float(col_min), float(row_min), float(col_max + 1), float(row_max + 1)
+    return np.array([[left, top], [right, top], [right, bottom], [left, bottom], [left, top]], dtype=np.float32)
+
+
+def _finding_group(
+    finding: Finding,
+    source: SourceSeries,
+    seg: Dataset | None,
+    model: ModelIdentity,
+    algorithm: hd.sr.AlgorithmIdentification,
+) -> hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations | hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations:
+    common: dict[str, Any] = {
+        "tracking_identifier": hd.sr.TrackingIdentifier(uid=finding.tracking_uid, identifier=finding.label),
+        "finding_type": FINDING_TYPE,
+        "finding_category": FINDING_CATEGORY,
+        "algorithm_id": algorithm,
+        "finding_sites": _finding_sites(model),
+        "measurements": [
+            hd.sr.Measurement(name=ANOMALY_SCORE, value=finding.max_score, unit=UNITLESS, derivation=codes.SCT.Maximum)
+        ],
+        "qualitative_evaluations": [_assessment(True)],
+    }
+    if source.is_volume and seg is not None:
+        referenced = hd.sr.ReferencedSegment(
+            sop_class_uid=str(seg.SOPClassUID),
+            sop_instance_uid=str(seg.SOPInstanceUID),
+            segment_number=finding.number,
+            source_series=hd.sr.SourceSeriesForSegmentation(source.series_instance_uid),
+        )
+        return hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(referenced_segment=referenced, **common)
+    image = source.datasets[finding.peak_frame]
+    region = hd.sr.ImageRegion(
+        graphic_type=hd.sr.GraphicTypeValues.POLYLINE,
+        graphic_data=_box_polygon(finding),
+        source_image=hd.sr.SourceImageForRegion.from_source_image(image),
+    )
+    return hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(referenced_region=region, **common)
+
+
+def _library_images(source: SourceSeries, findings: Findings) -> list[Dataset]:
+    """Image Library (TID 1600) entries: the images the findings peak on and the highest-scoring image.
+
+    Listing every slice of a 176-slice series costs seconds in highdicom and tells a reader nothing; the evidence
+    sequence still names every source instance analysed."""
+    frames = {finding.peak_frame for finding in findings.findings}
+    if source.image_scores.size:
+        frames.add(int(np.argmax(source.image_scores)))
+    images = [source.datasets[frame] for frame in sorted(frames)]
+    # TID 1603 descriptors of a radiograph need Patient Orientation and Imager Pixel Spacing; an image without
+    # them is left out of the (optional) library rather than described with invented values.
+    return [ds for ds in images if ds.get("Modality") not in _PROJECTION or _has_projection_descriptors(ds)]
+
+
+_PROJECTION = {"CR", "DX", "IO", "MG", "PX", "RF", "RG", "XA"}
+
+
+def _has_projection_descriptors(ds: Dataset) -> bool:
+    return len(ds.get("PatientOrientation") or []) == 2 and len(ds.get("ImagerPixelSpacing") or []) == 2
+
+
+def build_sr(
+    source: SourceSeries,
+    findings: Findings,
+    model: ModelIdentity,
+    *,
+    series_score: float,
+    image_threshold: float,
+    pixel_threshold: float,
+    seg: Dataset | None = None,
+    predecessors: Sequence[Dataset] = (),
+) -> Dataset:
+    """The TID 1500 report of one series. ``seg`` (when built) is referenced by the brain findings and listed in the
+    evidence; ``predecessors`` are earlier SRs of the same series this one replaces."""
+    uids = result_uids(source.series_instance_uid, source.sop_instance_uids, model, "SR")
+    algorithm = _algorithm(model, image_threshold, pixel_threshold)
+    abnormal = series_score >= image_threshold
+    observer = hd.sr.ObserverContext(
+        observer_type=codes.DCM.Device,
+        observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
+            uid=device_uid(model),
+            name=model_name(model),
+            manufacturer_name=MANUFACTURER,
+            model_name=model_name(model),
+        ),
+    )
+    whole = hd.sr.MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=hd.sr.TrackingIdentifier(
+            uid=derived_uid("study-finding", uids.sop_instance_uid), identifier="Whole series"
+        ),
+        finding_type=FINDING_TYPE if abnormal else NORMAL,
+        algorithm_id=algorithm,
+        finding_sites=_finding_sites(model),
+        measurements=[hd.sr.Measurement(name=ANOMALY_SCORE, value=float(series_score), unit=UNITLESS)],
+        qualitative_evaluations=[_assessment(abnormal)],
+    )
+    groups: list[
+        hd.sr.MeasurementsAndQualitativeEvaluations
+        | hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations
+        | hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations
+    ] = [whole]
+    groups += [_finding_group(finding, source, seg, model, algorithm) for finding in findings.findings]
+    report = hd.sr.MeasurementReport(
+        observation_context=hd.sr.ObservationContext(observer_device_context=observer),
+        procedure_reported=PROCEDURE.get(model.detector, GENERIC_PROCEDURE),
+        imaging_measurements=groups,
+        referenced_images=_library_images(source, findings),
+    )
+    evidence: list[Dataset] = [*source.datasets, *([seg] if seg is not None else [])]
+    sr = hd.sr.Comprehensive3DSR(
+        evidence=evidence,
+        content=report,
+        series_instance_uid=uids.series_instance_uid,
+        series_number=RESULT_SERIES["SR"].number,
+        sop_instance_uid=uids.sop_instance_uid,
+        instance_number=1,
+        manufacturer=MANUFACTURER,
+        is_complete=True,
+        is_final=False,
+        is_verified=False,
+        previous_versions=list(predecessors) or None,
+    )
+    return finish(sr, "SR", model)

@@ -1,0 +1,42 @@
+"""The ``dicom_node.deliver`` Celery task: a thin shell around ``dicom_node.delivery.pipeline.deliver_job``.
+
+The task never imports torch. When the report says a destination must be retried, the task re-schedules itself
+with the report's backoff (``self.retry(countdown=...)``); attempts and give-up are counted in the job database by
+the pipeline (each destination's ``max_attempts``), so Celery's own retry limit is switched off.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from celery import shared_task
+
+log = logging.getLogger(__name__)
+
+
+@shared_task(bind=True, name="dicom_node.deliver", acks_late=True, max_retries=None)
+def deliver(self: Any, job_id: int, force: bool = False) -> dict[str, Any]:
+    from dicom_node.delivery.pipeline import deliver_job
+    from workers.context import get_context  # written by the workers branch; imported lazily
+
+    context = get_context()
+    report = deliver_job(context.db, context.settings, job_id, force=force)
+    log.info(
+        "deliver job %s: %s (stored %s, failed %s, retry %s)",
+        job_id,
+        report.state,
+        report.stored,
+        sorted(report.failed),
+        report.retry,
+    )
+    if report.retry_in_seconds is not None:
+        # Retries never force: destinations that already stored the results are not sent to again.
+        raise self.retry(args=(job_id,), kwargs={"force": False}, countdown=report.retry_in_seconds)
+    return {
+        "job_id": job_id,
+        "state": report.state,
+        "stored": report.stored,
+        "failed": report.failed,
+        "seconds_complete_to_stored": report.seconds_complete_to_stored,
+    }
