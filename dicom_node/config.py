@@ -107,6 +107,7 @@ class CompletionRule(_Section):
     expected_series_regex: list[str] = Field(default_factory=list)
     min_instances: int = Field(0, ge=0)
     force_complete_seconds: float | None = Field(None, gt=0)
+    settle_seconds: float = Field(5.0, gt=0, description="quiet time once the expected series are in")
 
 
 class CompletionSettings(_Section):
@@ -186,6 +187,11 @@ def _default_selection_rules() -> list[SelectionRule]:
             modality=["CR", "DX"],
             body_part_examined=["CHEST", "THORAX", "LUNG"],
             view_position=["PA", "AP", ""],
+        ),
+        SelectionRule(
+            name="other-radiograph",
+            reason="not a chest study",
+            modality=["CR", "DX"],
         ),
     ]
 

@@ -1,0 +1,204 @@
+"""The node's DICOM listener: Verification SCP and Storage SCP for every Storage SOP Class (PS3.4 Annex A, B).
+
+Association policy (PS3.8 7.1.1.9, A-ASSOCIATE-RJ reasons) is applied when the A-ASSOCIATE-RQ arrives:
+the called AE title must be ours (rejected-permanent, service-user, "called-AE-title-not-recognized"), and when an
+allow-list is configured the calling AE title (and host, if given) must be on it ("calling-AE-title-not-recognized").
+pynetdicom itself refuses associations beyond ``max_associations`` (rejected-transient, service-provider
+presentation, "local-limit-exceeded"). Every accepted and rejected association is an audit event with its reason.
+
+C-STORE data sets are received to disk undecoded (pynetdicom's chunked receive); the handler only returns the
+status the receive service gives it.
+"""
+
+from __future__ import annotations
+
+import logging
+import ssl
+from typing import Any
+
+from pydicom import uid
+from pynetdicom import AE, AllStoragePresentationContexts, _config, evt
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+from pynetdicom.transport import ThreadedAssociationServer
+
+from dicom_node.config import NetworkSettings, NodeSettings, TlsSettings
+from dicom_node.storage.receiver import InstanceReceiver
+from dicom_node.studies.records import InstanceRecorder, Peer
+
+log = logging.getLogger(__name__)
+
+# Accepted transfer syntaxes (PS3.5 Section 10 and Annex A); instances are stored in the one negotiated.
+TRANSFER_SYNTAXES: list[str] = [
+    uid.ExplicitVRLittleEndian,
+    uid.ImplicitVRLittleEndian,
+    uid.DeflatedExplicitVRLittleEndian,
+    uid.ExplicitVRBigEndian,
+    uid.JPEGBaseline8Bit,
+    uid.JPEGExtended12Bit,
+    uid.JPEGLosslessSV1,
+    uid.JPEGLossless,  # process 14
+    uid.JPEGLSLossless,
+    uid.JPEGLSNearLossless,
+    uid.JPEG2000Lossless,
+    uid.JPEG2000,
+    uid.HTJ2KLossless,
+    uid.HTJ2KLosslessRPCL,
+    uid.HTJ2K,
+    uid.RLELossless,
+]
+
+# A-ASSOCIATE-RJ (PS3.8 9.3.4): result 1 = rejected-permanent, source 1 = DICOM UL service-user.
+_REJECT_PERMANENT, _SOURCE_SERVICE_USER = 0x01, 0x01
+_CALLING_AE_NOT_RECOGNIZED, _CALLED_AE_NOT_RECOGNIZED = 0x03, 0x07
+
+_REJECT_REASONS = {
+    (0x01, 0x01): "no reason given",
+    (0x01, 0x02): "application context name not supported",
+    (0x01, 0x03): "calling AE title not recognized",
+    (0x01, 0x07): "called AE title not recognized",
+    (0x02, 0x01): "no reason given",
+    (0x02, 0x02): "protocol version not supported",
+    (0x03, 0x01): "temporary congestion",
+    (0x03, 0x02): "local limit exceeded (maximum associations)",
+}
+
+
+def _text(value: Any) -> str:
+    if isinstance(value, bytes):
+        value = value.decode("ascii", "replace")
+    return str(value or "").strip()
+
+
+def server_ssl_context(tls: TlsSettings) -> ssl.SSLContext:
+    """TLS context of the BCP 195 profile (PS3.15 B.9): TLS 1.2 or newer, optional client certificates."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    assert tls.certificate is not None and tls.private_key is not None  # checked by TlsSettings
+    context.load_cert_chain(str(tls.certificate), str(tls.private_key))
+    if tls.ca_certificates is not None:
+        context.load_verify_locations(cafile=str(tls.ca_certificates))
+    context.verify_mode = ssl.CERT_REQUIRED if tls.require_client_certificate else ssl.CERT_NONE
+    return context
+
+
+class StorageSCP:
+    """Listens for associations until stopped; one thread per association (pynetdicom)."""
+
+    def __init__(
+        self, node: NodeSettings, network: NetworkSettings, receiver: InstanceReceiver, recorder: InstanceRecorder
+    ) -> None:
+        self.node = node
+        self.network = network
+        self.receiver = receiver
+        self.recorder = recorder
+        self._server: ThreadedAssociationServer | None = None
+        self.ae = self._make_ae()
+
+    def _make_ae(self) -> AE:
+        ae = AE(ae_title=self.node.ae_title)
+        ae.maximum_associations = self.network.max_associations
+        ae.acse_timeout = self.network.acse_timeout
+        ae.dimse_timeout = self.network.dimse_timeout
+        ae.network_timeout = self.network.network_timeout
+        ae.maximum_pdu_size = self.network.maximum_pdu_size
+        # The called/calling AE checks are ours (EVT_REQUESTED), so they can look at the host and audit the reason.
+        ae.require_called_aet = False
+        ae.require_calling_aet = []
+        ae.add_supported_context(Verification, TRANSFER_SYNTAXES[:4])
+        for context in AllStoragePresentationContexts:
+            assert context.abstract_syntax is not None
+            ae.add_supported_context(context.abstract_syntax, TRANSFER_SYNTAXES)
+        return ae
+
+    @property
+    def port(self) -> int:
+        if self._server is None:
+            raise RuntimeError("the SCP is not listening")
+        return int(self._server.server_address[1])
+
+    def start(self) -> None:
+        # Receive C-STORE data sets to a file, undecoded: memory stays flat whatever the instance size.
+        _config.STORE_RECV_CHUNKED_DATASET = True
+        handlers = [
+            (evt.EVT_REQUESTED, self._on_requested),
+            (evt.EVT_ACCEPTED, self._on_accepted),
+            (evt.EVT_REJECTED, self._on_rejected),
+            (evt.EVT_C_STORE, self._on_c_store),
+        ]
+        ssl_context = server_ssl_context(self.network.tls) if self.network.tls.enabled else None
+        self._server = self.ae.start_server(
+            (self.node.bind_address, self.node.port),
+            block=False,
+            evt_handlers=handlers,  # type: ignore[arg-type]
+            ssl_context=ssl_context,
+        )
+        log.info(
+            "listening as %s on %s:%d (TLS %s)",
+            self.node.ae_title,
+            self.node.bind_address,
+            self.port,
+            "on" if ssl_context else "off",
+        )
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server = None
+        self.ae.shutdown()
+
+    # Association policy ------------------------------------------------------------------------------------------
+
+    def rejection_reason(self, calling: str, called: str, host: str | None) -> tuple[int, str] | None:
+        """The A-ASSOCIATE-RJ diagnostic and reason for a request, or None to let it through."""
+        if self.network.check_called_ae_title and called != self.node.ae_title:
+            return _CALLED_AE_NOT_RECOGNIZED, f"called AE title {called!r} is not {self.node.ae_title!r}"
+        allowed = self.network.allowed_calling_aes
+        if allowed and not any(
+            peer.ae_title == calling and (peer.host is None or peer.host == host) for peer in allowed
+        ):
+            return _CALLING_AE_NOT_RECOGNIZED, f"calling AE title {calling!r} from {host} is not on the allow-list"
+        return None
+
+    @staticmethod
+    def _peer(event: evt.Event) -> tuple[Peer, str]:
+        primitive = event.assoc.requestor.primitive
+        calling = _text(getattr(primitive, "calling_ae_title", "")) or _text(event.assoc.requestor.ae_title)
+        called = _text(getattr(primitive, "called_ae_title", ""))
+        return Peer(calling, event.assoc.requestor.address), called
+
+    def _on_requested(self, event: evt.Event) -> None:
+        peer, called = self._peer(event)
+        refusal = self.rejection_reason(peer.calling_ae_title or "", called, peer.host)
+        if refusal is None:
+            return
+        diagnostic, reason = refusal
+        log.warning("association from %s (%s) rejected: %s", peer.calling_ae_title, peer.host, reason)
+        event.assoc.acse.send_reject(_REJECT_PERMANENT, _SOURCE_SERVICE_USER, diagnostic)
+        self._audit("association_rejected", peer, called, reason)
+
+    def _on_accepted(self, event: evt.Event) -> None:
+        peer, called = self._peer(event)
+        log.info("association from %s (%s) accepted", peer.calling_ae_title, peer.host)
+        self._audit("association_accepted", peer, called, None)
+
+    def _on_rejected(self, event: evt.Event) -> None:
+        # Rejections by pynetdicom itself (e.g. the maximum number of associations).
+        peer, called = self._peer(event)
+        rejection = event.assoc.acceptor.primitive
+        key = (getattr(rejection, "result_source", 0), getattr(rejection, "diagnostic", 0))
+        reason = _REJECT_REASONS.get(key, f"source {key[0]} diagnostic {key[1]}")
+        log.warning("association from %s (%s) rejected: %s", peer.calling_ae_title, peer.host, reason)
+        self._audit("association_rejected", peer, called, reason)
+
+    def _audit(self, event_name: str, peer: Peer, called: str, reason: str | None) -> None:
+        try:
+            self.recorder.audit(event_name, peer, called, reason)
+        except Exception:  # noqa: BLE001 - an audit failure is logged, the association policy still holds
+            log.exception("cannot record audit event %s", event_name)
+
+    # Services ---------------------------------------------------------------------------------------------------
+
+    def _on_c_store(self, event: evt.Event) -> int:
+        peer = Peer(_text(event.assoc.requestor.ae_title), event.assoc.requestor.address)
+        affected = _text(getattr(event.request, "AffectedSOPInstanceUID", "")) or None
+        return self.receiver.receive(event.dataset_path, peer, affected)

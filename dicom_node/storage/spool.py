@@ -1,0 +1,314 @@
+"""Durable spool of received instances: ``<spool>/<StudyInstanceUID>/<SeriesInstanceUID>/<SOPInstanceUID>.dcm``.
+
+pynetdicom's chunked receive (``_config.STORE_RECV_CHUNKED_DATASET``) writes each C-STORE data set, undecoded, to a
+temporary DICOM Part 10 file (File Meta Information of PS3.10 7.1 + the data set in the negotiated transfer syntax).
+The spool reads only the header attributes it needs, checks the data set is complete, fsyncs the file and then
+publishes it with an atomic hard link (which, unlike rename, never replaces an instance already stored), fsyncs the
+directories, and only then may the SCP answer Success (PS3.4 B.2.3).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import re
+import shutil
+import struct
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
+from pydicom.uid import DeflatedExplicitVRLittleEndian
+
+# PS3.5 9.1: UID components are digits separated by periods, at most 64 characters. Checking this also keeps a
+# received UID from naming a path outside the spool.
+_UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+
+# PS3.4 Table B.2-1 C-STORE status codes the spool can cause.
+STATUS_SUCCESS = 0x0000
+STATUS_OUT_OF_RESOURCES = 0xA700
+STATUS_CANNOT_UNDERSTAND = 0xC210
+
+_PIXEL_DATA_TAGS = {0x7FE00010, 0x7FE00008, 0x7FE00009}
+_ITEM, _SEQUENCE_DELIMITER = 0xFFFEE000, 0xFFFEE0DD
+_LONG_VRS = {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"}
+
+# Header attributes the node keeps per instance; everything else stays on disk, unread.
+HEADER_KEYWORDS = (
+    "SOPClassUID",
+    "SOPInstanceUID",
+    "StudyInstanceUID",
+    "SeriesInstanceUID",
+    "AccessionNumber",
+    "Modality",
+    "SeriesNumber",
+    "SeriesDescription",
+    "BodyPartExamined",
+    "ViewPosition",
+    "ImageType",
+    "InstanceNumber",
+    "Rows",
+    "Columns",
+)
+
+
+class RejectedInstance(Exception):
+    """An instance the node refuses, with the DIMSE status to answer and a reason for the log."""
+
+    def __init__(self, status: int, reason: str) -> None:
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class InstanceHeader:
+    """The few header attributes the node records (never patient identity)."""
+
+    sop_class_uid: str
+    sop_instance_uid: str
+    study_instance_uid: str
+    series_instance_uid: str
+    transfer_syntax_uid: str
+    accession_number: str | None = None
+    modality: str | None = None
+    series_number: int | None = None
+    series_description: str | None = None
+    body_part_examined: str | None = None
+    view_position: str | None = None
+    image_type: str | None = None
+    instance_number: int | None = None
+    rows: int | None = None
+    columns: int | None = None
+
+
+@dataclass(frozen=True)
+class StoredInstance:
+    header: InstanceHeader
+    path: Path
+    size_bytes: int
+    already_on_disk: bool  # the same SOP Instance UID was stored before; the first copy is kept
+
+
+def _text(ds: Dataset, keyword: str) -> str | None:
+    value = ds.get(keyword)
+    if value is None or value == "":
+        return None
+    return str(value).strip() or None
+
+
+def _int(ds: Dataset, keyword: str) -> int | None:
+    value = ds.get(keyword)
+    try:
+        return int(value) if value not in (None, "") else None
+    except (TypeError, ValueError):
+        return None
+
+
+def _multi(ds: Dataset, keyword: str) -> str | None:
+    value = ds.get(keyword)
+    if value is None or value == "":
+        return None
+    if isinstance(value, str):
+        return value
+    return "\\".join(str(v) for v in value)
+
+
+def _uid(ds: Dataset, keyword: str) -> str:
+    value = _text(ds, keyword)
+    if value is None:
+        raise RejectedInstance(STATUS_CANNOT_UNDERSTAND, f"{keyword} is missing")
+    if len(value) > 64 or not _UID.match(value):
+        raise RejectedInstance(STATUS_CANNOT_UNDERSTAND, f"{keyword} is not a valid UID")
+    return value
+
+
+def read_header(path: Path) -> InstanceHeader:
+    """Parse the header attributes the node needs; the pixel data is neither read nor decoded."""
+    try:
+        ds = dcmread(path, stop_before_pixels=True, defer_size="2 KB", specific_tags=list(HEADER_KEYWORDS))
+        transfer_syntax = str(ds.file_meta.TransferSyntaxUID)
+        header = InstanceHeader(
+            sop_class_uid=_uid(ds, "SOPClassUID"),
+            sop_instance_uid=_uid(ds, "SOPInstanceUID"),
+            study_instance_uid=_uid(ds, "StudyInstanceUID"),
+            series_instance_uid=_uid(ds, "SeriesInstanceUID"),
+            transfer_syntax_uid=transfer_syntax,
+            accession_number=_text(ds, "AccessionNumber"),
+            modality=_text(ds, "Modality"),
+            series_number=_int(ds, "SeriesNumber"),
+            series_description=_text(ds, "SeriesDescription"),
+            body_part_examined=_text(ds, "BodyPartExamined"),
+            view_position=_text(ds, "ViewPosition"),
+            image_type=_multi(ds, "ImageType"),
+            instance_number=_int(ds, "InstanceNumber"),
+            rows=_int(ds, "Rows"),
+            columns=_int(ds, "Columns"),
+        )
+    except RejectedInstance:
+        raise
+    except (InvalidDicomError, EOFError, OSError, ValueError, KeyError, AttributeError, struct.error) as err:
+        raise RejectedInstance(STATUS_CANNOT_UNDERSTAND, f"data set cannot be parsed: {type(err).__name__}") from err
+    if transfer_syntax != DeflatedExplicitVRLittleEndian:
+        check_complete(path, transfer_syntax)
+    return header
+
+
+def _pixel_data_offset(fp: BinaryIO) -> int | None:
+    """Offset of the first top-level Pixel Data element, or None when the data set has none."""
+    ds = dcmread(fp, stop_before_pixels=True, defer_size="2 KB", specific_tags=["SOPInstanceUID"])
+    del ds
+    return fp.tell()
+
+
+def check_complete(path: Path, transfer_syntax: str) -> None:
+    """Raise RejectedInstance when the data set ends before its pixel data does (a truncated transfer).
+
+    The header before the pixel data was parsed already; here the pixel data element is walked without reading
+    it: a defined length must fit in the file, encapsulated fragments must end with a Sequence Delimitation Item
+    (PS3.5 A.4)."""
+    size = path.stat().st_size
+    little = "BigEndian" not in _ts_name(transfer_syntax)
+    implicit = transfer_syntax == "1.2.840.10008.1.2"
+    end = "<" if little else ">"
+    with path.open("rb") as fp:
+        try:
+            offset = _pixel_data_offset(fp)
+        except Exception as err:  # noqa: BLE001 - any parse failure is "cannot understand"
+            reason = f"data set cannot be parsed: {type(err).__name__}"
+            raise RejectedInstance(STATUS_CANNOT_UNDERSTAND, reason) from err
+        if offset is None or offset >= size:
+            return
+        fp.seek(offset)
+        head = fp.read(8)
+        if len(head) < 8:
+            raise RejectedInstance(STATUS_CANNOT_UNDERSTAND, "data set is truncated")
+        group, element = struct.unpack(end + "HH", head[:4])
+        if (group << 16 | element) not in _PIXEL_DATA_TAGS:
+            return  # trailing non-pixel elements only; pydicom parsed them
+        if implicit:
+            (length,) = struct.unpack(end + "I", head[4:8])
+            position = offset + 8
+        elif head[4:6] in _LONG_VRS:
+            extra = fp.read(4)
+            if len(extra) < 4:
+                raise RejectedInstance(STATUS_CANNOT_UNDERSTAND, "data set is truncated")
+            (length,) = struct.unpack(end + "I", extra)
+            position = offset + 12
+        else:
+            (length,) = struct.unpack(end + "H", head[6:8])
+            position = offset + 8
+        if length != 0xFFFFFFFF:
+            if position + length > size:
+                raise RejectedInstance(STATUS_CANNOT_UNDERSTAND, "pixel data is truncated")
+            return
+        _check_fragments(fp, position, size, end)
+
+
+def _check_fragments(fp: BinaryIO, position: int, size: int, end: str) -> None:
+    while True:
+        fp.seek(position)
+        item = fp.read(8)
+        if len(item) < 8:
+            raise RejectedInstance(STATUS_CANNOT_UNDERSTAND, "encapsulated pixel data is truncated")
+        group, element, length = struct.unpack(end + "HHI", item)
+        tag = group << 16 | element
+        if tag == _SEQUENCE_DELIMITER:
+            return
+        if tag != _ITEM:
+            raise RejectedInstance(STATUS_CANNOT_UNDERSTAND, "encapsulated pixel data is malformed")
+        position += 8 + length
+        if position > size:
+            raise RejectedInstance(STATUS_CANNOT_UNDERSTAND, "encapsulated pixel data is truncated")
+
+
+def _ts_name(transfer_syntax: str) -> str:
+    from pydicom.uid import UID
+
+    return str(UID(transfer_syntax).keyword or "")
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class Spool:
+    """Files received instances durably; one directory per study and series."""
+
+    def __init__(self, root: Path, min_free_bytes: int) -> None:
+        self.root = Path(root)
+        self.min_free_bytes = min_free_bytes
+        self.incoming_dir = self.root / ".incoming"
+
+    def prepare(self) -> None:
+        self.incoming_dir.mkdir(parents=True, exist_ok=True)
+        # Leftovers of a crash were never acknowledged to the sender, who will send them again.
+        for leftover in self.incoming_dir.iterdir():
+            leftover.unlink(missing_ok=True)
+
+    def free_bytes(self) -> int:
+        return shutil.disk_usage(self.root if self.root.exists() else self.root.parent).free
+
+    def check_space(self) -> None:
+        if self.free_bytes() < self.min_free_bytes:
+            raise RejectedInstance(
+                STATUS_OUT_OF_RESOURCES, f"free disk space under the watermark of {self.min_free_bytes} bytes"
+            )
+
+    def path_for(self, header: InstanceHeader) -> Path:
+        return (
+            self.root / header.study_instance_uid / header.series_instance_uid / f"{header.sop_instance_uid}.dcm"
+        )
+
+    def store(self, received: Path, affected_sop_instance_uid: str | None = None) -> StoredInstance:
+        """Check, fsync and publish the Part 10 file pynetdicom wrote for one C-STORE.
+
+        Raises RejectedInstance (0xA700 when disk space is short, 0xC210 when the data set cannot be understood).
+        ``received`` is left in place (pynetdicom deletes it after the handler returns)."""
+        self.check_space()
+        header = read_header(received)
+        if affected_sop_instance_uid and affected_sop_instance_uid.strip("\0 ") != header.sop_instance_uid:
+            raise RejectedInstance(
+                STATUS_CANNOT_UNDERSTAND, "SOP Instance UID of the data set differs from the C-STORE request"
+            )
+        target = self.path_for(header)
+        size = received.stat().st_size
+        if target.exists():
+            return StoredInstance(header, target, target.stat().st_size, already_on_disk=True)
+        new_dirs = not target.parent.exists()
+        target.parent.mkdir(parents=True, exist_ok=True)
+        staged = self._stage(received, target.parent)
+        try:
+            try:
+                os.link(staged, target)  # atomic, and never replaces a copy stored concurrently
+                duplicate = False
+            except FileExistsError:
+                duplicate = True
+        finally:
+            staged.unlink(missing_ok=True)
+        _fsync_dir(target.parent)
+        if new_dirs:  # the new directory entries must be durable too
+            _fsync_dir(target.parent.parent)
+            _fsync_dir(self.root)
+        return StoredInstance(header, target, size if not duplicate else target.stat().st_size, duplicate)
+
+    def _stage(self, received: Path, directory: Path) -> Path:
+        """A durable copy of ``received`` under a temporary name in ``directory`` (zero-copy when possible)."""
+        staged = directory / f".{uuid.uuid4().hex}.part"
+        try:
+            os.link(received, staged)
+        except OSError as err:
+            if err.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP):
+                raise
+            shutil.copyfile(received, staged)
+        with staged.open("rb") as fp:
+            os.fsync(fp.fileno())
+        return staged
