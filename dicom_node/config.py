@@ -280,14 +280,41 @@ class BrokerSettings(_Section):
     result_backend: str | None = None
 
 
+class UrgentRule(_Section):
+    """A triage rule: jobs matching all given conditions go to the urgent lane (higher broker priority).
+
+    Conditions compare case-insensitively; an empty list matches anything."""
+
+    name: str
+    calling_ae_title: list[str] = Field(default_factory=list)
+    modality: list[str] = Field(default_factory=list)
+    detector: list[str] = Field(default_factory=list)
+
+
 class WorkerSettings(_Section):
+    """Celery workers and the job lifecycle (docs/workers.md).
+
+    ``embedded`` starts workers as child processes of ``dicom-node serve``. A running job holds a lease of
+    ``lease_seconds`` that its worker renews; the sweeper re-enqueues jobs whose lease expired and jobs queued for
+    more than ``requeue_after_seconds`` without a worker picking them up (a lost broker message)."""
+
     embedded: bool = True
     concurrency: int = Field(1, ge=1)
     device: str = "auto"
     lease_seconds: float = Field(600.0, gt=0)
     sweep_interval_seconds: float = Field(15.0, gt=0)
+    requeue_after_seconds: float = Field(300.0, gt=0)
     max_attempts: int = Field(3, ge=1)
     retry_backoff_seconds: float = Field(5.0, gt=0)
+    retry_backoff_max_seconds: float = Field(300.0, gt=0)
+    urgent_rules: list[UrgentRule] = Field(default_factory=list)
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, value: str) -> str:
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", value):
+            raise ValueError(f"{value!r} is not a device (auto, cpu, cuda or cuda:N)")
+        return value
 
 
 class HttpSettings(_Section):
