@@ -308,3 +308,42 @@ def test_actions_unavailable_without_state_machine(tmp_path: Path, database: Dat
             f"/api/jobs/{filled.jobs['brain_failed']}/retry", headers={"Authorization": f"Bearer {ADMIN}"}
         )
         assert response.status_code == 503
+
+
+def test_actions_through_the_job_state_machine(tmp_path: Path, database: Database, filled: Rows) -> None:
+    """retry / redeliver / rerun over HTTP change the job database through dicom_node.jobs and send broker
+    messages (recorded by the workers' broker-free dispatcher)."""
+    from workers_support import RecordingDispatcher
+
+    from dicom_node.admin.actions import JobActions
+
+    settings = _settings(tmp_path, database.url)
+    dispatcher = RecordingDispatcher()
+    with TestClient(create_app(settings, database, JobActions(database, settings, dispatcher))) as c:
+        c.headers["Authorization"] = f"Bearer {ADMIN}"
+        failed = filled.jobs["brain_failed"]
+        assert c.post(f"/api/jobs/{failed}/retry").json()["job_ids"] == [failed]
+        job = c.get(f"/api/jobs/{failed}").json()
+        assert job["state"] == "queued" and job["error"] is None
+        assert [d[0] for d in dispatcher.detections] == [failed]
+        events = c.get(f"/api/jobs/{failed}/timeline").json()["events"]
+        assert events[-1]["event"] == "retry" and DETECTION_ERROR in events[-1]["detail"]
+        # Not failed any more: a second retry just re-sends the queued job's message.
+        assert c.post(f"/api/jobs/{failed}/retry").status_code == 200
+        # A delivered job cannot be retried (409 with the state machine's reason), and unknown ids are 404.
+        conflict = c.post(f"/api/jobs/{filled.jobs['brain_normal']}/retry")
+        assert conflict.status_code == 409 and "delivered" in conflict.json()["detail"]
+        assert c.post("/api/jobs/999999/retry").status_code == 404
+
+        # Retrying a delivery failure delivers again.
+        refused = filled.jobs["chest_delivery_failed"]
+        assert c.post(f"/api/jobs/{refused}/retry").status_code == 200
+        assert c.get(f"/api/jobs/{refused}").json()["state"] == "succeeded"
+        assert dispatcher.deliveries == [refused]
+        assert c.post(f"/api/jobs/{filled.jobs['brain_normal']}/redeliver").status_code == 200
+        assert dispatcher.deliveries == [refused, filled.jobs["brain_normal"]]
+        assert c.post(f"/api/jobs/{filled.jobs['chest_queued']}/redeliver").status_code == 409
+
+        rerun = c.post(f"/api/studies/{filled.studies['chest_abnormal']}/rerun")
+        assert rerun.status_code == 200 and len(rerun.json()["job_ids"]) == 1
+        assert c.post("/api/studies/1.2.3.999/rerun").status_code == 404
