@@ -1,0 +1,55 @@
+"""``dicom-node worker``: run detection (and delivery) jobs from the broker."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from dicom_node.cli import add_config_argument, settings_from
+
+
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    parser = subparsers.add_parser(
+        "worker",
+        help="run a Celery worker for detection and delivery jobs",
+        description="Consume jobs from the broker (Redis with --broker redis://host:6379/0; the embedded broker "
+        "under the data directory otherwise). CUDA when available (one process per GPU), CPU otherwise.",
+    )
+    add_config_argument(parser)
+    parser.add_argument(
+        "--queues",
+        default=None,
+        help="comma-separated queues (default: every enabled detector, and delivery when installed), "
+        "e.g. brain_mri,chest_xray",
+    )
+    parser.add_argument("--device", default=None, help="auto (default), cpu, cuda or cuda:N")
+    parser.add_argument("--concurrency", type=int, default=None, help="pool processes (default: one per GPU, or "
+                        "workers.concurrency on CPU)")  # fmt: skip
+    parser.add_argument("--broker", default=None, help="broker URL, e.g. redis://127.0.0.1:6379/0")
+    parser.add_argument("--hostname", default=None, help="Celery node name, unique per worker (name@host)")
+    parser.add_argument("--loglevel", default=None, help="DEBUG, INFO, WARNING or ERROR (default: logging.level)")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    overrides: dict[str, Any] = {}
+    if args.broker:
+        overrides["broker"] = {"url": args.broker}
+    if args.device:
+        overrides.setdefault("workers", {})["device"] = args.device
+    if args.concurrency is not None:
+        if args.concurrency < 1:
+            raise SystemExit("dicom-node: --concurrency must be at least 1")
+        overrides.setdefault("workers", {})["concurrency"] = args.concurrency
+    settings = settings_from(args, overrides)
+    from workers.worker import run_worker  # lazy: `dicom-node jobs list` must not import Celery workers or torch
+
+    queues = [name.strip() for name in args.queues.split(",") if name.strip()] if args.queues else None
+    return run_worker(
+        settings,
+        queues=queues,
+        device=args.device,
+        concurrency=args.concurrency,
+        hostname=args.hostname,
+        loglevel=args.loglevel,
+    )

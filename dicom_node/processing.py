@@ -1,0 +1,185 @@
+"""Run one detection job: the plain function behind the ``dicom_node.detect`` task.
+
+Takes the job's lease (nothing happens when the job is not ours to run), keeps it renewed while the detector works,
+reads the series' instances from the spool, scores them, saves the ``SeriesResult`` to
+``results_dir / f"job-{id}"`` and records the outcome. Permanent failures (the detector cannot score the series,
+the time limit) fail the job with the reason; transient ones (I/O, database busy, out of memory) go back to the
+queue with backoff until ``workers.max_attempts``.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+
+import pydicom
+from celery.exceptions import SoftTimeLimitExceeded
+from sqlalchemy.exc import OperationalError
+
+from dicom_node.config import Settings
+from dicom_node.db import Database
+from dicom_node.jobs import (
+    Dispatcher,
+    Lease,
+    TransientJobError,
+    acquire_lease,
+    complete_job,
+    fail_job,
+    renew_lease,
+    retry_later,
+    send_delivery,
+    send_detection,
+)
+from models.base import Detector, SeriesResult
+
+log = logging.getLogger(__name__)
+
+DetectorProvider = Callable[[str], Detector]
+
+
+@dataclass(frozen=True)
+class DetectionOutcome:
+    job_id: int
+    state: str  # "skipped", "succeeded", "failed", "retry", "lost"
+    detail: str = ""
+
+
+class LeaseKeeper:
+    """Renews a lease every third of its length from a background thread while the detector runs."""
+
+    def __init__(self, db: Database, lease: Lease, lease_seconds: float) -> None:
+        self.db = db
+        self.lease = lease
+        self.lease_seconds = lease_seconds
+        self.lost = threading.Event()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"lease-job-{lease.job_id}", daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.lease_seconds / 3):
+            try:
+                if not renew_lease(self.db, self.lease, self.lease_seconds):
+                    log.warning("job %d: lease lost (superseded or taken over)", self.lease.job_id)
+                    self.lost.set()
+                    return
+            except Exception as err:  # database briefly unreachable: try again next period
+                log.warning("job %d: could not renew lease (%s)", self.lease.job_id, err)
+
+    def __enter__(self) -> LeaseKeeper:
+        self._thread.start()
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+
+def is_transient(err: BaseException) -> bool:
+    """Errors worth another attempt; everything else is a property of the series or the model."""
+    if isinstance(err, TransientJobError | OSError | OperationalError | MemoryError):
+        return True
+    return type(err).__name__ == "OutOfMemoryError"  # torch.cuda.OutOfMemoryError, without importing torch
+
+
+def read_series(file_paths: tuple[str, ...]) -> list[pydicom.Dataset]:
+    return [pydicom.dcmread(path) for path in file_paths]
+
+
+def save_result(result: SeriesResult, results_dir: Path, job_id: int) -> Path:
+    """Write the result next to its final place, then swap it in, so a reader never sees half a result."""
+    final = results_dir / f"job-{job_id}"
+    staging = results_dir / ".staging" / f"job-{job_id}-{uuid.uuid4().hex}"
+    result.save(staging)
+    old = None
+    if final.exists():
+        old = staging.with_name(staging.name + "-old")
+        final.rename(old)
+    staging.rename(final)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def run_detection(
+    db: Database,
+    settings: Settings,
+    job_id: int,
+    *,
+    worker: str,
+    detectors: DetectorProvider,
+    dispatcher: Dispatcher,
+) -> DetectionOutcome:
+    """Run job ``job_id`` if it is ours to run; see the module docstring."""
+    lease = acquire_lease(db, job_id, worker, settings.workers.lease_seconds)
+    if lease is None:
+        return DetectionOutcome(job_id, "skipped")
+    log.info(
+        "job %d: attempt %d on %s, detector %s, series %s, %d instances",
+        job_id,
+        lease.attempt,
+        worker,
+        lease.detector,
+        lease.series_instance_uid,
+        len(lease.file_paths),
+    )
+    started = time.monotonic()
+    with LeaseKeeper(db, lease, settings.workers.lease_seconds) as keeper:
+        try:
+            detector = detectors(lease.detector)
+            result = detector.score_series(read_series(lease.file_paths))
+            if keeper.lost.is_set():
+                return DetectionOutcome(job_id, "lost", "lease lost while scoring; result discarded")
+            path = save_result(result, settings.results_dir, job_id)
+        except SoftTimeLimitExceeded:
+            limit = settings.detector(lease.detector).soft_time_limit_seconds
+            return _failed(db, lease, f"time limit: the detector ran longer than the soft limit of {limit:g} s")
+        except Exception as err:
+            reason = f"{type(err).__name__}: {err}"
+            if is_transient(err):
+                return _retry(db, settings, dispatcher, lease, reason)
+            log.exception("job %d: failed", job_id)
+            return _failed(db, lease, reason)
+    if not complete_job(
+        db,
+        lease,
+        series_score=float(result.series_score),
+        image_threshold=float(result.image_threshold),
+        is_abnormal=result.is_abnormal,
+        result_path=str(path),
+    ):
+        return DetectionOutcome(job_id, "lost", "lease lost before the result was recorded")
+    log.info(
+        "job %d: succeeded in %.1f s, score %.4g, %s",
+        job_id,
+        time.monotonic() - started,
+        result.series_score,
+        "abnormal" if result.is_abnormal else "normal",
+    )
+    if settings.destinations or settings.webhooks:
+        send_delivery(db, dispatcher, job_id)
+    return DetectionOutcome(job_id, "succeeded")
+
+
+def _failed(db: Database, lease: Lease, reason: str) -> DetectionOutcome:
+    log.error("job %d: failed: %s", lease.job_id, reason)
+    fail_job(db, lease, reason)
+    return DetectionOutcome(lease.job_id, "failed", reason)
+
+
+def _retry(db: Database, settings: Settings, dispatcher: Dispatcher, lease: Lease, reason: str) -> DetectionOutcome:
+    delay = retry_later(db, settings, lease, reason)
+    if delay is None:
+        log.error("job %d: failed after %d attempts: %s", lease.job_id, lease.attempt, reason)
+        return DetectionOutcome(lease.job_id, "failed", reason)
+    log.warning("job %d: %s; retrying in %.0f s", lease.job_id, reason, delay)
+    send_detection(db, dispatcher, [lease.job_id], countdown=delay)
+    return DetectionOutcome(lease.job_id, "retry", reason)

@@ -1,0 +1,106 @@
+"""Per-process state of a worker: settings, the job database, and detectors loaded once and kept warm."""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from importlib.metadata import entry_points
+
+from celery import Celery, current_app
+
+from dicom_node.config import Settings
+from dicom_node.db import Database
+from models.base import Detector, DetectorRegistry
+from models.registry import default_registry
+
+log = logging.getLogger(__name__)
+
+PLUGIN_GROUP = "dicom_node.detectors"
+_CONTEXT_ATTRIBUTE = "_dicom_node_context"
+
+
+def detector_registry() -> DetectorRegistry:
+    """The shipped detectors plus those installed as ``dicom_node.detectors`` entry points.
+
+    An entry point named like a shipped detector replaces it (a site's own model for ``brain_mri``). The test
+    suite uses this to run real workers with a small test detector (tests/plugins); the product ships none."""
+    registry = default_registry()
+    for entry in entry_points(group=PLUGIN_GROUP):
+        log.warning("detector %r provided by plugin %s", entry.name, entry.value)
+        registry.register(entry.name, entry.load())
+    return registry
+
+
+def resolve_device(spec: str, process_index: int = 0) -> str:
+    """``auto``: CUDA when available (pool process i on GPU i mod count), CPU otherwise."""
+    if spec == "cpu" or spec.startswith("cuda:"):
+        return spec
+    import torch
+
+    if not torch.cuda.is_available():
+        if spec == "cuda":
+            raise RuntimeError("--device cuda was asked for but no CUDA device is available")
+        return "cpu"
+    return f"cuda:{process_index % torch.cuda.device_count()}"
+
+
+def pool_process_index() -> int:
+    """Index of this prefork pool process (0 outside a pool)."""
+    try:
+        from billiard.process import current_process
+
+        return int(getattr(current_process(), "index", 0) or 0)
+    except Exception:  # not a billiard process
+        return 0
+
+
+class WorkerContext:
+    """What a task needs in this process; built on first use after the fork, never shared across processes."""
+
+    def __init__(self, settings: Settings, device_spec: str | None = None) -> None:
+        self.settings = settings
+        self.pid = os.getpid()
+        # The worker's main process migrated the schema before forking.
+        self.db = Database(settings.database_url, upgrade=False)
+        self._device_spec = device_spec or settings.workers.device
+        self._device: str | None = None
+        self._registry: DetectorRegistry | None = None
+        self._detectors: dict[str, Detector] = {}
+        self._lock = threading.Lock()
+
+    @property
+    def device(self) -> str:
+        if self._device is None:
+            self._device = resolve_device(self._device_spec, pool_process_index())
+        return self._device
+
+    def detector(self, name: str) -> Detector:
+        """The detector ``name``, loaded on first use and kept for the life of the process."""
+        with self._lock:
+            if name not in self._detectors:
+                if self._registry is None:
+                    self._registry = detector_registry()
+                model_dir = self.settings.detector(name).model_dir
+                detector = self._registry.load(name, model_dir, self.device)
+                if hasattr(detector, "batch_size"):
+                    detector.batch_size = self.settings.detector(name).batch_size
+                log.info("detector %s loaded on %s (model %s)", name, self.device, detector.identity.version)
+                self._detectors[name] = detector
+            return self._detectors[name]
+
+    def close(self) -> None:
+        self.db.dispose()
+
+
+def get_context(app: Celery | None = None) -> WorkerContext:
+    """This process's WorkerContext for ``app`` (the current Celery app by default)."""
+    app = app or current_app
+    context: WorkerContext | None = getattr(app, _CONTEXT_ATTRIBUTE, None)
+    if context is None or context.pid != os.getpid():
+        settings = app.conf.get("dicom_node_settings")
+        if not isinstance(settings, Settings):
+            raise RuntimeError("the Celery app was not made by workers.app.create_app(settings)")
+        context = WorkerContext(settings, app.conf.get("dicom_node_device"))
+        setattr(app, _CONTEXT_ATTRIBUTE, context)
+    return context
