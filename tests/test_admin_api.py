@@ -347,3 +347,63 @@ def test_actions_through_the_job_state_machine(tmp_path: Path, database: Databas
         rerun = c.post(f"/api/studies/{filled.studies['chest_abnormal']}/rerun")
         assert rerun.status_code == 200 and len(rerun.json()["job_ids"]) == 1
         assert c.post("/api/studies/1.2.3.999/rerun").status_code == 404
+
+
+@pytest.fixture
+def own_redis(tmp_path: Path) -> Iterator[str]:
+    """A redis-server of this test's own on a free port (the shared one on 6379 is never touched)."""
+    import shutil
+    import subprocess
+    import time
+
+    from conftest import free_port, port_open
+
+    if shutil.which("redis-server") is None:
+        pytest.skip("redis-server not installed")
+    port = free_port()
+    process = subprocess.Popen(
+        ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+         "--dir", str(tmp_path)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 10
+        while not port_open(port):
+            assert time.monotonic() < deadline, "redis-server did not start"
+            time.sleep(0.05)
+        yield f"redis://127.0.0.1:{port}/0"
+    finally:
+        process.terminate()
+        process.wait(10)
+
+
+@pytest.mark.redis
+def test_retry_sends_a_real_celery_message(tmp_path: Path, sqlite_url: str, own_redis: str) -> None:
+    """The serve wiring (``celery_actions``): retry over HTTP → job queued in the database → a ``dicom_node.detect``
+    message for that job on the ``brain_mri`` queue of a real Redis."""
+    import base64
+    import json
+
+    import redis
+
+    from dicom_node.admin.service import celery_actions
+
+    db = Database(sqlite_url)
+    try:
+        rows = fill(db)
+        settings = _settings(tmp_path, sqlite_url).model_copy(deep=True)
+        settings.broker.url = own_redis
+        actions = celery_actions(settings, db)
+        assert actions is not None
+        with TestClient(create_app(settings, db, actions)) as c:
+            assert c.get("/readyz").json()["checks"]["broker"] == "ok"
+            job_id = rows.jobs["brain_failed"]
+            response = c.post(f"/api/jobs/{job_id}/retry", headers={"Authorization": f"Bearer {ADMIN}"})
+            assert response.status_code == 200, response.text
+        client = redis.Redis.from_url(own_redis)
+        messages = [json.loads(m) for m in client.lrange("brain_mri", 0, -1)]
+        client.close()
+        sent = [(m["headers"]["task"], json.loads(base64.b64decode(m["body"]))[0]) for m in messages]
+        assert sent == [("dicom_node.detect", [job_id])]
+    finally:
+        db.dispose()
