@@ -82,6 +82,13 @@ def build_node(
     on_study_complete: Sequence[StudyCompleteCallback] = (),
 ) -> Node:
     node = Node(settings)
+    # The admin API, web page and /metrics (http.port 0 disables); imported here so the receive path alone needs
+    # neither FastAPI nor Celery.
+    from dicom_node.admin.service import admin_service
+
+    http = admin_service(settings, node.db)
+    if http is not None:
+        node.add_service(http)
     for service in services:
         node.add_service(service)
     for callback in on_study_complete:

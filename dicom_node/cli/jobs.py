@@ -10,6 +10,7 @@ from sqlalchemy import select
 
 from dicom_node.cli import add_config_argument, settings_from
 from dicom_node.cli._table import dump_json, iso, parse_duration, table
+from dicom_node.cli.job_show import add_show_command
 from dicom_node.db import Database, Job, JobState, Series, Study
 from dicom_node.db.models import utcnow
 
@@ -24,6 +25,7 @@ def register(subparsers: Any) -> None:
     listing.add_argument("--limit", type=int, default=200, help="at most this many rows (default 200)")
     listing.add_argument("--json", action="store_true", help="JSON instead of a table")
     listing.set_defaults(func=list_jobs)
+    add_show_command(commands)
 
 
 def _duration(text: str) -> Any:
