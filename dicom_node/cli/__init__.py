@@ -13,7 +13,7 @@ from dicom_node import __version__
 from dicom_node.config import ConfigError, Settings, load_settings
 
 # Modules under dicom_node.cli that add sub-commands; each defines register(subparsers).
-COMMAND_MODULES: tuple[str, ...] = ("serve", "jobs", "studies", "worker", "stats")
+COMMAND_MODULES: tuple[str, ...] = ("serve", "jobs", "studies", "worker", "stats", "detectors")
 
 EXIT_CONFIG_ERROR = 2
 

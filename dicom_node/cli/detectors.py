@@ -1,0 +1,162 @@
+"""``dicom-node fit | calibrate | evaluate``: train a detector on normal images, set its thresholds on a site's
+normals, measure it. torch and the models package are imported inside the command functions only."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+# Detectors the commands accept; each has an entry in models.registry.DETECTOR_CLASSES.
+DETECTOR_CHOICES: tuple[str, ...] = ("brain_mri",)
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--detector", required=True, choices=DETECTOR_CHOICES)
+    parser.add_argument("--device", default="auto", help="cpu, cuda, or auto (CUDA when present; default)")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress")
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    fit = subparsers.add_parser("fit", help="fit a detector on folders of normal images")
+    _common(fit)
+    fit.add_argument("--normal", type=Path, action="append", required=True, help="folder of normal images (repeat)")
+    fit.add_argument(
+        "--calibration-normal",
+        type=Path,
+        action="append",
+        default=[],
+        help="held-out normal folder for the thresholds (repeat); default: 10%% of the --normal images",
+    )
+    fit.add_argument("--out", type=Path, required=True, help="model directory to write")
+    fit.add_argument("--specificity", type=float, default=0.95, help="image threshold specificity (default 0.95)")
+    fit.add_argument("--method", default=None, help="patchcore, msde, patchcore+msde or autoencoder")
+    fit.add_argument("--backbone", default=None, help="efficientnet-lite0 or efficientnet-lite2")
+    fit.add_argument("--image-size", type=int, default=None)
+    fit.add_argument("--coreset-size", type=int, default=None)
+    fit.add_argument("--version", default=None, help="model version recorded in the model card")
+    fit.set_defaults(func=run_fit)
+
+    calibrate = subparsers.add_parser("calibrate", help="set a detector's thresholds on a site's normal images")
+    _common(calibrate)
+    calibrate.add_argument("--model", type=Path, default=None, help="model directory (default: the shipped one)")
+    calibrate.add_argument("--normal", type=Path, action="append", required=True)
+    calibrate.add_argument("--specificity", type=float, default=0.95)
+    calibrate.add_argument("--pixel-quantile", type=float, default=None)
+    calibrate.add_argument("--out", type=Path, default=None, help="where to write (default: --model, in place)")
+    calibrate.set_defaults(func=run_calibrate)
+
+    evaluate = subparsers.add_parser("evaluate", help="measure a detector on normal and abnormal images")
+    _common(evaluate)
+    evaluate.add_argument("--model", type=Path, default=None, help="model directory (default: the shipped one)")
+    evaluate.add_argument("--normal", type=Path, action="append", required=True)
+    evaluate.add_argument("--abnormal", type=Path, action="append", required=True)
+    evaluate.add_argument("--masks", type=Path, action="append", default=[], help="masks folder (same file names)")
+    evaluate.add_argument("--json", type=Path, default=None, help="also write the metrics as JSON here")
+    evaluate.add_argument(
+        "--record-in-card", default=None, metavar="LABEL", help="store the metrics in the model card under LABEL"
+    )
+    evaluate.set_defaults(func=run_evaluate)
+
+
+def _logging(args: argparse.Namespace) -> None:
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+
+
+def _load(args: argparse.Namespace) -> Any:
+    from models.base import DetectorError
+    from models.registry import default_registry
+
+    try:
+        return default_registry().load(args.detector, args.model, args.device)
+    except DetectorError as err:
+        print(f"dicom-node: {err}", file=sys.stderr)
+        raise SystemExit(1) from None
+
+
+def _model_dir(args: argparse.Namespace) -> Path:
+    if args.model is not None:
+        return Path(args.model)
+    import importlib
+
+    from models.registry import DETECTOR_CLASSES
+
+    module = importlib.import_module(DETECTOR_CLASSES[args.detector][0])
+    return Path(module.WEIGHTS_DIR)
+
+
+def run_fit(args: argparse.Namespace) -> int:
+    _logging(args)
+    from models.base import DetectorError
+    from models.training import fit_detector
+
+    try:
+        detector = fit_detector(
+            args.detector,
+            args.normal,
+            args.out,
+            calibration_dirs=args.calibration_normal,
+            specificity=args.specificity,
+            device=args.device,
+            method=args.method,
+            backbone=args.backbone,
+            image_size=args.image_size,
+            coreset_size=args.coreset_size,
+            version=args.version,
+        )
+    except (DetectorError, ValueError) as err:
+        print(f"dicom-node: {err}", file=sys.stderr)
+        return 1
+    print(f"fitted {args.detector} ({detector.config.method}) → {args.out}")
+    print(f"image threshold {detector.image_threshold:.6g}, pixel threshold {detector.pixel_threshold:.6g}")
+    return 0
+
+
+def run_calibrate(args: argparse.Namespace) -> int:
+    _logging(args)
+    from models.base import DetectorError
+    from models.training import calibrate_detector
+
+    detector = _load(args)
+    out = args.out or _model_dir(args)
+    try:
+        stats = calibrate_detector(detector, args.normal, args.specificity, out, args.pixel_quantile)
+    except (DetectorError, ValueError) as err:
+        print(f"dicom-node: {err}", file=sys.stderr)
+        return 1
+    print(f"calibrated {args.detector} on {int(stats['n_normals'])} normals → {out}")
+    print(f"image threshold {stats['image_threshold']:.6g}, pixel threshold {stats['pixel_threshold']:.6g}")
+    return 0
+
+
+def run_evaluate(args: argparse.Namespace) -> int:
+    _logging(args)
+    from models.evaluation import evaluate, format_report
+
+    detector = _load(args)
+    try:
+        report = evaluate(detector, args.normal, args.abnormal, args.masks)
+    except ValueError as err:
+        print(f"dicom-node: {err}", file=sys.stderr)
+        return 1
+    print(format_report(report))
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    if args.record_in_card:
+        metrics = dict(detector.card.get("metrics", {}))
+        metrics[args.record_in_card] = {
+            **report,
+            "normal": [str(p) for p in args.normal],
+            "abnormal": [str(p) for p in args.abnormal],
+            "masks": [str(p) for p in args.masks],
+        }
+        detector.card["metrics"] = metrics
+        detector.save(_model_dir(args))
+    return 0

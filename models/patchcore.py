@@ -1,0 +1,90 @@
+"""PatchCore (Roth et al., CVPR 2022): a coreset memory bank of normal patch features; a patch's anomaly score is
+its distance to the nearest bank entry.
+
+Features come from :class:`models.backbones.EfficientNetLiteBackbone` (locally averaged stride-8 and stride-16
+maps). The coreset is the greedy k-center selection of the paper on a random projection of the features.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+
+def greedy_coreset(features: torch.Tensor, size: int, projection_dim: int = 128, seed: int = 0) -> torch.Tensor:
+    """Indices of ``size`` rows chosen by greedy k-center (farthest point) selection on a random projection."""
+    count = features.shape[0]
+    if size >= count:
+        return torch.arange(count)
+    generator = torch.Generator().manual_seed(seed)
+    if features.shape[1] > projection_dim:
+        projection = torch.randn(features.shape[1], projection_dim, generator=generator) / projection_dim**0.5
+        reduced = features.float() @ projection.to(features.device)
+    else:
+        reduced = features.float()
+    reduced = reduced.contiguous()
+    norms = (reduced * reduced).sum(1)
+    selected = torch.empty(size, dtype=torch.long)
+    index = int(torch.randint(count, (1,), generator=generator))
+    min_dist = torch.full((count,), float("inf"))
+    for i in range(size):
+        selected[i] = index
+        centre = reduced[index]
+        # Squared distance to the new centre: |x|^2 - 2 x.c + |c|^2 (one matrix-vector product per step).
+        dist = norms - 2.0 * (reduced @ centre) + norms[index]
+        torch.minimum(min_dist, dist, out=min_dist)
+        index = int(torch.argmax(min_dist))
+    return selected
+
+
+class PatchMemoryBank:
+    """Nearest-neighbour distances of patch features to a stored bank of normal patch features."""
+
+    def __init__(self, bank: torch.Tensor | None = None) -> None:
+        self.bank = bank
+
+    def fit(
+        self,
+        patches: torch.Tensor,
+        coreset_size: int,
+        max_candidates: int = 200_000,
+        seed: int = 0,
+    ) -> PatchMemoryBank:
+        """``patches``: (N, C) normal patch features (foreground only). Keeps a random subsample of at most
+        ``max_candidates`` and selects a greedy coreset of ``coreset_size`` from it."""
+        generator = torch.Generator().manual_seed(seed)
+        if patches.shape[0] > max_candidates:
+            keep = torch.randperm(patches.shape[0], generator=generator)[:max_candidates]
+            patches = patches[keep]
+        logger.info("coreset: %d of %d candidate patches", min(coreset_size, patches.shape[0]), patches.shape[0])
+        indices = greedy_coreset(patches, coreset_size, seed=seed)
+        self.bank = patches[indices].float().contiguous()
+        return self
+
+    @torch.inference_mode()
+    def distances(self, patches: torch.Tensor, k: int = 1, chunk: int = 4096) -> torch.Tensor:
+        """Mean distance of each row of ``patches`` (M, C) to its ``k`` nearest bank entries, shape (M,)."""
+        if self.bank is None:
+            raise RuntimeError("memory bank not fitted")
+        bank = self.bank.to(patches.device, dtype=torch.float32)
+        bank_sq = (bank * bank).sum(1)
+        out = []
+        for start in range(0, patches.shape[0], chunk):
+            query = patches[start : start + chunk].float()
+            # Squared distances via the expansion |q|^2 - 2 q.b + |b|^2 (much faster than cdist on CPU).
+            d2 = (query * query).sum(1, keepdim=True) - 2.0 * query @ bank.T + bank_sq[None]
+            nearest = torch.topk(d2, k, dim=1, largest=False).values.clamp_min(0).sqrt()
+            out.append(nearest.mean(1))
+        return torch.cat(out) if out else torch.zeros(0)
+
+    def state(self, prefix: str) -> dict[str, torch.Tensor]:
+        if self.bank is None:
+            raise RuntimeError("memory bank not fitted")
+        return {f"{prefix}bank": self.bank.to(torch.float16).contiguous()}
+
+    @classmethod
+    def from_state(cls, tensors: dict[str, torch.Tensor], prefix: str) -> PatchMemoryBank:
+        return cls(tensors[f"{prefix}bank"].float())

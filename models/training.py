@@ -1,0 +1,98 @@
+"""Fit, calibrate and record: the functions behind ``dicom-node fit|calibrate|evaluate``."""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from models.base import DetectorError
+from models.image_detector import ImageAnomalyDetector
+from models.preprocessing import list_image_files, load_image_file
+from models.registry import detector_class
+
+logger = logging.getLogger(__name__)
+
+
+def image_files(directories: Sequence[Path]) -> list[Path]:
+    files = [f for d in directories for f in list_image_files(Path(d))]
+    if not files:
+        raise DetectorError(f"no PNG/JPG/DICOM images in {', '.join(str(d) for d in directories)}")
+    return files
+
+
+def new_detector(name: str, device: str = "cpu", **overrides: Any) -> ImageAnomalyDetector:
+    """An unfitted detector of kind ``name`` with its default configuration, fields overridden by ``overrides``
+    (None values ignored)."""
+    cls, config = detector_class(name)
+    for key, value in overrides.items():
+        if value is None:
+            continue
+        if not hasattr(config, key):
+            raise DetectorError(f"unknown option {key!r} for {name}")
+        setattr(config, key, value)
+    return cls(config, device)
+
+
+def fit_detector(
+    name: str,
+    normal_dirs: Sequence[Path],
+    out: Path,
+    calibration_dirs: Sequence[Path] = (),
+    specificity: float = 0.95,
+    device: str = "cpu",
+    holdout_fraction: float = 0.1,
+    **overrides: Any,
+) -> ImageAnomalyDetector:
+    """Fit on the normals, calibrate on ``calibration_dirs`` (or a held-out share of the normals), save to ``out``."""
+    detector = new_detector(name, device, **overrides)
+    files = image_files(normal_dirs)
+    if calibration_dirs:
+        train_files, calibration_files = files, image_files(calibration_dirs)
+    else:
+        shuffled = files[:]
+        random.Random(detector.config.seed).shuffle(shuffled)
+        cut = max(1, int(round(holdout_fraction * len(shuffled))))
+        calibration_files, train_files = shuffled[:cut], shuffled[cut:]
+        logger.info("no calibration folder: holding out %d of %d normals for thresholds", cut, len(files))
+    logger.info("fitting %s (%s) on %d normal images", name, detector.config.method, len(train_files))
+    detector.fit(load_image_file(f) for f in train_files)
+    stats = detector.calibrate([load_image_file(f) for f in calibration_files], specificity)
+    detector.card["training_images"] = len(train_files)
+    detector.card["calibration_images"] = len(calibration_files)
+    detector.card["training_folders"] = [str(d) for d in normal_dirs]
+    detector.card["calibration_folders"] = [str(d) for d in calibration_dirs] or ["held-out share of the normals"]
+    detector.save(out)
+    logger.info("saved %s to %s: %s", name, out, stats)
+    return detector
+
+
+def calibrate_detector(
+    detector: ImageAnomalyDetector,
+    normal_dirs: Sequence[Path],
+    specificity: float,
+    out: Path,
+    pixel_quantile: float | None = None,
+) -> dict[str, float]:
+    """Recalibrate thresholds on a site's own normal images and save the model (weights unchanged) to ``out``."""
+    if pixel_quantile is not None:
+        detector.config.pixel_quantile = float(pixel_quantile)
+    files = image_files(normal_dirs)
+    stats = detector.calibrate([load_image_file(f) for f in files], specificity)
+    detector.card["calibration_folders"] = [str(d) for d in normal_dirs]
+    detector.card["calibration_images"] = len(files)
+    detector.save(out)
+    return stats
+
+
+def summarise_scores(scores: np.ndarray) -> dict[str, float]:
+    return {
+        "mean": float(np.mean(scores)),
+        "p50": float(np.percentile(scores, 50)),
+        "p95": float(np.percentile(scores, 95)),
+        "max": float(np.max(scores)),
+    }
