@@ -284,30 +284,39 @@ class Spool:
             return StoredInstance(header, target, target.stat().st_size, already_on_disk=True)
         new_dirs = not target.parent.exists()
         target.parent.mkdir(parents=True, exist_ok=True)
-        staged = self._stage(received, target.parent)
-        try:
-            try:
-                os.link(staged, target)  # atomic, and never replaces a copy stored concurrently
-                duplicate = False
-            except FileExistsError:
-                duplicate = True
-        finally:
-            staged.unlink(missing_ok=True)
+        duplicate = self._publish(received, target)
         _fsync_dir(target.parent)
         if new_dirs:  # the new directory entries must be durable too
             _fsync_dir(target.parent.parent)
             _fsync_dir(self.root)
         return StoredInstance(header, target, size if not duplicate else target.stat().st_size, duplicate)
 
-    def _stage(self, received: Path, directory: Path) -> Path:
-        """A durable copy of ``received`` under a temporary name in ``directory`` (zero-copy when possible)."""
-        staged = directory / f".{uuid.uuid4().hex}.part"
+    @staticmethod
+    def _publish(received: Path, target: Path) -> bool:
+        """Make ``received`` durable and give it its final name; True when ``target`` existed already.
+
+        The data is fsynced before the name appears, so a name in the spool always has complete content. A hard
+        link is atomic and never replaces an instance stored meanwhile by another association."""
         try:
-            os.link(received, staged)
+            with received.open("rb") as fp:
+                os.fsync(fp.fileno())
+            os.link(received, target)
+            return False
+        except FileExistsError:
+            return True
         except OSError as err:
             if err.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP):
                 raise
+        # Another file system (or no hard links): a durable copy next to the target, then the link.
+        staged = target.parent / f".{uuid.uuid4().hex}.part"
+        try:
             shutil.copyfile(received, staged)
-        with staged.open("rb") as fp:
-            os.fsync(fp.fileno())
-        return staged
+            with staged.open("rb") as fp:
+                os.fsync(fp.fileno())
+            try:
+                os.link(staged, target)
+            except FileExistsError:
+                return True
+            return False
+        finally:
+            staged.unlink(missing_ok=True)
