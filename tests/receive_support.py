@@ -12,13 +12,14 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import yaml
+from conftest import REPO, free_port, port_open
 from pydicom import dcmread
 from pydicom.uid import (
+    JPEG2000,
     DeflatedExplicitVRLittleEndian,
     ExplicitVRBigEndian,
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
-    JPEG2000,
     JPEG2000Lossless,
     JPEGBaseline8Bit,
     JPEGExtended12Bit,
@@ -27,8 +28,6 @@ from pydicom.uid import (
     JPEGLSNearLossless,
     RLELossless,
 )
-
-from conftest import REPO, free_port, port_open
 
 DICOM_NODE = REPO / ".venv" / "bin" / "dicom-node"
 STORESCU = "/usr/bin/storescu"
@@ -85,7 +84,12 @@ class NodeProcess:
 
     def write_config(self) -> None:
         config: dict[str, Any] = {
-            "node": {"ae_title": AE_TITLE, "port": self.port, "data_dir": str(self.data_dir), "bind_address": "127.0.0.1"},
+            "node": {
+                "ae_title": AE_TITLE,
+                "port": self.port,
+                "data_dir": str(self.data_dir),
+                "bind_address": "127.0.0.1",
+            },
             "database": {"url": self.database_url},
             "storage": {"min_free_bytes": 0},
             "completion": {"quiet_seconds": 2.0, "check_interval_seconds": 0.2},
