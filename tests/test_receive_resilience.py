@@ -92,3 +92,31 @@ def test_disk_watermark_refuses_with_out_of_resources(tmp_path: Path, sqlite_url
         assert "0xA700" in node.log()
     finally:
         node.stop()
+
+
+def test_tls_associations(tmp_path: Path, sqlite_url: str) -> None:
+    import ssl
+
+    from pynetdicom import AE
+    from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+
+    cert, key = tmp_path / "node.crt", tmp_path / "node.key"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=localhost",
+         "-keyout", str(key), "-out", str(cert)],
+        check=True, capture_output=True,
+    )
+    tls = {"enabled": True, "certificate": str(cert), "private_key": str(key)}
+    node = NodeProcess(tmp_path / "node", sqlite_url, {"network": {"tls": tls}}).start()
+    try:
+        context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(cert))
+        ae = AE(ae_title="TLSSCU")
+        ae.add_requested_context(Verification)
+        assoc = ae.associate("127.0.0.1", node.port, ae_title="DICOMNODE", tls_args=(context, "localhost"))
+        assert assoc.is_established
+        assert assoc.send_c_echo().Status == 0
+        assoc.release()
+        assert echoscu(node.port).returncode != 0  # no TLS, no association
+        assert node.alive()
+    finally:
+        node.stop()
