@@ -120,3 +120,35 @@ def test_tls_associations(tmp_path: Path, sqlite_url: str) -> None:
         assert node.alive()
     finally:
         node.stop()
+
+
+def test_maximum_associations_refused_and_audited(tmp_path: Path, sqlite_url: str) -> None:
+    from pynetdicom import AE
+    from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+
+    # The readiness probe's bare TCP connections hold an association slot until the ACSE timeout.
+    network = {"max_associations": 1, "acse_timeout": 1.0}
+    node = NodeProcess(tmp_path / "node", sqlite_url, {"network": network}).start()
+    time.sleep(1.5)
+    try:
+        ae = AE(ae_title="HOLDER")
+        ae.add_requested_context(Verification)
+        held = ae.associate("127.0.0.1", node.port, ae_title="DICOMNODE")
+        assert held.is_established
+        refused = echoscu(node.port)
+        assert refused.returncode != 0
+        held.release()
+        db = Database(sqlite_url, upgrade=False)
+
+        def audited() -> bool:
+            with db.session() as session:
+                reasons = session.execute(
+                    select(AuditEvent.reason).where(AuditEvent.event == "association_rejected")
+                ).scalars()
+                return any("local limit exceeded" in (r or "") for r in reasons)
+
+        wait_for(audited, timeout=10)
+        db.dispose()
+        assert echoscu(node.port).returncode == 0
+    finally:
+        node.stop()
