@@ -75,3 +75,25 @@ def test_parse_duration() -> None:
     assert parse_duration("1d") == timedelta(days=1)
     with pytest.raises(ValueError):
         parse_duration("2 fortnights")
+
+
+def test_serve_flags_become_settings(tmp_path: Path) -> None:
+    from dicom_node.cli import build_parser
+    from dicom_node.cli.serve import overrides_from
+
+    args = build_parser().parse_args(
+        ["serve", "--ae-title", "NODE2", "--port", "11113", "--data-dir", str(tmp_path), "--study-quiet-seconds",
+         "5", "--no-workers", "--http-port", "0", "--destination", "PACS@127.0.0.1:4242"]
+    )
+    assert overrides_from(args) == {
+        "node": {"ae_title": "NODE2", "port": 11113, "data_dir": str(tmp_path)},
+        "completion": {"quiet_seconds": 5.0},
+        "http": {"port": 0},
+        "workers": {"embedded": False},
+    }
+    assert args.destination == ["PACS@127.0.0.1:4242"]
+
+
+def test_serve_rejects_a_bad_destination(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["serve", "--data-dir", str(tmp_path), "--destination", "not-a-destination"]) == 2
+    assert "--destination" in capsys.readouterr().err

@@ -92,3 +92,63 @@ def test_disk_watermark_refuses_with_out_of_resources(tmp_path: Path, sqlite_url
         assert "0xA700" in node.log()
     finally:
         node.stop()
+
+
+def test_tls_associations(tmp_path: Path, sqlite_url: str) -> None:
+    import ssl
+
+    from pynetdicom import AE
+    from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+
+    cert, key = tmp_path / "node.crt", tmp_path / "node.key"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=localhost",
+         "-keyout", str(key), "-out", str(cert)],
+        check=True, capture_output=True,
+    )
+    tls = {"enabled": True, "certificate": str(cert), "private_key": str(key)}
+    node = NodeProcess(tmp_path / "node", sqlite_url, {"network": {"tls": tls}}).start()
+    try:
+        context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(cert))
+        ae = AE(ae_title="TLSSCU")
+        ae.add_requested_context(Verification)
+        assoc = ae.associate("127.0.0.1", node.port, ae_title="DICOMNODE", tls_args=(context, "localhost"))
+        assert assoc.is_established
+        assert assoc.send_c_echo().Status == 0
+        assoc.release()
+        assert echoscu(node.port).returncode != 0  # no TLS, no association
+        assert node.alive()
+    finally:
+        node.stop()
+
+
+def test_maximum_associations_refused_and_audited(tmp_path: Path, sqlite_url: str) -> None:
+    from pynetdicom import AE
+    from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+
+    # The readiness probe's bare TCP connections hold an association slot until the ACSE timeout.
+    network = {"max_associations": 1, "acse_timeout": 1.0}
+    node = NodeProcess(tmp_path / "node", sqlite_url, {"network": network}).start()
+    time.sleep(1.5)
+    try:
+        ae = AE(ae_title="HOLDER")
+        ae.add_requested_context(Verification)
+        held = ae.associate("127.0.0.1", node.port, ae_title="DICOMNODE")
+        assert held.is_established
+        refused = echoscu(node.port)
+        assert refused.returncode != 0
+        held.release()
+        db = Database(sqlite_url, upgrade=False)
+
+        def audited() -> bool:
+            with db.session() as session:
+                reasons = session.execute(
+                    select(AuditEvent.reason).where(AuditEvent.event == "association_rejected")
+                ).scalars()
+                return any("local limit exceeded" in (r or "") for r in reasons)
+
+        wait_for(audited, timeout=10)
+        db.dispose()
+        assert echoscu(node.port).returncode == 0
+    finally:
+        node.stop()

@@ -183,6 +183,7 @@ class StorageSCP:
         log.warning("association from %s (%s) rejected: %s", peer.calling_ae_title, peer.host, reason)
         event.assoc.acse.send_reject(_REJECT_PERMANENT, _SOURCE_SERVICE_USER, diagnostic)
         self._audit("association_rejected", peer, called, reason)
+        event.assoc.kill()  # as pynetdicom does after its own rejections: stop the DUL thread
 
     def _on_accepted(self, event: evt.Event) -> None:
         peer, called = self._peer(event)

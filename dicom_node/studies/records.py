@@ -85,14 +85,29 @@ class InstanceRecorder:
         self._insert_study = insert(_STUDIES).on_conflict_do_nothing(index_elements=["study_instance_uid"])
         self._insert_series = insert(_SERIES).on_conflict_do_nothing(index_elements=["series_instance_uid"])
 
-    def record(self, stored: StoredInstance, peer: Peer, now: datetime | None = None) -> Recorded:
+    def record(
+        self,
+        stored: StoredInstance,
+        peer: Peer,
+        now: datetime | None = None,
+        before_commit: Callable[[], object] | None = None,
+    ) -> Recorded:
+        """Record one stored instance. ``before_commit`` (e.g. waiting for the spool's fsync) runs inside the
+        transaction after its statements, so the row is committed only once the file is durable."""
+
+        def work(session: Session) -> Recorded:
+            recorded = self._record(session, stored, peer, now or utcnow())
+            if before_commit is not None:
+                before_commit()
+            return recorded
+
         try:
-            return with_retry(self.db, lambda session: self._record(session, stored, peer, now or utcnow()))
+            return with_retry(self.db, work)
         except IntegrityError:
             # A cached id whose row was deleted meanwhile (e.g. an admin purge): forget the cache, try once more.
             with self._lock:
                 self._ids.clear()
-            return with_retry(self.db, lambda session: self._record(session, stored, peer, now or utcnow()))
+            return with_retry(self.db, work)
 
     def _cached(self, series_uid: str) -> tuple[int, int] | None:
         with self._lock:
