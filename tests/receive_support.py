@@ -12,13 +12,14 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import yaml
+from conftest import REPO, free_port, port_open
 from pydicom import dcmread
 from pydicom.uid import (
+    JPEG2000,
     DeflatedExplicitVRLittleEndian,
     ExplicitVRBigEndian,
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
-    JPEG2000,
     JPEG2000Lossless,
     JPEGBaseline8Bit,
     JPEGExtended12Bit,
@@ -27,8 +28,6 @@ from pydicom.uid import (
     JPEGLSNearLossless,
     RLELossless,
 )
-
-from conftest import REPO, free_port, port_open
 
 DICOM_NODE = REPO / ".venv" / "bin" / "dicom-node"
 STORESCU = "/usr/bin/storescu"

@@ -11,15 +11,15 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from conftest import DICOM_DATA, POSTGRES_ADMIN_URL, port_open
 from pydicom import dcmread
 from pydicom.data import get_testdata_file
 from pydicom.uid import generate_uid
 from pynetdicom import AE, _config
+from receive_support import DICOM_NODE, NodeProcess, echoscu, storescu, wait_for
 from sqlalchemy import create_engine, select, text
 
 from dicom_node.db import AuditEvent, Database, Instance, Series, Study, StudyState
-from conftest import DICOM_DATA, POSTGRES_ADMIN_URL, port_open
-from receive_support import DICOM_NODE, NodeProcess, echoscu, storescu, wait_for
 
 pytestmark = pytest.mark.slow
 
