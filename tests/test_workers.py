@@ -85,7 +85,18 @@ def test_two_workers_share_a_queue(
         node.close()
 
 
-def test_worker_killed_mid_job_completes_exactly_once(node: Node) -> None:
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
+def any_db_node(
+    tmp_path: Path, redis_server: RedisServer, request: pytest.FixtureRequest
+) -> Iterator[Node]:
+    url = request.getfixturevalue("sqlite_url" if request.param == "sqlite" else "postgres_url")
+    node = make_node(tmp_path, url, redis_server.url)
+    yield node
+    node.close()
+
+
+def test_worker_killed_mid_job_completes_exactly_once(any_db_node: Node) -> None:
+    node = any_db_node
     worker = node.start_worker("kill@test")
     (job_id,), (series_uid,) = schedule(node, 1, sleep=2.5)
     (pid,) = wait_for(lambda: node.started(series_uid), 60, "the job to start")
