@@ -239,6 +239,14 @@ def test_sweeper_requeues_expired_leases_and_resends_lost_messages(
     assert events_of(database, dead)[-1] == "lease_expired"
     assert events_of(database, lost)[-1] == "resend"
 
+    # A study completed without its jobs (the node stopped between completion and scheduling) is scheduled.
+    orphan = make_study(database, tmp_path / "d")
+    assert sweepers[0].sweep_once().scheduled == []  # completed just now: the callback may still be running
+    report = sweepers[0].sweep_once(utcnow() + timedelta(seconds=61))
+    assert len(report.scheduled) == 1 and report.scheduled[0] not in (lost, dead, fresh)
+    assert sweepers[1].sweep_once(utcnow() + timedelta(seconds=61)).scheduled == []
+    assert orphan.study_id in {job.study_id for job in jobs_of(database)}
+
     # The second lost lease spends the last attempt: failed with the reason.
     assert acquire_lease(database, dead, "celery@gone#1", 5) is not None
     report = sweepers[0].sweep_once(utcnow() + timedelta(seconds=10))
