@@ -99,8 +99,9 @@ class Worker:
             self.process.wait()
 
     def stop(self) -> None:
+        """Warm shutdown: SIGTERM to the main process only (it stops its pool after the running jobs)."""
         if self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGTERM)
+            self.process.send_signal(signal.SIGTERM)
             try:
                 self.process.wait(20)
             except subprocess.TimeoutExpired:
