@@ -144,7 +144,10 @@ class Node:
 
     def set_behaviour(self, series_uid: str, **action: Any) -> None:
         self.behaviour[series_uid] = action
-        (self.model_dir / "behaviour.json").write_text(json.dumps(self.behaviour))
+        # Atomically: a worker may be reading it for another job right now.
+        tmp = self.model_dir / "behaviour.json.tmp"
+        tmp.write_text(json.dumps(self.behaviour))
+        tmp.replace(self.model_dir / "behaviour.json")
 
     def started(self, series_uid: str) -> list[int]:
         """Pids of the processes that began scoring the series."""
