@@ -298,3 +298,10 @@ def test_device_resolution() -> None:
             resolve_device("cuda")
     else:
         assert resolve_device("auto", 0) == "cuda:0"
+
+
+def test_worker_cli_refuses_unknown_queues(capsys: pytest.CaptureFixture[str]) -> None:
+    from dicom_node.cli import main
+
+    assert main(["worker", "--queues", "brain_mri,brain"]) == 2
+    assert "unknown queue 'brain'" in capsys.readouterr().err
