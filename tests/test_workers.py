@@ -150,6 +150,25 @@ def test_time_limit_fails_job(tmp_path: Path, sqlite_url: str, redis_server: Red
         node.close()
 
 
+def test_hard_time_limit_kills_and_fails_after_max_attempts(
+    tmp_path: Path, sqlite_url: str, redis_server: RedisServer
+) -> None:
+    # The detector ignores the soft limit (stuck in native code): the pool kills the process at the hard limit.
+    node = make_node(
+        tmp_path, sqlite_url, redis_server.url, soft_time_limit_seconds=1, time_limit_seconds=3, max_attempts=2
+    )
+    try:
+        worker = node.start_worker("hard@test")
+        (stuck,), (series_uid,) = schedule(node, 1, sleep=30, ignore_soft_limit=True)
+        (job,) = node.wait_states([stuck], DONE, 120, sweep=True)
+        assert job.state.value == "failed" and job.attempts == 2
+        assert (job.error or "").startswith("time limit: ") and "gave up after 2 attempts" in (job.error or "")
+        assert len(node.started(series_uid)) == 2 and "lease_expired" in node.events(stuck)
+        assert worker.process.poll() is None
+    finally:
+        node.close()
+
+
 def test_redis_restarted_mid_stream_loses_nothing(node: Node, redis_server: RedisServer) -> None:
     node.start_worker("restart@test")
     first, _ = schedule(node, 4, sleep=1.0)
