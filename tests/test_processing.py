@@ -70,3 +70,35 @@ def test_missing_instance_file_is_retried_with_backoff(database: Database, tmp_p
         job = session.get(Job, job_id)
         assert job is not None and job.state == JobState.QUEUED and job.next_attempt_at is not None
     assert dispatcher.detections[-1] == (job_id, settings.workers.retry_backoff_seconds)
+
+
+def test_worker_context_loads_plugin_detectors_once_with_batch_size(
+    sqlite_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from worker_harness import install_plugin
+
+    from workers.app import create_app
+    from workers.context import get_context
+
+    for entry in reversed(install_plugin(tmp_path / "plugin").split(":")):
+        monkeypatch.syspath_prepend(entry)
+    (tmp_path / "model").mkdir()
+    settings = load_settings(
+        overrides={
+            "node": {"data_dir": str(tmp_path / "data")},
+            "database": {"url": sqlite_url},
+            "detectors": {"brain_mri": {"model_dir": str(tmp_path / "model"), "batch_size": 3}},
+            "workers": {"device": "cpu"},
+        }
+    )
+    Database(sqlite_url).dispose()  # migrated, as the worker's main process does before forking
+    app = create_app(settings)
+    context = get_context(app)
+    try:
+        assert get_context(app) is context and context.settings is settings and context.device == "cpu"
+        detector = context.detector("brain_mri")
+        assert isinstance(detector, IntensityTestDetector) and detector.batch_size == 3
+        assert context.detector("brain_mri") is detector  # loaded once, kept warm
+    finally:
+        context.close()
+        app.close()
