@@ -344,7 +344,11 @@ class JobScheduler:
             )
             existing = session.scalar(select(Job).where(Job.result_key == key))
             if existing is not None:
-                if rerun and _requeue_for_rerun(session, existing):
+                if existing.state == JobState.SUPERSEDED:
+                    # The input is back to one seen before (e.g. a model rolled back): that job is current again.
+                    if _reactivate(session, existing):
+                        jobs.append(existing)
+                elif rerun and _requeue_for_rerun(session, existing):
                     jobs.append(existing)
                 else:
                     log.info(
@@ -384,11 +388,7 @@ class JobScheduler:
         session.flush()  # a concurrent scheduler with the same result_key fails here (unique) and re-reads
         detail = f"{len(item.sop_instance_uids)} instances, model {version}" + (", urgent" if item.urgent else "")
         record_event(session, job.id, "created", to_state=JobState.QUEUED, detail=detail)
-        for old in previous:
-            if transition(
-                session, old.id, old.state, JobState.SUPERSEDED, "superseded", detail=f"replaced by job {job.id}"
-            ):
-                log.info("job %d superseded by job %d (instance set or model changed)", old.id, job.id)
+        _supersede(session, previous, job.id)
         log.info(
             "job %d queued: series %s, detector %s, %d instances%s",
             job.id,
@@ -398,6 +398,39 @@ class JobScheduler:
             " (urgent)" if item.urgent else "",
         )
         return job
+
+
+def _supersede(session: Session, jobs: Iterable[Job], replaced_by: int) -> None:
+    for old in jobs:
+        if old.id != replaced_by and transition(
+            session, old.id, old.state, JobState.SUPERSEDED, "superseded", detail=f"replaced by job {replaced_by}"
+        ):
+            log.info("job %d superseded by job %d (instance set or model changed)", old.id, replaced_by)
+
+
+def _reactivate(session: Session, job: Job) -> bool:
+    current = session.scalars(
+        select(Job).where(
+            Job.series_id == job.series_id, Job.detector == job.detector, Job.state != JobState.SUPERSEDED
+        )
+    ).all()
+    if not transition(
+        session,
+        job.id,
+        JobState.SUPERSEDED,
+        JobState.QUEUED,
+        "reactivated",
+        detail="its instance set and model version are current again",
+        broker_task_id=None,
+        queued_at=utcnow(),
+        next_attempt_at=None,
+        error=None,
+        worker=None,
+        lease_expires_at=None,
+    ):
+        return False
+    _supersede(session, current, job.id)
+    return True
 
 
 def _requeue_for_rerun(session: Session, job: Job) -> bool:

@@ -305,3 +305,21 @@ def test_worker_cli_refuses_unknown_queues(capsys: pytest.CaptureFixture[str]) -
 
     assert main(["worker", "--queues", "brain_mri,brain"]) == 2
     assert "unknown queue 'brain'" in capsys.readouterr().err
+
+
+def test_model_rolled_back_reactivates_the_earlier_job(database: Database, tmp_path: Path) -> None:
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+    card = model_dir / "model_card.json"
+    settings = load_settings(overrides={"detectors": {"brain_mri": {"model_dir": str(model_dir)}}})
+    dispatcher = RecordingDispatcher()
+    made = make_study(database, tmp_path / "s1")
+    card.write_text(json.dumps({"version": "1"}))
+    (v1,) = rerun_study(database, settings, dispatcher, made.study_uid)
+    card.write_text(json.dumps({"version": "2"}))
+    (v2,) = rerun_study(database, settings, dispatcher, made.study_uid)
+    card.write_text(json.dumps({"version": "1"}))
+    assert JobScheduler(database, settings, dispatcher).on_study_complete(made.study_id) == [v1]
+    states = {job.id: job.state for job in jobs_of(database)}
+    assert states == {v1: JobState.QUEUED, v2: JobState.SUPERSEDED}
+    assert events_of(database, v1) == ["created", "superseded", "reactivated"]
