@@ -66,7 +66,7 @@ class Dispatcher(Protocol):
 
     def enqueue_detection(self, job: Job, *, countdown: float | None = None) -> str: ...
 
-    def enqueue_delivery(self, job: Job) -> str: ...
+    def enqueue_delivery(self, job: Job, *, force: bool = False) -> str: ...
 
 
 def utcnow() -> datetime:
@@ -201,29 +201,30 @@ def backoff_seconds(settings: Settings, attempts: int) -> float:
     return float(min(base, settings.workers.retry_backoff_max_seconds))
 
 
-def send_detection(db: Database, dispatcher: Dispatcher, job_ids: Iterable[int], countdown: float | None = None) -> int:
+def send_detection(
+    db: Database, dispatcher: Dispatcher, jobs: Iterable[int | Job], countdown: float | None = None
+) -> int:
     """Send a ``dicom_node.detect`` message for each job still queued; returns how many were sent.
 
-    Call only after the transaction that queued the jobs has committed. A broker error is logged, not raised: the
-    job stays queued in the database and the sweeper sends it again."""
+    ``jobs`` are ids (the job is re-read and skipped unless queued) or Job objects the caller has just committed
+    as queued. Call only after that commit. A broker error is logged, not raised: the job stays queued in the
+    database and the sweeper sends it again."""
     sent = 0
-    for job_id in job_ids:
-        with db.session() as session:
-            job = session.get(Job, job_id)
-            if job is None or job.state != JobState.QUEUED:
-                continue
-            session.expunge(job)
+    for item in jobs:
+        job = item if isinstance(item, Job) else _queued(db, item)
+        if job is None:
+            continue
         try:
             task_id = dispatcher.enqueue_detection(job, countdown=countdown)
         except Exception as err:  # any broker/transport error: the sweeper re-sends
             log.warning(
-                "job %d: could not enqueue (%s: %s); the sweeper will re-send it", job_id, type(err).__name__, err
+                "job %d: could not enqueue (%s: %s); the sweeper will re-send it", job.id, type(err).__name__, err
             )
             continue
         with db.session() as session:
             session.execute(
                 update(Job)
-                .where(Job.id == job_id, Job.state == JobState.QUEUED)
+                .where(Job.id == job.id, Job.state == JobState.QUEUED)
                 .values(broker_task_id=task_id)
                 .execution_options(synchronize_session=False)
             )
@@ -231,14 +232,24 @@ def send_detection(db: Database, dispatcher: Dispatcher, job_ids: Iterable[int],
     return sent
 
 
-def send_delivery(db: Database, dispatcher: Dispatcher, job_id: int) -> bool:
+def _queued(db: Database, job_id: int) -> Job | None:
+    with db.session() as session:
+        job = session.get(Job, job_id)
+        if job is None or job.state != JobState.QUEUED:
+            return None
+        session.expunge(job)
+        return job
+
+
+def send_delivery(db: Database, dispatcher: Dispatcher, job_id: int, *, force: bool = False) -> bool:
+    """Send a ``dicom_node.deliver`` message; ``force`` sends again to destinations that already stored it."""
     with db.session() as session:
         job = session.get(Job, job_id)
         if job is None:
             return False
         session.expunge(job)
     try:
-        dispatcher.enqueue_delivery(job)
+        dispatcher.enqueue_delivery(job, force=force)
     except Exception as err:  # broker error: the admin can redeliver; logged with the job id
         log.warning("job %d: could not enqueue delivery (%s: %s)", job_id, type(err).__name__, err)
         return False
@@ -273,11 +284,14 @@ class JobScheduler:
 
         A series whose instance set changed since its last job (late instances) gets a new job; the old one is
         marked superseded and the new one points to it with ``predecessor_job_id``."""
-        job_ids = self.schedule(study_id, rerun=False)
-        send_detection(self.db, self.dispatcher, job_ids)
-        return job_ids
+        jobs = self._schedule_in_transaction(study_id, rerun=False)
+        send_detection(self.db, self.dispatcher, jobs)  # all just created, committed as queued
+        return [job.id for job in jobs]
 
     def schedule(self, study_id: int, *, rerun: bool) -> list[int]:
+        return [job.id for job in self._schedule_in_transaction(study_id, rerun=rerun)]
+
+    def _schedule_in_transaction(self, study_id: int, *, rerun: bool) -> list[Job]:
         """Create the jobs in one transaction (retried once if a concurrent scheduler raced us on result_key).
 
         With ``rerun`` an existing job with the same result key that has finished is queued again (same result
@@ -316,13 +330,13 @@ class JobScheduler:
             )
         return inputs
 
-    def _schedule(self, session: Session, study_id: int, *, rerun: bool) -> list[int]:
+    def _schedule(self, session: Session, study_id: int, *, rerun: bool) -> list[Job]:
         study = session.get(Study, study_id)
         if study is None:
             log.warning("study %d not found; no jobs", study_id)
             return []
         versions: dict[str, str] = {}
-        job_ids: list[int] = []
+        jobs: list[Job] = []
         for item in self._series_inputs(session, study):
             version = versions.setdefault(item.detector, model_version(self.settings, item.detector))
             key = compute_result_key(
@@ -330,8 +344,12 @@ class JobScheduler:
             )
             existing = session.scalar(select(Job).where(Job.result_key == key))
             if existing is not None:
-                if rerun and _requeue_for_rerun(session, existing):
-                    job_ids.append(existing.id)
+                if existing.state == JobState.SUPERSEDED:
+                    # The input is back to one seen before (e.g. a model rolled back): that job is current again.
+                    if _reactivate(session, existing):
+                        jobs.append(existing)
+                elif rerun and _requeue_for_rerun(session, existing):
+                    jobs.append(existing)
                 else:
                     log.info(
                         "series %s: job %d already covers this instance set (%s)",
@@ -340,9 +358,8 @@ class JobScheduler:
                         existing.state.value,
                     )
                 continue
-            job = self._create_job(session, study, item, version, key)
-            job_ids.append(job.id)
-        return job_ids
+            jobs.append(self._create_job(session, study, item, version, key))
+        return jobs
 
     def _create_job(self, session: Session, study: Study, item: _SeriesInput, version: str, key: str) -> Job:
         now = utcnow()
@@ -371,11 +388,7 @@ class JobScheduler:
         session.flush()  # a concurrent scheduler with the same result_key fails here (unique) and re-reads
         detail = f"{len(item.sop_instance_uids)} instances, model {version}" + (", urgent" if item.urgent else "")
         record_event(session, job.id, "created", to_state=JobState.QUEUED, detail=detail)
-        for old in previous:
-            if transition(
-                session, old.id, old.state, JobState.SUPERSEDED, "superseded", detail=f"replaced by job {job.id}"
-            ):
-                log.info("job %d superseded by job %d (instance set or model changed)", old.id, job.id)
+        _supersede(session, previous, job.id)
         log.info(
             "job %d queued: series %s, detector %s, %d instances%s",
             job.id,
@@ -385,6 +398,39 @@ class JobScheduler:
             " (urgent)" if item.urgent else "",
         )
         return job
+
+
+def _supersede(session: Session, jobs: Iterable[Job], replaced_by: int) -> None:
+    for old in jobs:
+        if old.id != replaced_by and transition(
+            session, old.id, old.state, JobState.SUPERSEDED, "superseded", detail=f"replaced by job {replaced_by}"
+        ):
+            log.info("job %d superseded by job %d (instance set or model changed)", old.id, replaced_by)
+
+
+def _reactivate(session: Session, job: Job) -> bool:
+    current = session.scalars(
+        select(Job).where(
+            Job.series_id == job.series_id, Job.detector == job.detector, Job.state != JobState.SUPERSEDED
+        )
+    ).all()
+    if not transition(
+        session,
+        job.id,
+        JobState.SUPERSEDED,
+        JobState.QUEUED,
+        "reactivated",
+        detail="its instance set and model version are current again",
+        broker_task_id=None,
+        queued_at=utcnow(),
+        next_attempt_at=None,
+        error=None,
+        worker=None,
+        lease_expires_at=None,
+    ):
+        return False
+    _supersede(session, current, job.id)
+    return True
 
 
 def _requeue_for_rerun(session: Session, job: Job) -> bool:
@@ -397,6 +443,7 @@ def _requeue_for_rerun(session: Session, job: Job) -> bool:
         JobState.QUEUED,
         "rerun",
         detail="re-run requested",
+        broker_task_id=None,
         queued_at=utcnow(),
         next_attempt_at=None,
         error=None,
@@ -427,6 +474,7 @@ def retry_job(db: Database, dispatcher: Dispatcher, job_id: int) -> Job:
                 JobState.QUEUED,
                 "retry",
                 detail=f"retry requested (was: {job.error or 'no reason'})",
+                broker_task_id=None,
                 queued_at=utcnow(),
                 next_attempt_at=None,
                 error=None,
@@ -471,7 +519,7 @@ def redeliver_job(db: Database, dispatcher: Dispatcher, job_id: int) -> Job:
             raise JobStateError(f"job {job_id} changed state meanwhile; try again")
         if job.state == JobState.SUCCEEDED:
             record_event(session, job_id, "redeliver", detail="redelivery requested")
-    send_delivery(db, dispatcher, job_id)
+    send_delivery(db, dispatcher, job_id, force=True)
     return _fresh(db, job_id)
 
 

@@ -42,10 +42,13 @@ def node(tmp_path: Path, sqlite_url: str, redis_server: RedisServer) -> Iterator
     node.close()
 
 
-def schedule(node: Node, count: int, **behaviour: object) -> tuple[list[int], list[str]]:
+def schedule(
+    node: Node, count: int, calling_ae_title: str = "MODALITY", **behaviour: object
+) -> tuple[list[int], list[str]]:
     job_ids, series = [], []
     for index in range(count):
-        made = make_study(node.db, node.tmp_path / "spool" / f"study-{time.monotonic_ns()}-{index}", slices=3)
+        directory = node.tmp_path / "spool" / f"study-{time.monotonic_ns()}-{index}"
+        made = make_study(node.db, directory, slices=3, calling_ae_title=calling_ae_title)
         if behaviour:
             node.set_behaviour(made.series_uid, **behaviour)
         job_ids += node.scheduler.on_study_complete(made.study_id)
@@ -85,7 +88,18 @@ def test_two_workers_share_a_queue(
         node.close()
 
 
-def test_worker_killed_mid_job_completes_exactly_once(node: Node) -> None:
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
+def any_db_node(
+    tmp_path: Path, redis_server: RedisServer, request: pytest.FixtureRequest
+) -> Iterator[Node]:
+    url = request.getfixturevalue("sqlite_url" if request.param == "sqlite" else "postgres_url")
+    node = make_node(tmp_path, url, redis_server.url)
+    yield node
+    node.close()
+
+
+def test_worker_killed_mid_job_completes_exactly_once(any_db_node: Node) -> None:
+    node = any_db_node
     worker = node.start_worker("kill@test")
     (job_id,), (series_uid,) = schedule(node, 1, sleep=2.5)
     (pid,) = wait_for(lambda: node.started(series_uid), 60, "the job to start")
@@ -136,6 +150,25 @@ def test_time_limit_fails_job(tmp_path: Path, sqlite_url: str, redis_server: Red
         node.close()
 
 
+def test_hard_time_limit_kills_and_fails_after_max_attempts(
+    tmp_path: Path, sqlite_url: str, redis_server: RedisServer
+) -> None:
+    # The detector ignores the soft limit (stuck in native code): the pool kills the process at the hard limit.
+    node = make_node(
+        tmp_path, sqlite_url, redis_server.url, soft_time_limit_seconds=1, time_limit_seconds=3, max_attempts=2
+    )
+    try:
+        worker = node.start_worker("hard@test")
+        (stuck,), (series_uid,) = schedule(node, 1, sleep=30, ignore_soft_limit=True)
+        (job,) = node.wait_states([stuck], DONE, 120, sweep=True)
+        assert job.state.value == "failed" and job.attempts == 2
+        assert (job.error or "").startswith("time limit: ") and "gave up after 2 attempts" in (job.error or "")
+        assert len(node.started(series_uid)) == 2 and "lease_expired" in node.events(stuck)
+        assert worker.process.poll() is None
+    finally:
+        node.close()
+
+
 def test_redis_restarted_mid_stream_loses_nothing(node: Node, redis_server: RedisServer) -> None:
     node.start_worker("restart@test")
     first, _ = schedule(node, 4, sleep=1.0)
@@ -151,6 +184,23 @@ def test_redis_restarted_mid_stream_loses_nothing(node: Node, redis_server: Redi
     assert len(node.result_dirs()) == 6
     for job in jobs:
         assert node.events(job.id).count("succeeded") == 1
+
+
+def test_urgent_job_overtakes_the_backlog(tmp_path: Path, sqlite_url: str, redis_server: RedisServer) -> None:
+    urgent_rules = [{"name": "emergency", "calling_ae_title": ["ER_CT"]}]
+    node = make_node(tmp_path, sqlite_url, redis_server.url, urgent_rules=urgent_rules)
+    try:
+        node.start_worker("triage@test")
+        (busy,), (busy_series,) = schedule(node, 1, sleep=2.0)
+        wait_for(lambda: node.started(busy_series), 60, "the first job to start")
+        backlog, _ = schedule(node, 3)
+        (urgent,), _ = schedule(node, 1, calling_ae_title="ER_CT")
+        jobs = node.wait_states([busy, *backlog, urgent], DONE, 90)
+        assert all(job.state.value == "succeeded" for job in jobs)
+        order = [job.id for job in sorted(jobs, key=lambda job: job.started_at)]
+        assert order[:2] == [busy, urgent], order
+    finally:
+        node.close()
 
 
 def test_embedded_broker_end_to_end(tmp_path: Path, sqlite_url: str) -> None:

@@ -55,6 +55,16 @@ def pool_process_index() -> int:
         return 0
 
 
+def apply_batch_size(detector: Detector, batch_size: int) -> None:
+    """Slices per forward pass, from ``detectors.<name>.batch_size``: the detector's own ``batch_size`` attribute,
+    or that of its ``config`` (the shipped image detectors keep it in their DetectorConfig)."""
+    config = getattr(detector, "config", None)
+    if hasattr(detector, "batch_size"):
+        detector.batch_size = batch_size
+    elif config is not None and hasattr(config, "batch_size"):
+        config.batch_size = batch_size
+
+
 class WorkerContext:
     """What a task needs in this process; built on first use after the fork, never shared across processes."""
 
@@ -83,8 +93,7 @@ class WorkerContext:
                     self._registry = detector_registry()
                 model_dir = self.settings.detector(name).model_dir
                 detector = self._registry.load(name, model_dir, self.device)
-                if hasattr(detector, "batch_size"):
-                    detector.batch_size = self.settings.detector(name).batch_size
+                apply_batch_size(detector, self.settings.detector(name).batch_size)
                 log.info("detector %s loaded on %s (model %s)", name, self.device, detector.identity.version)
                 self._detectors[name] = detector
             return self._detectors[name]

@@ -3,7 +3,9 @@
 Installed into worker subprocesses through the ``dicom_node.detectors`` entry point group by the fixture in
 tests/test_workers.py (a throw-away ``.dist-info`` on PYTHONPATH). It scores slices by a simple intensity statistic
 so the whole path (read, batch, save, record) runs for real, and it misbehaves on request: ``behaviour.json`` in
-its model directory maps a Series Instance UID to ``{"sleep": seconds}`` or ``{"raise": "message"}``. Each call of
+its model directory maps a Series Instance UID to ``{"sleep": seconds}`` (with ``"ignore_soft_limit": true``
+it keeps sleeping through Celery's soft time limit, like native code that never returns to Python) or
+``{"raise": "message"}``. Each call of
 ``score_series`` first writes ``started/<series uid>.<pid>`` so a test can tell that a job is mid-flight, and by
 which process.
 """
@@ -54,7 +56,14 @@ class IntensityTestDetector(Detector):
         behaviour = json.loads(behaviour_file.read_text()) if behaviour_file.exists() else {}
         action = behaviour.get(series_uid, {})
         if "sleep" in action:
-            time.sleep(float(action["sleep"]))
+            deadline = time.monotonic() + float(action["sleep"])
+            while time.monotonic() < deadline:
+                try:
+                    time.sleep(max(deadline - time.monotonic(), 0))
+                except Exception as err:  # Celery's SoftTimeLimitExceeded
+                    if not action.get("ignore_soft_limit"):
+                        raise
+                    print(f"ignoring {type(err).__name__}, like a detector stuck in native code")
         if "raise" in action:
             raise DetectorError(str(action["raise"]))
 
