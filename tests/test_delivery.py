@@ -28,6 +28,7 @@ STORESCU = Path("/usr/bin/storescu")
 SEG_STORAGE = "1.2.840.10008.5.1.4.1.1.66.4"
 COMPREHENSIVE_3D_SR = "1.2.840.10008.5.1.4.1.1.88.34"
 SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"
+STORAGE_COMMITMENT = "1.2.840.10008.1.20.1"
 
 
 @pytest.fixture
@@ -205,15 +206,20 @@ class RefusingScp:
         self.port = free_port()
         self.received = 0
         ae = AE(ae_title="REFUSER")
-        for sop_class in (SEG_STORAGE, COMPREHENSIVE_3D_SR, SECONDARY_CAPTURE):
+        for sop_class in (SEG_STORAGE, COMPREHENSIVE_3D_SR, SECONDARY_CAPTURE, STORAGE_COMMITMENT):
             ae.add_supported_context(sop_class, ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2"])
         self.server = ae.start_server(
-            ("127.0.0.1", self.port), block=False, evt_handlers=[(evt.EVT_C_STORE, self._on_store)]
+            ("127.0.0.1", self.port),
+            block=False,
+            evt_handlers=[(evt.EVT_C_STORE, self._on_store), (evt.EVT_N_ACTION, self._on_action)],
         )
 
     def _on_store(self, event: evt.Event) -> int:
         self.received += 1
         return self.status
+
+    def _on_action(self, event: evt.Event) -> tuple[int, None]:
+        return 0x0000, None  # accepts the commitment request and never reports
 
     def close(self) -> None:
         self.server.shutdown()
@@ -356,3 +362,53 @@ def test_stow_rs_to_orthanc_dicomweb(orthanc: Orthanc, sqlite_url: str, tmp_path
     assert report.state == JobState.DELIVERED, report
     assert len(orthanc.instances()) == 3
     db.dispose()
+
+
+def test_storage_commitment_with_orthanc(orthanc: Orthanc, sqlite_url: str, tmp_path: Path) -> None:
+    """Orthanc answers the N-ACTION with an N-EVENT-REPORT to the node's AE (declared in its DicomModalities)."""
+    profile = {
+        "storage_commitment": True,
+        "storage_commitment_port": orthanc.node_port,
+        "storage_commitment_bind_address": "127.0.0.1",
+    }
+    settings = make_settings(tmp_path, [orthanc_destination(orthanc, ["SEG", "SR"], profile=profile)])
+    db = Database(sqlite_url)
+    job_id = create_job(
+        db, [CR_CHEST], synthetic_result([CR_CHEST], "chest_xray"), settings.results_dir, detector="chest_xray"
+    )
+    report = deliver_job(db, settings, job_id)
+    assert report.state == JobState.DELIVERED, report
+    with db.session() as session:
+        (attempt,) = session.scalars(select(DeliveryAttempt).where(DeliveryAttempt.job_id == job_id))
+        assert "storage commitment confirmed for 2 instance(s)" in (attempt.detail or "")
+    db.dispose()
+
+
+def test_storage_commitment_without_report_is_retried(tmp_path: Path, sqlite_url: str) -> None:
+    """A peer that accepts the N-ACTION but never reports: the attempt is a retry, not a success."""
+    scp = RefusingScp(0x0000)
+    db = Database(sqlite_url)
+    try:
+        settings = make_settings(
+            tmp_path,
+            [
+                {
+                    "name": "silent",
+                    "ae_title": "REFUSER",
+                    "host": "127.0.0.1",
+                    "port": scp.port,
+                    "profile": {"objects": ["SR"], "storage_commitment": True, "storage_commitment_timeout_seconds": 1},
+                }
+            ],
+        )
+        job_id = create_job(
+            db, [CR_CHEST], synthetic_result([CR_CHEST], "chest_xray"), settings.results_dir, detector="chest_xray"
+        )
+        report = deliver_job(db, settings, job_id)
+        assert "silent" in report.retry and report.state == JobState.SUCCEEDED
+        with db.session() as session:
+            (attempt,) = session.scalars(select(DeliveryAttempt).where(DeliveryAttempt.job_id == job_id))
+        assert attempt.outcome == "retry" and "storage commitment" in (attempt.detail or "")
+    finally:
+        scp.close()
+        db.dispose()

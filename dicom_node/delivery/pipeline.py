@@ -26,6 +26,7 @@ from sqlalchemy.orm import Session
 from dicom_node.config import Destination, Settings, Webhook
 from dicom_node.db import Database
 from dicom_node.db.models import DeliveryAttempt, Instance, Job, JobEvent, JobState, ResultObject
+from dicom_node.delivery.commitment import Reference, request_commitment
 from dicom_node.delivery.scu import ScuTimeouts, SendOutcome, store_files
 from dicom_node.delivery.stow import stow_files
 from dicom_node.delivery.webhook import TriageEvent, post_event
@@ -166,7 +167,17 @@ def _send(target: _Target, files: Sequence[Path], settings: Settings, event: Tri
         return stow_files(destination, files, timeout=settings.network.dimse_timeout)
     network = settings.network
     timeouts = ScuTimeouts(network.acse_timeout, network.dimse_timeout, network.network_timeout)
-    return store_files(destination, files, calling_ae=settings.node.ae_title, timeouts=timeouts)
+    stored = store_files(destination, files, calling_ae=settings.node.ae_title, timeouts=timeouts)
+    if stored.outcome not in DONE or not destination.profile.storage_commitment:
+        return stored
+    references = []
+    for path in files:
+        header = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["SOPClassUID", "SOPInstanceUID"])
+        references.append(Reference(str(header.SOPClassUID), str(header.SOPInstanceUID)))
+    committed = request_commitment(destination, references, calling_ae=settings.node.ae_title, timeouts=timeouts)
+    if committed.outcome in DONE:
+        return SendOutcome(stored.outcome, stored.status, f"{stored.detail}; {committed.detail}")
+    return committed
 
 
 def _seconds_since(start: datetime | None, end: datetime) -> float | None:
