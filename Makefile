@@ -24,8 +24,7 @@ serve: install
 	$(BIN)/dicom-node serve $(ARGS)
 
 # Debian packages the tests use as real peers: Orthanc (PACS) with its DICOMweb plugin (STOW-RS), DCMTK (modality),
-# dicom3tools (dciodvfy),
-# Chromium for the browser test of the admin page.
+# dicom3tools (dciodvfy), Chromium for the browser test of the admin page.
 test-deps:
 	@missing=""; \
 	for p in orthanc orthanc-dicomweb dcmtk dicom3tools chromium chromium-driver; do \
