@@ -201,13 +201,16 @@ def test_orthanc_down_then_back_delivers_exactly_once(tmp_path: Path, database: 
 class RefusingScp:
     """A real DICOM peer that answers every C-STORE with one status."""
 
-    def __init__(self, status: int) -> None:
+    def __init__(
+        self, status: int, transfer_syntaxes: tuple[str, ...] = ("1.2.840.10008.1.2.1", "1.2.840.10008.1.2")
+    ) -> None:
         self.status = status
         self.port = free_port()
         self.received = 0
+        self.transfer_syntaxes: list[str] = []
         ae = AE(ae_title="REFUSER")
         for sop_class in (SEG_STORAGE, COMPREHENSIVE_3D_SR, SECONDARY_CAPTURE, STORAGE_COMMITMENT):
-            ae.add_supported_context(sop_class, ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2"])
+            ae.add_supported_context(sop_class, list(transfer_syntaxes))
         self.server = ae.start_server(
             ("127.0.0.1", self.port),
             block=False,
@@ -216,6 +219,7 @@ class RefusingScp:
 
     def _on_store(self, event: evt.Event) -> int:
         self.received += 1
+        self.transfer_syntaxes.append(str(event.context.transfer_syntax))
         return self.status
 
     def _on_action(self, event: evt.Event) -> tuple[int, None]:
@@ -409,6 +413,28 @@ def test_storage_commitment_without_report_is_retried(tmp_path: Path, sqlite_url
         with db.session() as session:
             (attempt,) = session.scalars(select(DeliveryAttempt).where(DeliveryAttempt.job_id == job_id))
         assert attempt.outcome == "retry" and "storage commitment" in (attempt.detail or "")
+    finally:
+        scp.close()
+        db.dispose()
+
+
+def test_peer_accepting_only_implicit_vr_gets_implicit_vr(tmp_path: Path, sqlite_url: str) -> None:
+    scp = RefusingScp(0x0000, ("1.2.840.10008.1.2",))
+    db = Database(sqlite_url)
+    try:
+        destination = {
+            "name": "old",
+            "ae_title": "REFUSER",
+            "host": "127.0.0.1",
+            "port": scp.port,
+            "profile": {"objects": ["SEG", "SR", "SC"]},
+        }
+        settings = make_settings(tmp_path, [destination])
+        job_id = create_job(
+            db, [CR_CHEST], synthetic_result([CR_CHEST], "chest_xray"), settings.results_dir, detector="chest_xray"
+        )
+        assert deliver_job(db, settings, job_id).state == JobState.DELIVERED
+        assert scp.transfer_syntaxes == ["1.2.840.10008.1.2"] * 3
     finally:
         scp.close()
         db.dispose()
