@@ -177,14 +177,16 @@ def test_orthanc_down_then_back_delivers_exactly_once(tmp_path: Path, database: 
         database, [CR_CHEST], synthetic_result([CR_CHEST], "chest_xray"), settings.results_dir, detector="chest_xray"
     )
 
-    first = deliver_job(database, settings, job_id)  # the PACS is down
+    server.start()  # the PACS was up, then goes down
+    server.stop()
+    first = deliver_job(database, settings, job_id)
     assert first.state == JobState.SUCCEEDED and first.retry == {"pacs": 1.0}
     second = deliver_job(database, settings, job_id)
     assert second.retry == {"pacs": 2.0}, "exponential backoff"
     job = job_row(database, job_id)
     assert job.next_attempt_at is not None and job.state == JobState.SUCCEEDED
 
-    server.start()
+    server.start()  # back, with its storage
     try:
         third = deliver_job(database, settings, job_id)
         assert third.state == JobState.DELIVERED and third.retry == {}
