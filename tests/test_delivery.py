@@ -440,3 +440,19 @@ def test_peer_accepting_only_implicit_vr_gets_implicit_vr(tmp_path: Path, sqlite
     finally:
         scp.close()
         db.dispose()
+
+
+def test_missing_source_file_fails_the_job_with_the_reason(tmp_path: Path, sqlite_url: str) -> None:
+    copy = tmp_path / "spool" / "chest.dcm"
+    copy.parent.mkdir()
+    copy.write_bytes(CR_CHEST.read_bytes())
+    db = Database(sqlite_url)
+    settings = make_settings(tmp_path, [{"name": "pacs", "ae_title": "PACS", "host": "127.0.0.1", "port": free_port()}])
+    job_id = create_job(db, [copy], synthetic_result([copy], "chest_xray"), settings.results_dir, detector="chest_xray")
+    copy.unlink()  # the spool lost the file
+    report = deliver_job(db, settings, job_id)
+    assert report.state == JobState.DELIVERY_FAILED
+    job = job_row(db, job_id)
+    assert "could not build the result objects: FileNotFoundError" in (job.error or "")
+    assert count(db, DeliveryAttempt, job_id) == 0
+    db.dispose()

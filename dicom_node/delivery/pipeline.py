@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pydicom
 from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
@@ -197,7 +198,16 @@ def deliver_job(db: Database, settings: Settings, job_id: int, *, force: bool = 
             return DeliveryReport(job_id, "missing", skipped_reason=f"job {job_id} does not exist")
         if job.state not in DELIVERABLE_STATES or not job.result_path:
             return DeliveryReport(job_id, str(job.state), skipped_reason=f"job is {job.state}, nothing to deliver")
-        result = SeriesResult.load(Path(job.result_path))
+        problem: str | None = None
+        try:
+            result = SeriesResult.load(Path(job.result_path))
+        except (OSError, ValueError, KeyError) as err:
+            problem = f"cannot read the detection result at {job.result_path}: {type(err).__name__}: {err}"
+    if problem is not None:
+        log.error("job %s: %s", job_id, problem)
+        return _fail(db, job_id, DeliveryReport(job_id, "failed"), problem)
+    with db.session() as session:
+        job = session.get_one(Job, job_id)
         instances = session.scalars(
             select(Instance).where(Instance.sop_instance_uid.in_(result.sop_instance_uids))
         ).all()
@@ -240,14 +250,19 @@ def deliver_job(db: Database, settings: Settings, job_id: int, *, force: bool = 
             reason = f"{len(missing)} source instance(s) not in the database, e.g. {missing[0]}"
             return _fail(db, job_id, report, reason)
         started = time.perf_counter()
-        headers = [pydicom.dcmread(paths[uid], stop_before_pixels=True) for uid in result.sop_instance_uids]
-        built = build_results(
-            headers,
-            result,
-            requests,
-            read_pixels=lambda ds: pydicom.dcmread(paths[str(ds.SOPInstanceUID)]),
-            predecessors=predecessors,
-        )
+        try:
+            headers = [pydicom.dcmread(paths[uid], stop_before_pixels=True) for uid in result.sop_instance_uids]
+            built = build_results(
+                headers,
+                result,
+                requests,
+                read_pixels=lambda ds: pydicom.dcmread(paths[str(ds.SOPInstanceUID)]),
+                predecessors=predecessors,
+            )
+        except (OSError, ValueError, InvalidDicomError) as err:
+            # A source file gone from the spool or a broken hand-over will not heal by retrying: say so on the job.
+            log.exception("job %s: could not build the result objects", job_id)
+            return _fail(db, job_id, report, f"could not build the result objects: {type(err).__name__}: {err}")
         with db.session() as session:
             job = session.get_one(Job, job_id)
             directory = settings.results_dir / f"job-{job_id}" / "dicom"
