@@ -341,7 +341,7 @@ def test_abnormal_result_is_posted_to_the_webhook_with_retries(tmp_path: Path, d
         assert body["accession_number"] is not None
         assert body["detector"] == "chest_xray" and body["abnormal"] is True
         assert body["score"] == pytest.approx(result.series_score) and body["threshold"] == 0.5
-        assert body["finding"]
+        assert body["finding"].startswith("2 region(s) above the pixel threshold; strongest 'Anomaly 1' score 0.95")
         assert "PatientName" not in json.dumps(body) and "PatientID" not in body
 
         normal = synthetic_result([CR_CHEST], "chest_xray", abnormal=False)
@@ -456,3 +456,44 @@ def test_missing_source_file_fails_the_job_with_the_reason(tmp_path: Path, sqlit
     assert "could not build the result objects: FileNotFoundError" in (job.error or "")
     assert count(db, DeliveryAttempt, job_id) == 0
     db.dispose()
+
+
+def test_rerun_after_late_images_names_the_earlier_sr(tmp_path: Path, sqlite_url: str) -> None:
+    """Job 2 re-runs the series with late images: same result series, new SR, earlier SR as predecessor."""
+    pacs = RefusingScp(0x0000)  # a real SCP that stores nothing and answers success
+    db = Database(sqlite_url)
+    try:
+        settings = make_settings(
+            tmp_path,
+            [
+                {
+                    "name": "pacs",
+                    "ae_title": "REFUSER",
+                    "host": "127.0.0.1",
+                    "port": pacs.port,
+                    "profile": {"objects": ["SEG", "SR"]},
+                }
+            ],
+        )
+        files = brain_files()[70:100]
+        first = create_job(
+            db, files[:20], synthetic_result(files[:20], "brain_mri"), settings.results_dir, detector="brain_mri"
+        )
+        assert deliver_job(db, settings, first).state == JobState.DELIVERED
+        second = create_job(
+            db,
+            files,
+            synthetic_result(files, "brain_mri"),
+            settings.results_dir,
+            detector="brain_mri",
+            predecessor_job_id=first,
+        )
+        assert deliver_job(db, settings, second).state == JobState.DELIVERED
+        old = pydicom.dcmread(settings.results_dir / f"job-{first}" / "dicom" / "SR.dcm")
+        new = pydicom.dcmread(settings.results_dir / f"job-{second}" / "dicom" / "SR.dcm")
+        assert new.SeriesInstanceUID == old.SeriesInstanceUID and new.SOPInstanceUID != old.SOPInstanceUID
+        reference = new.PredecessorDocumentsSequence[0].ReferencedSeriesSequence[0].ReferencedSOPSequence[0]
+        assert reference.ReferencedSOPInstanceUID == old.SOPInstanceUID
+    finally:
+        pacs.close()
+        db.dispose()

@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -244,7 +244,8 @@ def deliver_job(db: Database, settings: Settings, job_id: int, *, force: bool = 
 
     requests = [r for t in pending if t.destination is not None for r in _requests(t.destination)]
     files_by_key: dict[str, Path] = {}
-    if requests:
+    # Webhooks need no objects, but their event names the findings, so the regions are found for them too.
+    if requests or any(t.webhook is not None for t in pending):
         missing = [uid for uid in result.sop_instance_uids if uid not in paths]
         if missing:
             reason = f"{len(missing)} source instance(s) not in the database, e.g. {missing[0]}"
@@ -268,8 +269,17 @@ def deliver_job(db: Database, settings: Settings, job_id: int, *, force: bool = 
             directory = settings.results_dir / f"job-{job_id}" / "dicom"
             files_by_key = _record_objects(session, job, built.objects, directory)
             took = time.perf_counter() - started
-            _event(session, job, "results_built", f"{', '.join(sorted(files_by_key))} in {took:.2f} s")
+            if files_by_key:
+                _event(session, job, "results_built", f"{', '.join(sorted(files_by_key))} in {took:.2f} s")
         report.objects = {key: str(path) for key, path in files_by_key.items()}
+        if built.findings.findings and result.is_abnormal:
+            strongest = built.findings.findings[0]
+            triage = replace(
+                triage,
+                finding=f"{len(built.findings.findings)} region(s) above the pixel threshold; strongest "
+                f"'{strongest.label}' score {strongest.max_score:.4g}, {strongest.size} "
+                f"{'voxels' if built.source.is_volume else 'pixels'}",
+            )
 
     for target in pending:
         files = []
