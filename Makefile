@@ -23,11 +23,11 @@ $(STAMP): pyproject.toml constraints.txt
 serve: install
 	$(BIN)/dicom-node serve $(ARGS)
 
-# Debian packages the tests use as real peers: Orthanc (PACS), DCMTK (modality), dicom3tools (dciodvfy),
-# Chromium for the browser test of the admin page.
+# Debian packages the tests use as real peers: Orthanc (PACS) with its DICOMweb plugin (STOW-RS), DCMTK (modality),
+# dicom3tools (dciodvfy), Chromium for the browser test of the admin page.
 test-deps:
 	@missing=""; \
-	for p in orthanc dcmtk dicom3tools chromium chromium-driver; do \
+	for p in orthanc orthanc-dicomweb dcmtk dicom3tools chromium chromium-driver; do \
 	  dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; \
 	done; \
 	if [ -n "$$missing" ]; then \

@@ -219,6 +219,11 @@ class DestinationProfile(_Section):
     objects: list[ResultKind] = Field(default_factory=_default_objects)
     keep_empty_frames: bool = True
     storage_commitment: bool = False
+    storage_commitment_timeout_seconds: float = Field(30.0, gt=0)
+    storage_commitment_port: int | None = Field(
+        None, ge=1, le=65535, description="where the PACS may open an association to deliver the N-EVENT-REPORT"
+    )
+    storage_commitment_bind_address: str = "0.0.0.0"
 
 
 class Destination(_Section):

@@ -56,6 +56,7 @@ class Orthanc:
             "Plugins": [str(DICOMWEB_PLUGIN)] if DICOMWEB_PLUGIN.exists() else [],
             "DicomWeb": {"Enable": True, "Root": "/dicom-web/"},
             "StorageCompression": False,
+            "SyncStorageArea": False,  # no fsync per instance: a test PACS, not a clinical one
             "ConcurrentJobs": 1,
             "HttpThreadsCount": 4,
         }
@@ -99,11 +100,11 @@ class Orthanc:
         return dict(self.get(f"/instances/{instance_id}/tags?simplify"))
 
     def instances_of_series_number(self, number: int) -> list[dict[str, Any]]:
+        """Tags of the instances in the series with Series Number ``number`` (found through /series?expand)."""
         found = []
-        for instance_id in self.instances():
-            tags = self.tags(instance_id)
-            if str(tags.get("SeriesNumber", "")).strip() == str(number):
-                found.append(tags)
+        for series in self.get("/series?expand"):
+            if str(series["MainDicomTags"].get("SeriesNumber", "")).strip() == str(number):
+                found += [self.tags(instance_id) for instance_id in series["Instances"]]
         return found
 
 

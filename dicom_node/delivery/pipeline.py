@@ -14,18 +14,20 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pydicom
 from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from dicom_node.config import Destination, Settings, Webhook
 from dicom_node.db import Database
 from dicom_node.db.models import DeliveryAttempt, Instance, Job, JobEvent, JobState, ResultObject
+from dicom_node.delivery.commitment import Reference, request_commitment
 from dicom_node.delivery.scu import ScuTimeouts, SendOutcome, store_files
 from dicom_node.delivery.stow import stow_files
 from dicom_node.delivery.webhook import TriageEvent, post_event
@@ -166,7 +168,17 @@ def _send(target: _Target, files: Sequence[Path], settings: Settings, event: Tri
         return stow_files(destination, files, timeout=settings.network.dimse_timeout)
     network = settings.network
     timeouts = ScuTimeouts(network.acse_timeout, network.dimse_timeout, network.network_timeout)
-    return store_files(destination, files, calling_ae=settings.node.ae_title, timeouts=timeouts)
+    stored = store_files(destination, files, calling_ae=settings.node.ae_title, timeouts=timeouts)
+    if stored.outcome not in DONE or not destination.profile.storage_commitment:
+        return stored
+    references = []
+    for path in files:
+        header = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["SOPClassUID", "SOPInstanceUID"])
+        references.append(Reference(str(header.SOPClassUID), str(header.SOPInstanceUID)))
+    committed = request_commitment(destination, references, calling_ae=settings.node.ae_title, timeouts=timeouts)
+    if committed.outcome in DONE:
+        return SendOutcome(stored.outcome, stored.status, f"{stored.detail}; {committed.detail}")
+    return committed
 
 
 def _seconds_since(start: datetime | None, end: datetime) -> float | None:
@@ -186,7 +198,16 @@ def deliver_job(db: Database, settings: Settings, job_id: int, *, force: bool = 
             return DeliveryReport(job_id, "missing", skipped_reason=f"job {job_id} does not exist")
         if job.state not in DELIVERABLE_STATES or not job.result_path:
             return DeliveryReport(job_id, str(job.state), skipped_reason=f"job is {job.state}, nothing to deliver")
-        result = SeriesResult.load(Path(job.result_path))
+        problem: str | None = None
+        try:
+            result = SeriesResult.load(Path(job.result_path))
+        except (OSError, ValueError, KeyError) as err:
+            problem = f"cannot read the detection result at {job.result_path}: {type(err).__name__}: {err}"
+    if problem is not None:
+        log.error("job %s: %s", job_id, problem)
+        return _fail(db, job_id, DeliveryReport(job_id, "failed"), problem)
+    with db.session() as session:
+        job = session.get_one(Job, job_id)
         instances = session.scalars(
             select(Instance).where(Instance.sop_instance_uid.in_(result.sop_instance_uids))
         ).all()
@@ -223,27 +244,42 @@ def deliver_job(db: Database, settings: Settings, job_id: int, *, force: bool = 
 
     requests = [r for t in pending if t.destination is not None for r in _requests(t.destination)]
     files_by_key: dict[str, Path] = {}
-    if requests:
+    # Webhooks need no objects, but their event names the findings, so the regions are found for them too.
+    if requests or any(t.webhook is not None for t in pending):
         missing = [uid for uid in result.sop_instance_uids if uid not in paths]
         if missing:
             reason = f"{len(missing)} source instance(s) not in the database, e.g. {missing[0]}"
             return _fail(db, job_id, report, reason)
         started = time.perf_counter()
-        headers = [pydicom.dcmread(paths[uid], stop_before_pixels=True) for uid in result.sop_instance_uids]
-        built = build_results(
-            headers,
-            result,
-            requests,
-            read_pixels=lambda ds: pydicom.dcmread(paths[str(ds.SOPInstanceUID)]),
-            predecessors=predecessors,
-        )
+        try:
+            headers = [pydicom.dcmread(paths[uid], stop_before_pixels=True) for uid in result.sop_instance_uids]
+            built = build_results(
+                headers,
+                result,
+                requests,
+                read_pixels=lambda ds: pydicom.dcmread(paths[str(ds.SOPInstanceUID)]),
+                predecessors=predecessors,
+            )
+        except (OSError, ValueError, InvalidDicomError) as err:
+            # A source file gone from the spool or a broken hand-over will not heal by retrying: say so on the job.
+            log.exception("job %s: could not build the result objects", job_id)
+            return _fail(db, job_id, report, f"could not build the result objects: {type(err).__name__}: {err}")
         with db.session() as session:
             job = session.get_one(Job, job_id)
             directory = settings.results_dir / f"job-{job_id}" / "dicom"
             files_by_key = _record_objects(session, job, built.objects, directory)
             took = time.perf_counter() - started
-            _event(session, job, "results_built", f"{', '.join(sorted(files_by_key))} in {took:.2f} s")
+            if files_by_key:
+                _event(session, job, "results_built", f"{', '.join(sorted(files_by_key))} in {took:.2f} s")
         report.objects = {key: str(path) for key, path in files_by_key.items()}
+        if built.findings.findings and result.is_abnormal:
+            strongest = built.findings.findings[0]
+            triage = replace(
+                triage,
+                finding=f"{len(built.findings.findings)} region(s) above the pixel threshold; strongest "
+                f"'{strongest.label}' score {strongest.max_score:.4g}, {strongest.size} "
+                f"{'voxels' if built.source.is_volume else 'pixels'}",
+            )
 
     for target in pending:
         files = []
