@@ -191,6 +191,9 @@ def test_studies_triage_order_and_filters(client: TestClient, filled: Rows) -> N
     first = triage["items"][0]
     assert first["study_instance_uid"] == filled.studies["chest_abnormal"]
     assert first["abnormal"] is True and first["max_score"] == pytest.approx(0.93)
+    assert [(j["id"], j["detector"], j["state"], j["is_abnormal"]) for j in first["jobs"]] == [
+        (filled.jobs["chest_abnormal"], "chest_xray", "delivered", True)
+    ]
     flags = [item["abnormal"] for item in triage["items"]]
     assert flags == [True, None, None, None, False, False]  # abnormal, waiting for a result, normal
 
