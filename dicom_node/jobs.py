@@ -66,7 +66,7 @@ class Dispatcher(Protocol):
 
     def enqueue_detection(self, job: Job, *, countdown: float | None = None) -> str: ...
 
-    def enqueue_delivery(self, job: Job) -> str: ...
+    def enqueue_delivery(self, job: Job, *, force: bool = False) -> str: ...
 
 
 def utcnow() -> datetime:
@@ -231,14 +231,15 @@ def send_detection(db: Database, dispatcher: Dispatcher, job_ids: Iterable[int],
     return sent
 
 
-def send_delivery(db: Database, dispatcher: Dispatcher, job_id: int) -> bool:
+def send_delivery(db: Database, dispatcher: Dispatcher, job_id: int, *, force: bool = False) -> bool:
+    """Send a ``dicom_node.deliver`` message; ``force`` sends again to destinations that already stored it."""
     with db.session() as session:
         job = session.get(Job, job_id)
         if job is None:
             return False
         session.expunge(job)
     try:
-        dispatcher.enqueue_delivery(job)
+        dispatcher.enqueue_delivery(job, force=force)
     except Exception as err:  # broker error: the admin can redeliver; logged with the job id
         log.warning("job %d: could not enqueue delivery (%s: %s)", job_id, type(err).__name__, err)
         return False
@@ -397,6 +398,7 @@ def _requeue_for_rerun(session: Session, job: Job) -> bool:
         JobState.QUEUED,
         "rerun",
         detail="re-run requested",
+        broker_task_id=None,
         queued_at=utcnow(),
         next_attempt_at=None,
         error=None,
@@ -427,6 +429,7 @@ def retry_job(db: Database, dispatcher: Dispatcher, job_id: int) -> Job:
                 JobState.QUEUED,
                 "retry",
                 detail=f"retry requested (was: {job.error or 'no reason'})",
+                broker_task_id=None,
                 queued_at=utcnow(),
                 next_attempt_at=None,
                 error=None,
@@ -471,7 +474,7 @@ def redeliver_job(db: Database, dispatcher: Dispatcher, job_id: int) -> Job:
             raise JobStateError(f"job {job_id} changed state meanwhile; try again")
         if job.state == JobState.SUCCEEDED:
             record_event(session, job_id, "redeliver", detail="redelivery requested")
-    send_delivery(db, dispatcher, job_id)
+    send_delivery(db, dispatcher, job_id, force=True)
     return _fresh(db, job_id)
 
 

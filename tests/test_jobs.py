@@ -172,3 +172,39 @@ def test_admin_actions(database: Database, settings: Settings, tmp_path: Path) -
     ]
     with pytest.raises(JobStateError):
         rerun_study(database, settings, dispatcher, "1.2.3.4")
+
+
+def test_cli_jobs_retry_sends_to_the_embedded_broker(
+    sqlite_url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import yaml
+    from sqlalchemy import create_engine, text
+
+    from dicom_node.cli import main
+
+    config = tmp_path / "node.yaml"
+    config.write_text(yaml.safe_dump({"node": {"data_dir": str(tmp_path / "data")}, "database": {"url": sqlite_url}}))
+    settings = load_settings(config)
+    db = Database(sqlite_url)
+    made = make_study(db, tmp_path / "s1")
+    (job_id,) = JobScheduler(db, settings, RecordingDispatcher()).on_study_complete(made.study_id)
+    lease = acquire_lease(db, job_id, "w@h#1", 60)
+    assert lease is not None
+    fail_job(db, lease, "DetectorError: not a brain")
+
+    assert main(["jobs", "retry", str(job_id), "--config", str(config)]) == 0
+    assert f"job {job_id} queued again (attempt 2); sent to the workers" in capsys.readouterr().out
+    (job,) = jobs_of(db)
+    assert job.state == JobState.QUEUED and job.broker_task_id
+    broker = create_engine(f"sqlite:///{tmp_path / 'data' / 'broker' / 'broker.sqlite'}")
+    with broker.connect() as connection:
+        payloads = connection.execute(text("SELECT payload FROM kombu_message")).scalars().all()
+    broker.dispose()
+    assert len(payloads) == 1 and job.broker_task_id in payloads[0]
+
+    lease = acquire_lease(db, job_id, "w@h#1", 60)
+    assert lease is not None
+    complete_job(db, lease, series_score=0.1, image_threshold=0.5, is_abnormal=False, result_path="r")
+    assert main(["jobs", "retry", str(job_id), "--config", str(config)]) == 1
+    assert "only failed or queued jobs can be retried" in capsys.readouterr().err
+    db.dispose()

@@ -85,7 +85,18 @@ def test_two_workers_share_a_queue(
         node.close()
 
 
-def test_worker_killed_mid_job_completes_exactly_once(node: Node) -> None:
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
+def any_db_node(
+    tmp_path: Path, redis_server: RedisServer, request: pytest.FixtureRequest
+) -> Iterator[Node]:
+    url = request.getfixturevalue("sqlite_url" if request.param == "sqlite" else "postgres_url")
+    node = make_node(tmp_path, url, redis_server.url)
+    yield node
+    node.close()
+
+
+def test_worker_killed_mid_job_completes_exactly_once(any_db_node: Node) -> None:
+    node = any_db_node
     worker = node.start_worker("kill@test")
     (job_id,), (series_uid,) = schedule(node, 1, sleep=2.5)
     (pid,) = wait_for(lambda: node.started(series_uid), 60, "the job to start")
@@ -145,7 +156,9 @@ def test_redis_restarted_mid_stream_loses_nothing(node: Node, redis_server: Redi
     time.sleep(1)
     redis_server.start()
     jobs = node.wait_states(first + during, DONE, 150, sweep=True)
-    assert [job.state.value for job in jobs] == ["succeeded"] * 6
+    assert [(job.state.value, job.error) for job in jobs] == [("succeeded", None)] * 6, [
+        (node.events(job.id), node.workers[0].output()[-5000:]) for job in jobs if job.state.value != "succeeded"
+    ]
     assert len(node.result_dirs()) == 6
     for job in jobs:
         assert node.events(job.id).count("succeeded") == 1

@@ -149,7 +149,9 @@ class Node:
         """Pids of the processes that began scoring the series."""
         return [int(path.suffix[1:]) for path in (self.model_dir / "started").glob(f"{series_uid}.*")]
 
-    def start_worker(self, hostname: str, *, concurrency: int = 1, wait: bool = True, queues: str = "brain_mri") -> Worker:
+    def start_worker(
+        self, hostname: str, *, concurrency: int = 1, wait: bool = True, queues: str = "brain_mri"
+    ) -> Worker:
         log = self.tmp_path / f"worker-{hostname.replace('@', '_')}.log"
         env = {**os.environ, "PYTHONPATH": self.pythonpath}
         command = [

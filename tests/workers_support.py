@@ -137,7 +137,7 @@ class RecordingDispatcher:
         self.detections.append((job.id, countdown))
         return f"task-{job.id}-{len(self.detections)}"
 
-    def enqueue_delivery(self, job: Job) -> str:
+    def enqueue_delivery(self, job: Job, *, force: bool = False) -> str:
         if self.fail:
             raise ConnectionError("broker unreachable")
         self.deliveries.append(job.id)

@@ -134,10 +134,11 @@ class CeleryDispatcher:
         )
         return str(result.id)
 
-    def enqueue_delivery(self, job: Job) -> str:
+    def enqueue_delivery(self, job: Job, *, force: bool = False) -> str:
         result = self.app.send_task(
             DELIVER_TASK,
             args=[job.id],
+            kwargs={"force": True} if force else {},
             queue=DELIVERY_QUEUE,
             priority=job.priority,
             retry=True,

@@ -25,6 +25,9 @@ _LOCAL_OPTIONS = ("polling_interval",)
 class EmbeddedChannel(SqlaChannel):
     def _engine_from_config(self) -> Any:
         # Kombu hands every transport option to create_engine; keep the ones that are ours.
+        url = str(self.connection.client.hostname)
+        if url.startswith(EMBEDDED_SCHEME + ":///"):
+            Path(url.split("///", 1)[1]).parent.mkdir(parents=True, exist_ok=True)
         options = self.connection.client.transport_options
         saved = {key: options.pop(key) for key in _LOCAL_OPTIONS if key in options}
         try:

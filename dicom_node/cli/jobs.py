@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from datetime import datetime
 from typing import Any
 
@@ -26,6 +27,11 @@ def register(subparsers: Any) -> None:
     listing.add_argument("--json", action="store_true", help="JSON instead of a table")
     listing.set_defaults(func=list_jobs)
     add_show_command(commands)
+    retry = commands.add_parser("retry", help="queue a failed job again")
+    add_config_argument(retry)
+    retry.add_argument("job_id", type=int, metavar="JOB_ID")
+    retry.add_argument("--broker", default=None, help="broker URL (default: broker.url, or the embedded broker)")
+    retry.set_defaults(func=retry_job_command)
 
 
 def _duration(text: str) -> Any:
@@ -100,4 +106,25 @@ def list_jobs(args: argparse.Namespace) -> int:
             ],
         )
     )
+    return 0
+
+
+def retry_job_command(args: argparse.Namespace) -> int:
+    """``dicom-node jobs retry JOB_ID``: failed → queued, and a message to the workers; exit 1 when not allowed."""
+    settings = settings_from(args, {"broker": {"url": args.broker}} if args.broker else None)
+    from dicom_node.jobs import JobStateError, retry_job
+    from workers.app import CeleryDispatcher, create_app
+
+    db = Database(settings.database_url)
+    app = create_app(settings)
+    try:
+        job = retry_job(db, CeleryDispatcher(app, settings), args.job_id)
+    except JobStateError as err:
+        print(f"dicom-node: {err}", file=sys.stderr)
+        return 1
+    finally:
+        app.close()
+        db.dispose()
+    sent = "sent to the workers" if job.broker_task_id else "the broker is unreachable; the sweeper will send it"
+    print(f"job {job.id} queued again (attempt {job.attempts + 1}); {sent}")
     return 0

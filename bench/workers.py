@@ -1,0 +1,181 @@
+"""Queueing overhead: ``python -m bench.workers [--studies 60] [--broker redis|embedded|both]``.
+
+Measures the time from "study complete" (``JobScheduler.on_study_complete`` called, as the completion monitor does
+after committing) to "task started" (the worker took the job's lease: ``Job.started_at``), one study at a time so
+that no job waits behind another. That is the node's own overhead: scheduling (model card, result key, job row,
+commit), publishing, broker delivery, the worker's lease. It uses a real worker process (``dicom-node worker``,
+prefork, concurrency 1) with the test-only intensity detector of tests/plugins, so detection time does not enter
+the figures. Redis runs as a private ``redis-server`` on a free port. Results go to docs/benchmarks.md by hand.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pydicom
+import yaml
+from pydicom.uid import generate_uid
+
+from dicom_node.config import load_settings
+from dicom_node.db import Database, Instance, Job, Series, Study, StudyState
+from dicom_node.jobs import JobScheduler, as_utc
+from workers.app import CeleryDispatcher, create_app
+
+REPO = Path(__file__).resolve().parents[1]
+MR_FILE = REPO.parent / "shared" / "data" / "dicom" / "mr_brain_t1_siemens" / "00001.dcm"
+PLUGINS = REPO / "tests" / "plugins"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait(condition: Any, timeout: float, what: str, interval: float = 0.005) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(interval)
+    raise SystemExit(f"timed out waiting for {what}")
+
+
+def plugin_path(directory: Path) -> str:
+    dist = directory / "dicom_node_test_detectors-0.0.dist-info"
+    dist.mkdir(parents=True, exist_ok=True)
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: dicom-node-test-detectors\nVersion: 0.0\n")
+    (dist / "entry_points.txt").write_text("[dicom_node.detectors]\nbrain_mri = dn_test_detectors:load_brain\n")
+    return os.pathsep.join([str(directory), str(PLUGINS)])
+
+
+def make_study(db: Database, ds: pydicom.Dataset) -> int:
+    now = datetime.now(UTC)
+    with db.session() as session:
+        study = Study(study_instance_uid=generate_uid(), state=StudyState.COMPLETE, completed_at=now, modalities="MR")
+        session.add(study)
+        session.flush()
+        series = Series(study_id=study.id, series_instance_uid=generate_uid(), modality="MR", detector="brain_mri")
+        session.add(series)
+        session.flush()
+        session.add(
+            Instance(
+                series_id=series.id,
+                sop_instance_uid=generate_uid(),
+                sop_class_uid=str(ds.SOPClassUID),
+                transfer_syntax_uid=str(ds.file_meta.TransferSyntaxUID),
+                file_path=str(MR_FILE),
+                size_bytes=MR_FILE.stat().st_size,
+            )
+        )
+        return int(study.id)
+
+
+def run(broker: str, studies: int, workdir: Path) -> dict[str, float]:
+    redis = None
+    if broker == "redis":
+        port = free_port()
+        redis = subprocess.Popen(
+            ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+            stdout=subprocess.DEVNULL,
+        )
+        url: str | None = f"redis://127.0.0.1:{port}/0"
+    else:
+        url = None
+    model_dir = workdir / "model"
+    model_dir.mkdir(parents=True)
+    (model_dir / "model_card.json").write_text(json.dumps({"version": "bench"}))
+    config = {
+        "node": {"data_dir": str(workdir / "data")},
+        "broker": {"url": url},
+        "detectors": {"brain_mri": {"model_dir": str(model_dir)}},
+        "logging": {"level": "WARNING"},
+    }
+    config_path = workdir / "node.yaml"
+    config_path.write_text(yaml.safe_dump(config))
+    settings = load_settings(config_path)
+    db = Database(settings.database_url)
+    app = create_app(settings)
+    scheduler = JobScheduler(db, settings, CeleryDispatcher(app, settings))
+    env = {**os.environ, "PYTHONPATH": plugin_path(workdir / "plugin")}
+    worker = subprocess.Popen(
+        [str(Path(sys.executable).parent / "dicom-node"), "worker", "--config", str(config_path), "--queues",
+         "brain_mri", "--device", "cpu", "--concurrency", "1", "--hostname", f"bench-{broker}@%h"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    ds = pydicom.dcmread(MR_FILE, stop_before_pixels=True)
+    overheads: list[float] = []
+    schedule_times: list[float] = []
+    try:
+        for index in range(studies + 1):  # the first one warms up the worker (detector load) and is not counted
+            study_id = make_study(db, ds)
+            t0 = datetime.now(UTC)
+            start = time.perf_counter()
+            (job_id,) = scheduler.on_study_complete(study_id)
+            scheduled = time.perf_counter() - start
+
+            def started(job_id: int = job_id) -> datetime | None:
+                with db.session() as session:
+                    job = session.get(Job, job_id)
+                    return job.started_at if job is not None else None
+
+            started_at = wait(started, 120, f"job {job_id} to start")
+            wait(lambda job_id=job_id: _finished(db, job_id), 120, f"job {job_id} to finish")
+            if index:
+                overheads.append((as_utc(started_at) - t0).total_seconds() * 1000)
+                schedule_times.append(scheduled * 1000)
+    finally:
+        worker.terminate()
+        worker.wait(30)
+        if redis is not None:
+            redis.kill()
+            redis.wait()
+        app.close()
+        db.dispose()
+    quantiles = statistics.quantiles(overheads, n=20, method="inclusive")
+    return {
+        "n": len(overheads),
+        "p50_ms": statistics.median(overheads),
+        "p95_ms": quantiles[18],
+        "max_ms": max(overheads),
+        "schedule_p50_ms": statistics.median(schedule_times),
+    }
+
+
+def _finished(db: Database, job_id: int) -> bool:
+    with db.session() as session:
+        job = session.get(Job, job_id)
+        return job is not None and job.finished_at is not None
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--studies", type=int, default=60)
+    parser.add_argument("--broker", choices=["redis", "embedded", "both"], default="both")
+    args = parser.parse_args()
+    print(f"machine: {platform.platform()}, {os.cpu_count()} CPUs, Python {platform.python_version()}")
+    for broker in ["redis", "embedded"] if args.broker == "both" else [args.broker]:
+        with tempfile.TemporaryDirectory(prefix=f"bench-workers-{broker}-") as tmp:
+            result = run(broker, args.studies, Path(tmp))
+        print(
+            f"{broker:9s} n={result['n']:.0f}  complete→started p50 {result['p50_ms']:.1f} ms  "
+            f"p95 {result['p95_ms']:.1f} ms  max {result['max_ms']:.1f} ms  "
+            f"(scheduling itself p50 {result['schedule_p50_ms']:.1f} ms)"
+        )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,57 @@
+"""What the job side adds to ``dicom-node serve``: scheduler, sweeper and the embedded workers."""
+
+from __future__ import annotations
+
+import logging
+from typing import Protocol
+
+from dicom_node.config import Settings
+from dicom_node.db import Database
+from dicom_node.jobs import JobScheduler
+from dicom_node.studies.completion import StudyCompleteCallback
+from dicom_node.sweeper import SweeperService
+from workers.app import CeleryDispatcher, broker_url, create_app
+from workers.broker import is_embedded, prepare_embedded_broker, prune_consumed_messages
+from workers.worker import EmbeddedWorkers
+
+log = logging.getLogger(__name__)
+
+
+class _Service(Protocol):
+    def start(self) -> None: ...
+
+    def stop(self) -> None: ...
+
+
+class _NodeLike(Protocol):
+    settings: Settings
+    db: Database
+
+    def add_service(self, service: _Service) -> None: ...
+
+    def add_study_complete_callback(self, callback: StudyCompleteCallback) -> None: ...
+
+
+def add_job_services(node: _NodeLike) -> JobScheduler:
+    """Register the scheduler for completed studies, the sweeper, and (``workers.embedded``) embedded workers."""
+    settings = node.settings
+    url = broker_url(settings)
+    if is_embedded(url):
+        prepare_embedded_broker(url)
+    app = create_app(settings)
+    dispatcher = CeleryDispatcher(app, settings)
+    scheduler = JobScheduler(node.db, settings, dispatcher)
+    node.add_study_complete_callback(scheduler)
+    prune = None
+    if is_embedded(url):
+
+        def prune() -> None:
+            log.debug("pruned %d consumed broker messages", prune_consumed_messages(url))
+
+    if settings.workers.embedded:
+        node.add_service(EmbeddedWorkers(settings))
+    else:
+        log.info("embedded workers disabled; run `dicom-node worker` on this or other hosts (broker %s)",
+                 "embedded" if is_embedded(url) else url.split("@")[-1])  # fmt: skip
+    node.add_service(SweeperService(node.db, settings, dispatcher, also=prune))
+    return scheduler
