@@ -81,3 +81,27 @@ def test_page_assets_fetch_nothing_from_outside() -> None:
                 assert text.count("http://") == 1 and 'SVG_NS = "http://www.w3.org/2000/svg"' in text
                 continue
             assert marker not in text, f"{path.name} refers to {marker}"
+
+
+def test_admin_surface_never_imports_torch(tmp_path: Path) -> None:
+    """The API, metrics, actions and CLI modules load without torch (GPU metrics only read an already-loaded one)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "from dicom_node.config import load_settings\n"
+        "from dicom_node.db import Database\n"
+        "from dicom_node.admin.api import create_app\n"
+        "from dicom_node.admin.metrics import make_registry\n"
+        "from dicom_node.admin.service import celery_actions\n"
+        "import dicom_node.cli.stats, dicom_node.cli.job_show\n"
+        "from prometheus_client import generate_latest\n"
+        f"s = load_settings(overrides={{'node': {{'data_dir': {str(tmp_path)!r}}}}})\n"
+        "db = Database(s.database_url)\n"
+        "create_app(s, db, celery_actions(s, db))\n"
+        "generate_latest(make_registry(db))\n"
+        "assert 'torch' not in sys.modules, 'torch was imported'\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
