@@ -122,7 +122,11 @@ def test_openapi_and_docs_published(client: TestClient) -> None:
     for path in ("/api/jobs", "/api/jobs/{job_id}/timeline", "/api/studies", "/api/jobs/{job_id}/retry", "/metrics"):
         assert path in spec["paths"], path
     assert "HTTPBearer" in spec["components"]["securitySchemes"]
-    assert client.get("/docs", headers={"Authorization": ""}).status_code == 200
+    docs = client.get("/docs", headers={"Authorization": ""})
+    assert docs.status_code == 200 and "/docs-assets/swagger-ui-bundle.js" in docs.text
+    assert "cdn" not in docs.text and "https://" not in docs.text  # nothing fetched from outside the node
+    assert client.get("/docs-assets/swagger-ui-bundle.js", headers={"Authorization": ""}).status_code == 200
+    assert client.get("/redoc", headers={"Authorization": ""}).status_code == 404
 
 
 def test_jobs_filters(client: TestClient, filled: Rows) -> None:
