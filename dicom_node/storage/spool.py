@@ -86,6 +86,14 @@ class InstanceHeader:
 
 
 @dataclass(frozen=True)
+class Placement:
+    path: Path
+    size_bytes: int
+    already_on_disk: bool
+    new_dirs: bool
+
+
+@dataclass(frozen=True)
 class StoredInstance:
     header: InstanceHeader
     path: Path
@@ -267,47 +275,69 @@ class Spool:
             self.root / header.study_instance_uid / header.series_instance_uid / f"{header.sop_instance_uid}.dcm"
         )
 
-    def store(self, received: Path, affected_sop_instance_uid: str | None = None) -> StoredInstance:
-        """Check, fsync and publish the Part 10 file pynetdicom wrote for one C-STORE.
-
-        Raises RejectedInstance (0xA700 when disk space is short, 0xC210 when the data set cannot be understood).
-        ``received`` is left in place (pynetdicom deletes it after the handler returns)."""
+    def inspect(self, received: Path, affected_sop_instance_uid: str | None = None) -> InstanceHeader:
+        """Refuse (RejectedInstance) when disk space is short (0xA700) or the data set cannot be understood
+        (0xC210); otherwise the header attributes the node records."""
         self.check_space()
         header = read_header(received)
         if affected_sop_instance_uid and affected_sop_instance_uid.strip("\0 ") != header.sop_instance_uid:
             raise RejectedInstance(
                 STATUS_CANNOT_UNDERSTAND, "SOP Instance UID of the data set differs from the C-STORE request"
             )
+        return header
+
+    @staticmethod
+    def sync_file(path: Path) -> None:
+        with path.open("rb") as fp:
+            os.fsync(fp.fileno())
+
+    def place(self, received: Path, header: InstanceHeader) -> Placement:
+        """Give the (already fsynced) received file its final name with a hard link: atomic, and it never replaces
+        a copy stored before or meanwhile by another association. The name is durable after sync_dirs()."""
         target = self.path_for(header)
         size = received.stat().st_size
         if target.exists():
-            return StoredInstance(header, target, target.stat().st_size, already_on_disk=True)
+            return Placement(target, target.stat().st_size, already_on_disk=True, new_dirs=False)
         new_dirs = not target.parent.exists()
         target.parent.mkdir(parents=True, exist_ok=True)
-        staged = self._stage(received, target.parent)
-        try:
-            try:
-                os.link(staged, target)  # atomic, and never replaces a copy stored concurrently
-                duplicate = False
-            except FileExistsError:
-                duplicate = True
-        finally:
-            staged.unlink(missing_ok=True)
-        _fsync_dir(target.parent)
-        if new_dirs:  # the new directory entries must be durable too
-            _fsync_dir(target.parent.parent)
-            _fsync_dir(self.root)
-        return StoredInstance(header, target, size if not duplicate else target.stat().st_size, duplicate)
+        existed = self._link(received, target)
+        return Placement(target, target.stat().st_size if existed else size, existed, new_dirs)
 
-    def _stage(self, received: Path, directory: Path) -> Path:
-        """A durable copy of ``received`` under a temporary name in ``directory`` (zero-copy when possible)."""
-        staged = directory / f".{uuid.uuid4().hex}.part"
+    def sync_dirs(self, placement: Placement) -> None:
+        _fsync_dir(placement.path.parent)
+        if placement.new_dirs:  # the new directory entries must be durable too
+            _fsync_dir(placement.path.parent.parent)
+            _fsync_dir(self.root)
+
+    def store(self, received: Path, affected_sop_instance_uid: str | None = None) -> StoredInstance:
+        """inspect, sync_file, place, sync_dirs in sequence (the receiver overlaps the fsyncs with other work)."""
+        header = self.inspect(received, affected_sop_instance_uid)
+        self.sync_file(received)
+        placement = self.place(received, header)
+        self.sync_dirs(placement)
+        return StoredInstance(header, placement.path, placement.size_bytes, placement.already_on_disk)
+
+    @staticmethod
+    def _link(received: Path, target: Path) -> bool:
+        """Link ``received`` to ``target``; True when ``target`` existed already."""
         try:
-            os.link(received, staged)
+            os.link(received, target)
+            return False
+        except FileExistsError:
+            return True
         except OSError as err:
             if err.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP):
                 raise
+        # Another file system (or no hard links): a durable copy next to the target, then the link.
+        staged = target.parent / f".{uuid.uuid4().hex}.part"
+        try:
             shutil.copyfile(received, staged)
-        with staged.open("rb") as fp:
-            os.fsync(fp.fileno())
-        return staged
+            with staged.open("rb") as fp:
+                os.fsync(fp.fileno())
+            try:
+                os.link(staged, target)
+            except FileExistsError:
+                return True
+            return False
+        finally:
+            staged.unlink(missing_ok=True)
