@@ -201,34 +201,44 @@ def backoff_seconds(settings: Settings, attempts: int) -> float:
     return float(min(base, settings.workers.retry_backoff_max_seconds))
 
 
-def send_detection(db: Database, dispatcher: Dispatcher, job_ids: Iterable[int], countdown: float | None = None) -> int:
+def send_detection(
+    db: Database, dispatcher: Dispatcher, jobs: Iterable[int | Job], countdown: float | None = None
+) -> int:
     """Send a ``dicom_node.detect`` message for each job still queued; returns how many were sent.
 
-    Call only after the transaction that queued the jobs has committed. A broker error is logged, not raised: the
-    job stays queued in the database and the sweeper sends it again."""
+    ``jobs`` are ids (the job is re-read and skipped unless queued) or Job objects the caller has just committed
+    as queued. Call only after that commit. A broker error is logged, not raised: the job stays queued in the
+    database and the sweeper sends it again."""
     sent = 0
-    for job_id in job_ids:
-        with db.session() as session:
-            job = session.get(Job, job_id)
-            if job is None or job.state != JobState.QUEUED:
-                continue
-            session.expunge(job)
+    for item in jobs:
+        job = item if isinstance(item, Job) else _queued(db, item)
+        if job is None:
+            continue
         try:
             task_id = dispatcher.enqueue_detection(job, countdown=countdown)
         except Exception as err:  # any broker/transport error: the sweeper re-sends
             log.warning(
-                "job %d: could not enqueue (%s: %s); the sweeper will re-send it", job_id, type(err).__name__, err
+                "job %d: could not enqueue (%s: %s); the sweeper will re-send it", job.id, type(err).__name__, err
             )
             continue
         with db.session() as session:
             session.execute(
                 update(Job)
-                .where(Job.id == job_id, Job.state == JobState.QUEUED)
+                .where(Job.id == job.id, Job.state == JobState.QUEUED)
                 .values(broker_task_id=task_id)
                 .execution_options(synchronize_session=False)
             )
         sent += 1
     return sent
+
+
+def _queued(db: Database, job_id: int) -> Job | None:
+    with db.session() as session:
+        job = session.get(Job, job_id)
+        if job is None or job.state != JobState.QUEUED:
+            return None
+        session.expunge(job)
+        return job
 
 
 def send_delivery(db: Database, dispatcher: Dispatcher, job_id: int, *, force: bool = False) -> bool:
@@ -274,11 +284,14 @@ class JobScheduler:
 
         A series whose instance set changed since its last job (late instances) gets a new job; the old one is
         marked superseded and the new one points to it with ``predecessor_job_id``."""
-        job_ids = self.schedule(study_id, rerun=False)
-        send_detection(self.db, self.dispatcher, job_ids)
-        return job_ids
+        jobs = self._schedule_in_transaction(study_id, rerun=False)
+        send_detection(self.db, self.dispatcher, jobs)  # all just created, committed as queued
+        return [job.id for job in jobs]
 
     def schedule(self, study_id: int, *, rerun: bool) -> list[int]:
+        return [job.id for job in self._schedule_in_transaction(study_id, rerun=rerun)]
+
+    def _schedule_in_transaction(self, study_id: int, *, rerun: bool) -> list[Job]:
         """Create the jobs in one transaction (retried once if a concurrent scheduler raced us on result_key).
 
         With ``rerun`` an existing job with the same result key that has finished is queued again (same result
@@ -317,13 +330,13 @@ class JobScheduler:
             )
         return inputs
 
-    def _schedule(self, session: Session, study_id: int, *, rerun: bool) -> list[int]:
+    def _schedule(self, session: Session, study_id: int, *, rerun: bool) -> list[Job]:
         study = session.get(Study, study_id)
         if study is None:
             log.warning("study %d not found; no jobs", study_id)
             return []
         versions: dict[str, str] = {}
-        job_ids: list[int] = []
+        jobs: list[Job] = []
         for item in self._series_inputs(session, study):
             version = versions.setdefault(item.detector, model_version(self.settings, item.detector))
             key = compute_result_key(
@@ -332,7 +345,7 @@ class JobScheduler:
             existing = session.scalar(select(Job).where(Job.result_key == key))
             if existing is not None:
                 if rerun and _requeue_for_rerun(session, existing):
-                    job_ids.append(existing.id)
+                    jobs.append(existing)
                 else:
                     log.info(
                         "series %s: job %d already covers this instance set (%s)",
@@ -341,9 +354,8 @@ class JobScheduler:
                         existing.state.value,
                     )
                 continue
-            job = self._create_job(session, study, item, version, key)
-            job_ids.append(job.id)
-        return job_ids
+            jobs.append(self._create_job(session, study, item, version, key))
+        return jobs
 
     def _create_job(self, session: Session, study: Study, item: _SeriesInput, version: str, key: str) -> Job:
         now = utcnow()

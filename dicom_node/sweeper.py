@@ -1,12 +1,14 @@
 """The sweeper: finds jobs the broker lost and sends them again, without ever running one twice.
 
-Two cases, both decided from the job database alone:
+Three cases, all decided from the job database alone:
 
 * running with an expired lease: the worker died (kill -9, host lost, hard time limit) or stalled. The job goes
   back to queued (or to failed once ``workers.max_attempts`` attempts are spent) and a new message is sent.
 * queued, due, and not picked up for ``workers.requeue_after_seconds``: the message was lost (Redis restarted or
   flushed, a send that failed). A new message is sent. If the old one still exists, whichever a worker takes first
   runs the job and the other finds it no longer queued.
+* a study completed ``workers.requeue_after_seconds`` ago with a routed series that has no job at all: the node
+  stopped between committing the completion and calling the scheduler. The scheduler runs for it (idempotent).
 
 Each change is a compare-and-set on the job row (``dicom_node.jobs.transition``), so several sweepers (several
 nodes) never re-queue the same job twice.
@@ -23,8 +25,8 @@ from datetime import datetime, timedelta
 from sqlalchemy import or_, select, update
 
 from dicom_node.config import Settings
-from dicom_node.db import Database, Job, JobState
-from dicom_node.jobs import Dispatcher, as_utc, record_event, send_detection, transition, utcnow
+from dicom_node.db import Database, Job, JobState, Series, Study, StudyState
+from dicom_node.jobs import Dispatcher, JobScheduler, as_utc, record_event, send_detection, transition, utcnow
 
 log = logging.getLogger(__name__)
 
@@ -34,9 +36,10 @@ class SweepReport:
     lease_expired: list[int] = field(default_factory=list)
     resent: list[int] = field(default_factory=list)
     failed: list[int] = field(default_factory=list)
+    scheduled: list[int] = field(default_factory=list)
 
     def __bool__(self) -> bool:
-        return bool(self.lease_expired or self.resent or self.failed)
+        return bool(self.lease_expired or self.resent or self.failed or self.scheduled)
 
 
 class Sweeper:
@@ -44,6 +47,7 @@ class Sweeper:
         self.db = db
         self.settings = settings
         self.dispatcher = dispatcher
+        self.scheduler = JobScheduler(db, settings, dispatcher)
 
     def sweep_once(self, now: datetime | None = None) -> SweepReport:
         now = now or utcnow()
@@ -51,14 +55,38 @@ class Sweeper:
         self._expired_leases(now, report)
         self._lost_messages(now, report)
         send_detection(self.db, self.dispatcher, [*report.lease_expired, *report.resent])
+        self._unscheduled_studies(now, report)
         if report:
             log.info(
-                "sweep: %d expired leases re-queued, %d lost messages re-sent, %d jobs failed",
+                "sweep: %d expired leases re-queued, %d lost messages re-sent, %d jobs failed, %d jobs scheduled",
                 len(report.lease_expired),
                 len(report.resent),
                 len(report.failed),
+                len(report.scheduled),
             )
         return report
+
+    def _unscheduled_studies(self, now: datetime, report: SweepReport) -> None:
+        cutoff = now - timedelta(seconds=self.settings.workers.requeue_after_seconds)
+        has_job = select(Job.id).where(Job.series_id == Series.id).exists()
+        enabled = [name for name, detector in self.settings.detectors.items() if detector.enabled]
+        with self.db.session() as session:
+            study_ids = session.scalars(
+                select(Study.id)
+                .join(Series, Series.study_id == Study.id)
+                .where(
+                    Study.state == StudyState.COMPLETE,
+                    Study.completed_at < cutoff,
+                    Series.detector.in_(enabled),
+                    ~has_job,
+                )
+                .distinct()
+            ).all()
+        for study_id in study_ids:
+            job_ids = self.scheduler.on_study_complete(study_id)
+            if job_ids:
+                log.warning("study %d was complete without jobs (node stopped before scheduling)", study_id)
+            report.scheduled.extend(job_ids)
 
     def _expired_leases(self, now: datetime, report: SweepReport) -> None:
         with self.db.session() as session:

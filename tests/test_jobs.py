@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -208,3 +209,99 @@ def test_cli_jobs_retry_sends_to_the_embedded_broker(
     assert main(["jobs", "retry", str(job_id), "--config", str(config)]) == 1
     assert "only failed or queued jobs can be retried" in capsys.readouterr().err
     db.dispose()
+
+
+def test_sweeper_requeues_expired_leases_and_resends_lost_messages(
+    database: Database, tmp_path: Path
+) -> None:
+    from datetime import timedelta
+
+    from dicom_node.jobs import utcnow
+    from dicom_node.sweeper import Sweeper
+
+    settings = load_settings(overrides={"workers": {"max_attempts": 2, "requeue_after_seconds": 60}})
+    dispatcher = RecordingDispatcher()
+    scheduler = JobScheduler(database, settings, dispatcher)
+    lost = scheduler.on_study_complete(make_study(database, tmp_path / "a").study_id)[0]
+    dead = scheduler.on_study_complete(make_study(database, tmp_path / "b").study_id)[0]
+    fresh = scheduler.on_study_complete(make_study(database, tmp_path / "c").study_id)[0]
+    assert acquire_lease(database, dead, "celery@gone#1", 5) is not None
+    sweepers = [Sweeper(database, settings, dispatcher), Sweeper(database, settings, dispatcher)]
+    dispatcher.detections.clear()
+
+    assert not sweepers[0].sweep_once()  # nothing is late yet
+    later = utcnow() + timedelta(seconds=61)
+    first, second = (sweeper.sweep_once(later) for sweeper in sweepers)
+    # Two sweepers (two nodes) at the same moment: each job is re-queued or re-sent once.
+    assert sorted(first.lease_expired + second.lease_expired) == [dead]
+    assert sorted(first.resent + second.resent) == [lost, fresh]
+    assert sorted(job_id for job_id, _ in dispatcher.detections) == sorted([lost, dead, fresh])
+    assert events_of(database, dead)[-1] == "lease_expired"
+    assert events_of(database, lost)[-1] == "resend"
+
+    # A study completed without its jobs (the node stopped between completion and scheduling) is scheduled.
+    orphan = make_study(database, tmp_path / "d")
+    assert sweepers[0].sweep_once().scheduled == []  # completed just now: the callback may still be running
+    report = sweepers[0].sweep_once(utcnow() + timedelta(seconds=61))
+    assert len(report.scheduled) == 1 and report.scheduled[0] not in (lost, dead, fresh)
+    assert sweepers[1].sweep_once(utcnow() + timedelta(seconds=61)).scheduled == []
+    assert orphan.study_id in {job.study_id for job in jobs_of(database)}
+
+    # The second lost lease spends the last attempt: failed with the reason.
+    assert acquire_lease(database, dead, "celery@gone#1", 5) is not None
+    report = sweepers[0].sweep_once(utcnow() + timedelta(seconds=10))
+    assert report.failed == [dead]
+    job = next(job for job in jobs_of(database) if job.id == dead)
+    assert job.state == JobState.FAILED and "worker lost" in (job.error or "") and job.attempts == 2
+
+
+def test_dead_holder_on_the_same_node_is_taken_over_at_once(
+    database: Database, settings: Settings, tmp_path: Path
+) -> None:
+    import subprocess
+    import sys
+
+    made = make_study(database, tmp_path / "s1")
+    (job_id,) = JobScheduler(database, settings, RecordingDispatcher()).on_study_complete(made.study_id)
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid = int(gone.stdout)
+    assert acquire_lease(database, job_id, f"celery@h#{dead_pid}", 600) is not None
+    assert acquire_lease(database, job_id, "celery@other#1", 600) is None  # another node cannot tell: waits
+    lease = acquire_lease(database, job_id, f"celery@h#{os.getpid()}", 600)
+    assert lease is not None and lease.attempt == 2
+    assert events_of(database, job_id)[-1] == "taken_over"
+
+
+def test_urgent_rules_set_priority(database: Database, tmp_path: Path) -> None:
+    settings = load_settings(
+        overrides={"workers": {"urgent_rules": [{"name": "er", "calling_ae_title": ["er_ct"]}]}}
+    )
+    dispatcher = RecordingDispatcher()
+    scheduler = JobScheduler(database, settings, dispatcher)
+    normal = scheduler.on_study_complete(make_study(database, tmp_path / "a").study_id)[0]
+    urgent = scheduler.on_study_complete(make_study(database, tmp_path / "b", calling_ae_title="ER_CT").study_id)[0]
+    jobs = {job.id: job for job in jobs_of(database)}
+    assert (jobs[normal].urgent, jobs[normal].priority) == (False, 5)
+    assert (jobs[urgent].urgent, jobs[urgent].priority) == (True, 0)
+
+
+def test_device_resolution() -> None:
+    from workers.context import resolve_device
+
+    assert resolve_device("cpu") == "cpu"
+    assert resolve_device("cuda:1", 3) == "cuda:1"
+    import torch
+
+    if not torch.cuda.is_available():
+        assert resolve_device("auto", 2) == "cpu"
+        with pytest.raises(RuntimeError, match="no CUDA device"):
+            resolve_device("cuda")
+    else:
+        assert resolve_device("auto", 0) == "cuda:0"
+
+
+def test_worker_cli_refuses_unknown_queues(capsys: pytest.CaptureFixture[str]) -> None:
+    from dicom_node.cli import main
+
+    assert main(["worker", "--queues", "brain_mri,brain"]) == 2
+    assert "unknown queue 'brain'" in capsys.readouterr().err

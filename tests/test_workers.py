@@ -42,10 +42,13 @@ def node(tmp_path: Path, sqlite_url: str, redis_server: RedisServer) -> Iterator
     node.close()
 
 
-def schedule(node: Node, count: int, **behaviour: object) -> tuple[list[int], list[str]]:
+def schedule(
+    node: Node, count: int, calling_ae_title: str = "MODALITY", **behaviour: object
+) -> tuple[list[int], list[str]]:
     job_ids, series = [], []
     for index in range(count):
-        made = make_study(node.db, node.tmp_path / "spool" / f"study-{time.monotonic_ns()}-{index}", slices=3)
+        directory = node.tmp_path / "spool" / f"study-{time.monotonic_ns()}-{index}"
+        made = make_study(node.db, directory, slices=3, calling_ae_title=calling_ae_title)
         if behaviour:
             node.set_behaviour(made.series_uid, **behaviour)
         job_ids += node.scheduler.on_study_complete(made.study_id)
@@ -162,6 +165,23 @@ def test_redis_restarted_mid_stream_loses_nothing(node: Node, redis_server: Redi
     assert len(node.result_dirs()) == 6
     for job in jobs:
         assert node.events(job.id).count("succeeded") == 1
+
+
+def test_urgent_job_overtakes_the_backlog(tmp_path: Path, sqlite_url: str, redis_server: RedisServer) -> None:
+    urgent_rules = [{"name": "emergency", "calling_ae_title": ["ER_CT"]}]
+    node = make_node(tmp_path, sqlite_url, redis_server.url, urgent_rules=urgent_rules)
+    try:
+        node.start_worker("triage@test")
+        (busy,), (busy_series,) = schedule(node, 1, sleep=2.0)
+        wait_for(lambda: node.started(busy_series), 60, "the first job to start")
+        backlog, _ = schedule(node, 3)
+        (urgent,), _ = schedule(node, 1, calling_ae_title="ER_CT")
+        jobs = node.wait_states([busy, *backlog, urgent], DONE, 90)
+        assert all(job.state.value == "succeeded" for job in jobs)
+        order = [job.id for job in sorted(jobs, key=lambda job: job.started_at)]
+        assert order[:2] == [busy, urgent], order
+    finally:
+        node.close()
 
 
 def test_embedded_broker_end_to_end(tmp_path: Path, sqlite_url: str) -> None:

@@ -30,7 +30,7 @@ def test_serve_runs_embedded_workers_end_to_end(
         tmp_path / "data",
         sqlite_url,
         settings={
-            "workers": {"embedded": True, "sweep_interval_seconds": 1.0},
+            "workers": {"embedded": True, "sweep_interval_seconds": 1.0, "device": "cpu"},
             "detectors": {"brain_mri": {"model_dir": str(model_dir)}, "chest_xray": {"model_dir": str(model_dir)}},
         },
     )

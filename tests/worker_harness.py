@@ -99,8 +99,9 @@ class Worker:
             self.process.wait()
 
     def stop(self) -> None:
+        """Warm shutdown: SIGTERM to the main process only (it stops its pool after the running jobs)."""
         if self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGTERM)
+            self.process.send_signal(signal.SIGTERM)
             try:
                 self.process.wait(20)
             except subprocess.TimeoutExpired:
@@ -143,7 +144,10 @@ class Node:
 
     def set_behaviour(self, series_uid: str, **action: Any) -> None:
         self.behaviour[series_uid] = action
-        (self.model_dir / "behaviour.json").write_text(json.dumps(self.behaviour))
+        # Atomically: a worker may be reading it for another job right now.
+        tmp = self.model_dir / "behaviour.json.tmp"
+        tmp.write_text(json.dumps(self.behaviour))
+        tmp.replace(self.model_dir / "behaviour.json")
 
     def started(self, series_uid: str) -> list[int]:
         """Pids of the processes that began scoring the series."""

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from typing import Any
 
-from dicom_node.cli import add_config_argument, settings_from
+from dicom_node.cli import EXIT_CONFIG_ERROR, add_config_argument, settings_from
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -45,6 +46,10 @@ def run(args: argparse.Namespace) -> int:
     from workers.worker import run_worker  # lazy: `dicom-node jobs list` must not import Celery workers or torch
 
     queues = [name.strip() for name in args.queues.split(",") if name.strip()] if args.queues else None
+    problem = check_queues(queues)
+    if problem:
+        print(f"dicom-node: --queues: {problem}", file=sys.stderr)
+        return EXIT_CONFIG_ERROR
     return run_worker(
         settings,
         queues=queues,
@@ -53,3 +58,20 @@ def run(args: argparse.Namespace) -> int:
         hostname=args.hostname,
         loglevel=args.loglevel,
     )
+
+
+def check_queues(queues: list[str] | None) -> str | None:
+    """Why these queues cannot be consumed here, or None. A message whose task this worker does not have would be
+    discarded by Celery, so refuse rather than lose it."""
+    if queues is None:
+        return None
+    from workers.app import DELIVERY_QUEUE, DETECTION_QUEUES, delivery_tasks_available
+
+    if not queues:
+        return "no queue given"
+    unknown = [name for name in queues if name not in (*DETECTION_QUEUES, DELIVERY_QUEUE)]
+    if unknown:
+        return f"unknown queue {unknown[0]!r} (known: {', '.join((*DETECTION_QUEUES, DELIVERY_QUEUE))})"
+    if DELIVERY_QUEUE in queues and not delivery_tasks_available():
+        return "the delivery queue needs the delivery tasks (workers/delivery_tasks.py), which are not installed"
+    return None

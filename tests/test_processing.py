@@ -1,0 +1,72 @@
+"""run_detection in-process: result saved and recorded, slices batched, delivery sent, transient errors retried."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import REPO
+from workers_support import RecordingDispatcher, make_study
+
+from dicom_node.config import load_settings
+from dicom_node.db import Database, Instance, Job, JobState
+from dicom_node.jobs import JobScheduler
+from dicom_node.processing import run_detection
+from models.base import SeriesResult
+
+sys.path.insert(0, str(REPO / "tests" / "plugins"))
+from dn_test_detectors import IntensityTestDetector  # noqa: E402
+
+
+def test_run_detection_saves_records_and_sends_delivery(database: Database, tmp_path: Path) -> None:
+    settings = load_settings(
+        overrides={"node": {"data_dir": str(tmp_path / "data")}, "destinations": [
+            {"name": "pacs", "ae_title": "PACS", "host": "127.0.0.1", "port": 11112}
+        ]}
+    )  # fmt: skip
+    detector = IntensityTestDetector("brain_mri", tmp_path / "model", "cpu")
+    detector.batch_size = 2
+    (tmp_path / "model").mkdir()
+    dispatcher = RecordingDispatcher()
+    made = make_study(database, tmp_path / "s1", slices=3)
+    (job_id,) = JobScheduler(database, settings, dispatcher).on_study_complete(made.study_id)
+    outcome = run_detection(
+        database, settings, job_id, worker="w@h#1", detectors=lambda name: detector, dispatcher=dispatcher
+    )
+    assert outcome.state == "succeeded"
+    assert detector.batches == [2, 1]
+    with database.session() as session:
+        job = session.get(Job, job_id)
+        assert job is not None and job.state == JobState.SUCCEEDED and job.attempts == 1
+        assert job.result_path == str(settings.results_dir / f"job-{job_id}")
+        result = SeriesResult.load(Path(job.result_path))
+        assert sorted(result.sop_instance_uids) == sorted(made.sop_uids)
+        assert job.series_score == pytest.approx(result.series_score) and job.is_abnormal == result.is_abnormal
+    assert dispatcher.deliveries == [job_id]
+    assert not list((settings.results_dir / ".staging").iterdir())
+    # A duplicate message for the finished job does nothing.
+    again = run_detection(database, settings, job_id, worker="w@h#2", detectors=lambda name: detector,
+                          dispatcher=dispatcher)  # fmt: skip
+    assert again.state == "skipped" and detector.batches == [2, 1]
+
+
+def test_missing_instance_file_is_retried_with_backoff(database: Database, tmp_path: Path) -> None:
+    settings = load_settings(overrides={"node": {"data_dir": str(tmp_path / "data")}})
+    detector = IntensityTestDetector("brain_mri", tmp_path / "model", "cpu")
+    (tmp_path / "model").mkdir()
+    dispatcher = RecordingDispatcher()
+    made = make_study(database, tmp_path / "s1", slices=2)
+    with database.session() as session:
+        first = session.query(Instance).filter(Instance.series_id == made.series_id).first()
+        assert first is not None
+        Path(first.file_path).unlink()  # e.g. the shared spool briefly unmounted
+    (job_id,) = JobScheduler(database, settings, dispatcher).on_study_complete(made.study_id)
+    outcome = run_detection(
+        database, settings, job_id, worker="w@h#1", detectors=lambda name: detector, dispatcher=dispatcher
+    )
+    assert outcome.state == "retry" and "FileNotFoundError" in outcome.detail
+    with database.session() as session:
+        job = session.get(Job, job_id)
+        assert job is not None and job.state == JobState.QUEUED and job.next_attempt_at is not None
+    assert dispatcher.detections[-1] == (job_id, settings.workers.retry_backoff_seconds)
