@@ -122,7 +122,11 @@ def test_openapi_and_docs_published(client: TestClient) -> None:
     for path in ("/api/jobs", "/api/jobs/{job_id}/timeline", "/api/studies", "/api/jobs/{job_id}/retry", "/metrics"):
         assert path in spec["paths"], path
     assert "HTTPBearer" in spec["components"]["securitySchemes"]
-    assert client.get("/docs", headers={"Authorization": ""}).status_code == 200
+    docs = client.get("/docs", headers={"Authorization": ""})
+    assert docs.status_code == 200 and "/docs-assets/swagger-ui-bundle.js" in docs.text
+    assert "cdn" not in docs.text and "https://" not in docs.text  # nothing fetched from outside the node
+    assert client.get("/docs-assets/swagger-ui-bundle.js", headers={"Authorization": ""}).status_code == 200
+    assert client.get("/redoc", headers={"Authorization": ""}).status_code == 404
 
 
 def test_jobs_filters(client: TestClient, filled: Rows) -> None:
@@ -191,6 +195,9 @@ def test_studies_triage_order_and_filters(client: TestClient, filled: Rows) -> N
     first = triage["items"][0]
     assert first["study_instance_uid"] == filled.studies["chest_abnormal"]
     assert first["abnormal"] is True and first["max_score"] == pytest.approx(0.93)
+    assert [(j["id"], j["detector"], j["state"], j["is_abnormal"]) for j in first["jobs"]] == [
+        (filled.jobs["chest_abnormal"], "chest_xray", "delivered", True)
+    ]
     flags = [item["abnormal"] for item in triage["items"]]
     assert flags == [True, None, None, None, False, False]  # abnormal, waiting for a result, normal
 

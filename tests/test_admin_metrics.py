@@ -90,3 +90,31 @@ def test_gpu_memory_only_when_torch_loaded() -> None:
     else:  # another test imported torch: on this CPU-only machine CUDA is not initialised
         torch = sys.modules["torch"]
         assert bool(list(gpu_memory())) == (torch.cuda.is_available() and torch.cuda.is_initialized())
+
+
+def test_gpu_memory_reads_an_initialised_cuda(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No GPU on the CI machine: a stand-in for ``torch.cuda`` (the only thing read) checks the exposition; the real
+    path runs where embedded workers hold a GPU."""
+    import sys
+    import types
+
+    class Properties:
+        total_memory = 80 * 2**30
+
+    cuda = types.SimpleNamespace(
+        is_available=lambda: True,
+        is_initialized=lambda: True,
+        device_count=lambda: 2,
+        memory_allocated=lambda i: (i + 1) * 2**30,
+        memory_reserved=lambda i: (i + 2) * 2**30,
+        get_device_properties=lambda i: Properties(),
+    )
+    monkeypatch.setitem(sys.modules, "torch", types.SimpleNamespace(cuda=cuda))
+    families = {f.name: {s.labels["device"]: s.value for s in f.samples} for f in gpu_memory()}
+    assert families == {
+        "dicom_node_gpu_memory_allocated_bytes": {"cuda:0": 2**30, "cuda:1": 2 * 2**30},
+        "dicom_node_gpu_memory_reserved_bytes": {"cuda:0": 2 * 2**30, "cuda:1": 3 * 2**30},
+        "dicom_node_gpu_memory_total_bytes": {"cuda:0": 80 * 2**30, "cuda:1": 80 * 2**30},
+    }
+    cuda.is_initialized = lambda: False  # torch loaded but CUDA never used: nothing to report
+    assert list(gpu_memory()) == []

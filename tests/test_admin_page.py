@@ -137,3 +137,20 @@ def test_admin_page_refuses_wrong_token(served: tuple[str, Rows], browser) -> No
     browser.get(f"{url}/?token=not-a-token")
     WebDriverWait(browser, 20).until(lambda d: "401" in d.find_element(By.ID, "status").text)
     assert browser.find_elements(By.CSS_SELECTOR, "#studies tbody tr") == []
+
+
+@pytest.mark.slow
+def test_api_docs_render_offline(served: tuple[str, Rows], browser) -> None:  # type: ignore[no-untyped-def]
+    """/docs renders the OpenAPI 3.1 document with the Swagger UI shipped in the venv (the browser has no internet)."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    url, _rows = served
+    browser.get(f"{url}/docs")
+    wait = WebDriverWait(browser, 30)
+    wait.until(lambda d: "dicom-node admin API" in d.find_element(By.CSS_SELECTOR, ".swagger-ui .info .title").text)
+    wait.until(
+        lambda d: any(
+            "/api/jobs/{job_id}/timeline" in e.text for e in d.find_elements(By.CSS_SELECTOR, ".opblock-summary")
+        )
+    )

@@ -21,6 +21,7 @@ ECHOSCU = "/usr/bin/echoscu"
 DICOM_NODE = REPO / ".venv" / "bin" / "dicom-node"
 SERIES = DICOM_DATA / "mr_brain_t1_siemens"
 READ = "serve-test-reader"
+ADMIN = "serve-test-admin"
 
 
 class Served:
@@ -36,7 +37,7 @@ class Served:
                     "storage": {"min_free_bytes": 0},
                     "completion": {"quiet_seconds": 1.0, "check_interval_seconds": 0.2},
                     "workers": {"embedded": False},
-                    "http": {"read_tokens": [READ]},
+                    "http": {"read_tokens": [READ], "admin_tokens": [ADMIN]},
                 }
             )
         )
@@ -121,7 +122,21 @@ def test_serve_storescu_then_api_and_metrics(served: Served) -> None:
         assert study["calling_ae_title"] == "MRSCANNER1" and study["instance_count"] == len(files)
         detail = client.get(f"/api/studies/{study['study_instance_uid']}").json()
         assert [s["detector"] for s in detail["series"]] == ["brain_mri"]
-        assert client.get("/api/jobs", params={"calling_ae": "MRSCANNER1"}).status_code == 200
+        # The scheduler queued one brain_mri job (no worker runs in this test: workers.embedded is false).
+        deadline = time.monotonic() + 30
+        while not (jobs := client.get("/api/jobs", params={"calling_ae": "MRSCANNER1"}).json())["total"]:
+            assert time.monotonic() < deadline, f"no job queued\n{served.log.read_text()}"
+            time.sleep(0.5)
+        [job] = jobs["items"]
+        assert (job["detector"], job["state"]) == ("brain_mri", "queued")
+        steps = [s["name"] for s in client.get(f"/api/jobs/{job['id']}/timeline").json()["steps"]]
+        assert steps == ["received", "last_received", "complete", "queued"]
+        # The admin action goes through the node's own dispatcher (embedded broker) and the job state machine.
+        assert client.post(f"/api/jobs/{job['id']}/retry").status_code == 403
+        retried = client.post(f"/api/jobs/{job['id']}/retry", headers={"Authorization": f"Bearer {ADMIN}"})
+        assert retried.status_code == 200 and retried.json()["job_ids"] == [job["id"]], retried.text
+        events = client.get(f"/api/jobs/{job['id']}/timeline").json()["events"]
+        assert events[-1]["event"] == "resend"
 
         m = metrics(client)
         assert m["dicom_node_instances_received_total"][()] == len(files)
@@ -131,8 +146,7 @@ def test_serve_storescu_then_api_and_metrics(served: Served) -> None:
         rejected = {dict(k)["reason"]: v for k, v in associations.items() if dict(k)["outcome"] == "rejected"}
         assert sum(rejected.values()) == 1, associations
         assert m["dicom_node_studies"][(("state", "complete"),)] == 1
-        # Queued jobs (when a scheduler is wired into serve) show as queue depth; never a negative or stray label.
-        assert all(dict(k)["detector"] in ("brain_mri", "chest_xray") for k in m.get("dicom_node_queue_depth", {}))
+        assert m["dicom_node_queue_depth"] == {(("detector", "brain_mri"),): 1.0}
 
     # The CLI reads the same database.
     stats = subprocess.run(

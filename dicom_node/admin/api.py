@@ -16,8 +16,10 @@ from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any
 
+import swagger_ui
 from fastapi import Depends, FastAPI, HTTPException, Query, Request, Response, status
-from fastapi.responses import FileResponse, JSONResponse
+from fastapi.openapi.docs import get_swagger_ui_html
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -47,6 +49,7 @@ from dicom_node.db import Database, JobState, StudyState
 log = logging.getLogger(__name__)
 
 STATIC_DIR = Path(__file__).parent / "static"
+SWAGGER_UI_DIR = Path(swagger_ui.__file__).parent / "static"
 
 
 HTTP_422 = 422  # Unprocessable Content (RFC 9110 15.5.21); starlette renamed its constant between versions.
@@ -125,6 +128,9 @@ def create_app(settings: Settings, db: Database, actions: AdminActions | None = 
         title="dicom-node admin API",
         version=__version__,
         description=__doc__,
+        # FastAPI's own /docs and /redoc load their scripts from a CDN; ours serves Swagger UI from the package.
+        docs_url=None,
+        redoc_url=None,
         openapi_tags=[
             {"name": "studies", "description": "what came in"},
             {"name": "jobs", "description": "what ran, failed, and was delivered"},
@@ -301,6 +307,19 @@ def create_app(settings: Settings, db: Database, actions: AdminActions | None = 
         return run_action("rerun", lambda a: a.rerun_study(study_uid))
 
     # --- web page -----------------------------------------------------------------------------------------------
+
+    @app.get("/docs", include_in_schema=False)
+    def docs() -> HTMLResponse:
+        """Swagger UI over /openapi.json, with its assets from the installed swagger-ui-py package."""
+        return get_swagger_ui_html(
+            openapi_url="/openapi.json",
+            title="dicom-node admin API",
+            swagger_js_url="/docs-assets/swagger-ui-bundle.js",
+            swagger_css_url="/docs-assets/swagger-ui.css",
+            swagger_favicon_url="/docs-assets/favicon-32x32.png",
+        )
+
+    app.mount("/docs-assets", StaticFiles(directory=SWAGGER_UI_DIR), name="docs-assets")
 
     @app.get("/", include_in_schema=False)
     def index() -> FileResponse:

@@ -6,6 +6,7 @@ Each list is one filtered SELECT plus one COUNT over the same filters, so paging
 
 from __future__ import annotations
 
+import enum
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -19,6 +20,7 @@ from dicom_node.admin.schemas import (
     DeliveryAttemptOut,
     DetectorStats,
     Durations,
+    JobBrief,
     JobEventOut,
     JobPage,
     JobSummary,
@@ -272,43 +274,54 @@ def list_studies(session: Session, flt: StudyFilter, limit: int = 50, offset: in
     else:
         query = query.order_by(Study.last_received_at.desc(), Study.id.desc())
     rows = session.execute(query.limit(limit).offset(offset)).all()
-    states = _job_states(session, [row[0].id for row in rows])
+    jobs_of = _study_jobs(session, [row[0].id for row in rows])
     items = [
-        _study_summary(study, abnormal, max_score, jobs, n_series, states.get(study.id, {}))
-        for study, abnormal, max_score, jobs, n_series in rows
+        _study_summary(study, abnormal, max_score, n_series, jobs_of.get(study.id, []))
+        for study, abnormal, max_score, _jobs, n_series in rows
     ]
     return StudyPage(total=int(total or 0), limit=limit, offset=offset, items=items)
 
 
-def _job_states(session: Session, study_ids: list[int]) -> dict[int, dict[str, int]]:
+def _study_jobs(session: Session, study_ids: list[int]) -> dict[int, list[JobBrief]]:
+    """The jobs of the given studies (one query for a page of studies)."""
     if not study_ids:
         return {}
-    result: dict[int, dict[str, int]] = defaultdict(dict)
+    result: dict[int, list[JobBrief]] = defaultdict(list)
     rows = session.execute(
-        select(Job.study_id, Job.state, func.count(Job.id))
+        select(Job.study_id, Job.id, Job.detector, Job.state, Job.is_abnormal, Job.series_score)
         .where(Job.study_id.in_(study_ids))
-        .group_by(Job.study_id, Job.state)
+        .order_by(Job.id)
     ).all()
-    for study_id, state, count in rows:
-        result[study_id][str(state.value if isinstance(state, JobState) else state)] = int(count)
+    for study_id, job_id, detector, state, is_abnormal, score in rows:
+        result[study_id].append(
+            JobBrief(
+                id=job_id, detector=detector, state=_state_name(state), is_abnormal=is_abnormal, series_score=score
+            )
+        )
     return result
+
+
+def _state_name(state: object) -> str:
+    return str(state.value if isinstance(state, enum.Enum) else state)
 
 
 def _study_summary(
     study: Study,
     abnormal: int | None,
     max_score: float | None,
-    jobs: int | None,
     n_series: int | None,
-    job_states: dict[str, int],
+    jobs: list[JobBrief],
 ) -> StudySummary:
+    job_states: dict[str, int] = defaultdict(int)
+    for job in jobs:
+        job_states[job.state] += 1
     return StudySummary(
         id=study.id,
         study_instance_uid=study.study_instance_uid,
         accession_number=study.accession_number,
         modalities=study.modalities,
         calling_ae_title=study.calling_ae_title,
-        state=str(study.state.value if hasattr(study.state, "value") else study.state),
+        state=_state_name(study.state),
         first_received_at=utc(study.first_received_at),
         last_received_at=utc(study.last_received_at),
         completed_at=utc_or_none(study.completed_at),
@@ -316,10 +329,11 @@ def _study_summary(
         needs_reprocessing=bool(study.needs_reprocessing),
         instance_count=study.instance_count or 0,
         series_count=int(n_series or 0),
-        job_count=sum(job_states.values()) if job_states else int(jobs or 0),
-        job_states=job_states,
+        job_count=len(jobs),
+        job_states=dict(job_states),
         abnormal=None if abnormal is None else bool(abnormal),
         max_score=max_score,
+        jobs=jobs,
     )
 
 
@@ -336,14 +350,13 @@ def get_study(session: Session, study_instance_uid: str) -> StudyDetail:
         study,
         flag_row[0] if flag_row else None,
         flag_row[1] if flag_row else None,
-        len(jobs),
         len(series),
-        _job_states(session, [study.id]).get(study.id, {}),
+        _study_jobs(session, [study.id]).get(study.id, []),
     )
     return StudyDetail(
-        **summary.model_dump(),
+        **summary.model_dump(exclude={"jobs"}),
         series=[_series_summary(s, study.study_instance_uid) for s in series],
-        jobs=jobs,
+        jobs=sorted(jobs, key=lambda j: j.id),
     )
 
 

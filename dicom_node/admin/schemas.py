@@ -69,6 +69,16 @@ class SeriesPage(BaseModel):
     items: list[SeriesSummary]
 
 
+class JobBrief(BaseModel):
+    """A job as listed with its study."""
+
+    id: int
+    detector: str
+    state: str
+    is_abnormal: bool | None = None
+    series_score: float | None = None
+
+
 class StudySummary(BaseModel):
     id: int
     study_instance_uid: str
@@ -87,6 +97,7 @@ class StudySummary(BaseModel):
     job_states: dict[str, int] = Field(default_factory=dict)
     abnormal: bool | None = Field(None, description="true if any job found the study abnormal; null = no result yet")
     max_score: float | None = None
+    jobs: list[JobBrief] = Field(default_factory=list, description="the study's jobs, oldest first")
 
 
 class StudyPage(BaseModel):
@@ -98,7 +109,7 @@ class StudyPage(BaseModel):
 
 class StudyDetail(StudySummary):
     series: list[SeriesSummary] = Field(default_factory=list)
-    jobs: list[JobSummary] = Field(default_factory=list)
+    jobs: list[JobSummary] = Field(default_factory=list)  # type: ignore[assignment]
 
 
 class TimelineStep(BaseModel):

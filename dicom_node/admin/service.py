@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import secrets
+import socket
 import threading
 import time
 from pathlib import Path
@@ -90,18 +91,27 @@ class HttpService:
         return f"http://{host}:{self.settings.http.port}"
 
     def start(self, timeout: float = 10.0) -> None:
-        """Start serving in a daemon thread; returns when the socket listens. RuntimeError when it cannot start
-        (for example the port is in use)."""
-        self._thread = threading.Thread(target=self._server.run, name="admin-http", daemon=True)
+        """Start serving in a daemon thread; returns when the socket listens. OSError when it cannot listen (for
+        example the port is in use): the socket is bound here, so the error names the address and the cause."""
+        host, port = self.settings.http.bind_address, self.settings.http.port
+        sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+            sock.listen(128)
+        except OSError as err:
+            sock.close()
+            # An OSError, like the SCP's, so ``dicom-node serve`` reports it in one line and exits 1.
+            raise OSError(err.errno, f"admin HTTP service could not listen on {host}:{port}: {err.strerror}") from err
+        self._thread = threading.Thread(
+            target=self._server.run, kwargs={"sockets": [sock]}, name="admin-http", daemon=True
+        )
         self._thread.start()
         deadline = time.monotonic() + timeout
         while not self._server.started:
-            if not self._thread.is_alive():
-                address = f"{self.settings.http.bind_address}:{self.settings.http.port}"
-                raise RuntimeError(f"admin HTTP service could not listen on {address}")
-            if time.monotonic() > deadline:
+            if not self._thread.is_alive() or time.monotonic() > deadline:
                 self.stop()
-                raise RuntimeError("admin HTTP service did not start in time")
+                raise RuntimeError(f"admin HTTP service on {host}:{port} did not start")
             time.sleep(0.05)
         log.info("admin API, web page and /metrics on %s", self.url)
 

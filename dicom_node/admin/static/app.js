@@ -84,13 +84,10 @@ function jobLink(job) {
 
 async function loadStudies() {
   const page = await api("/api/studies?order=triage&limit=50");
-  const jobs = await api("/api/jobs?limit=200");
-  const byStudy = {};
-  for (const job of jobs.items) (byStudy[job.study_instance_uid] = byStudy[job.study_instance_uid] || []).push(job);
   const body = document.querySelector("#studies tbody");
   body.replaceChildren();
   for (const study of page.items) {
-    const links = (byStudy[study.study_instance_uid] || []).map(jobLink);
+    const links = study.jobs.map(jobLink);
     const row = el("tr", { "data-study-uid": study.study_instance_uid }, [
       el("td", {}, [flag(study.abnormal)]),
       el("td", { text: study.max_score === null ? "-" : study.max_score.toFixed(3) }),
