@@ -253,3 +253,18 @@ def test_spool_refuses_truncated_unparseable_and_full_disk(tmp_path: Path) -> No
 def test_selection_rule_rejects_bad_regex() -> None:
     with pytest.raises(ValueError):
         SelectionRule(name="bad", series_description_regex="(")
+
+
+def test_series_image_type_is_the_union_over_its_instances(database: Database) -> None:
+    from dataclasses import replace
+
+    recorder = InstanceRecorder(database)
+    peer = Peer("MRI", None)
+    first = replace(_header("7.7", "7.7.1", "7.7.1.1"), image_type="ORIGINAL\\PRIMARY\\M")
+    scout = replace(_header("7.7", "7.7.1", "7.7.1.2"), image_type="ORIGINAL\\PRIMARY\\LOCALIZER")
+    for header in (first, scout, first):
+        recorder.record(StoredInstance(header, Path("/x"), 1, False), peer)
+    with database.session() as session:
+        series = session.execute(select(Series).where(Series.series_instance_uid == "7.7.1")).scalar_one()
+        assert series.image_type == "ORIGINAL\\PRIMARY\\M\\LOCALIZER"
+        assert select_series(SeriesAttributes.from_series(series), RULES).reason == "localizer"

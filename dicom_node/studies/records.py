@@ -77,6 +77,7 @@ class InstanceRecorder:
     def __init__(self, db: Database, cache_size: int = 4096) -> None:
         self.db = db
         self._ids: OrderedDict[str, tuple[int, int]] = OrderedDict()
+        self._image_types: dict[int, frozenset[str]] = {}  # per series id: Image Type values already recorded
         self._cache_size = cache_size
         self._lock = threading.Lock()
         dialect = db.engine.dialect.name
@@ -107,6 +108,7 @@ class InstanceRecorder:
             # A cached id whose row was deleted meanwhile (e.g. an admin purge): forget the cache, try once more.
             with self._lock:
                 self._ids.clear()
+                self._image_types.clear()
             return with_retry(self.db, work)
 
     def _cached(self, series_uid: str) -> tuple[int, int] | None:
@@ -120,7 +122,8 @@ class InstanceRecorder:
         with self._lock:
             self._ids[series_uid] = ids
             while len(self._ids) > self._cache_size:
-                self._ids.popitem(last=False)
+                _, (_, series_id) = self._ids.popitem(last=False)
+                self._image_types.pop(series_id, None)
 
     def _record(self, session: Session, stored: StoredInstance, peer: Peer, now: datetime) -> Recorded:
         h = stored.header
@@ -149,6 +152,7 @@ class InstanceRecorder:
             select(_STUDIES.c.state).where(_STUDIES.c.id == study_id).with_for_update()
         ).scalar_one()
         complete = StudyState(state) == StudyState.COMPLETE
+        self._merge_image_type(conn, series_id, h.image_type)
         if not inserted:
             conn.execute(
                 update(_INSTANCES)
@@ -180,6 +184,23 @@ class InstanceRecorder:
         )
         self._remember(h.series_instance_uid, ids)
         return Recorded(study_id, duplicate=False, after_completion=complete)
+
+    def _merge_image_type(self, conn: Connection, series_id: int, image_type: str | None) -> None:
+        """Keep the union of the Image Type values of a series' instances, so that a rule excluding e.g. LOCALIZER
+        sees it whichever instance carries it."""
+        values = [v for v in (image_type or "").split("\\") if v]
+        with self._lock:
+            known = self._image_types.get(series_id)
+        if known is not None and known.issuperset(values):
+            return
+        current = conn.execute(select(_SERIES.c.image_type).where(_SERIES.c.id == series_id)).scalar_one()
+        merged = [v for v in (current or "").split("\\") if v]
+        merged += [v for v in values if v not in merged]
+        text = "\\".join(merged)[:128] or None
+        if text != current:
+            conn.execute(update(_SERIES).where(_SERIES.c.id == series_id).values(image_type=text))
+        with self._lock:
+            self._image_types[series_id] = frozenset(merged)
 
     def _ensure_study_and_series(
         self, conn: Connection, stored: StoredInstance, peer: Peer, now: datetime
