@@ -160,7 +160,8 @@ def _default_selection_rules() -> list[SelectionRule]:
         SelectionRule(
             name="localizer-description",
             reason="localizer",
-            series_description_regex=r"(?i)\b(localizer|localiser|scout|survey|3-?plane|aahead)\b",
+            # Letters around the word would make another word; underscores and digits do not (AAHead_Scout_64ch).
+            series_description_regex=r"(?i)(?<![a-z])(localizer|localiser|scout|survey|3-?plane|aahead)(?![a-z])",
         ),
         SelectionRule(
             name="derived",

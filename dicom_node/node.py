@@ -73,6 +73,7 @@ class Node:
                 service.stop()
             except Exception:  # noqa: BLE001 - stop the rest regardless
                 log.exception("stopping %r failed", service)
+        self.receiver.close()
         self.db.dispose()
 
 

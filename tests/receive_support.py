@@ -84,7 +84,12 @@ class NodeProcess:
 
     def write_config(self) -> None:
         config: dict[str, Any] = {
-            "node": {"ae_title": AE_TITLE, "port": self.port, "data_dir": str(self.data_dir), "bind_address": "127.0.0.1"},
+            "node": {
+                "ae_title": AE_TITLE,
+                "port": self.port,
+                "data_dir": str(self.data_dir),
+                "bind_address": "127.0.0.1",
+            },
             "database": {"url": self.database_url},
             "storage": {"min_free_bytes": 0},
             "completion": {"quiet_seconds": 2.0, "check_interval_seconds": 0.2},

@@ -212,10 +212,21 @@ def test_calling_ae_not_on_the_allow_list_is_refused_and_audited(node: NodeProce
         )
         return reasons if found else None
 
-    wait_for(rejections, timeout=10)
-    with db.session() as session:
-        accepted = session.execute(select(AuditEvent).where(AuditEvent.event == "association_accepted")).scalars()
-        assert any(e.calling_ae_title == "ECHOSCU" for e in accepted)
+    try:
+        wait_for(rejections, timeout=15)
+    except AssertionError as err:
+        raise AssertionError(f"{err}: {rejections()}\n{node.log()[-3000:]}") from None
+    assert echoscu(node.port, calling="ECHOSCU").returncode == 0
+
+    def accepted() -> bool:
+        with db.session() as session:
+            events = session.execute(select(AuditEvent).where(AuditEvent.event == "association_accepted")).scalars()
+            return any(e.calling_ae_title == "ECHOSCU" for e in events)
+
+    try:
+        wait_for(accepted, timeout=15)
+    except AssertionError as err:
+        raise AssertionError(f"{err}\n{node.log()[-3000:]}") from None
 
 
 def _send_raw(port: int, path: Path) -> int:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import ssl
+import time
 from typing import Any
 
 from pydicom import uid
@@ -140,10 +141,17 @@ class StorageSCP:
             "on" if ssl_context else "off",
         )
 
-    def stop(self) -> None:
+    def stop(self, grace_seconds: float = 10.0) -> None:
+        """Stop listening, let running associations finish for ``grace_seconds``, then abort the rest (their
+        unacknowledged instance is sent again by the peer)."""
         if self._server is not None:
             self._server.shutdown()
             self._server = None
+        deadline = time.monotonic() + grace_seconds
+        while self.ae.active_associations and time.monotonic() < deadline:
+            time.sleep(0.1)
+        if self.ae.active_associations:
+            log.warning("aborting %d association(s) still running", len(self.ae.active_associations))
         self.ae.shutdown()
 
     # Association policy ------------------------------------------------------------------------------------------
@@ -175,6 +183,7 @@ class StorageSCP:
         log.warning("association from %s (%s) rejected: %s", peer.calling_ae_title, peer.host, reason)
         event.assoc.acse.send_reject(_REJECT_PERMANENT, _SOURCE_SERVICE_USER, diagnostic)
         self._audit("association_rejected", peer, called, reason)
+        event.assoc.kill()  # as pynetdicom does after its own rejections: stop the DUL thread
 
     def _on_accepted(self, event: evt.Event) -> None:
         peer, called = self._peer(event)

@@ -5,10 +5,12 @@ The SCP's handler only calls :meth:`InstanceReceiver.receive` and returns the st
 
 from __future__ import annotations
 
+import errno
 import logging
+from concurrent.futures import ThreadPoolExecutor, wait
 from pathlib import Path
 
-from dicom_node.storage.spool import STATUS_SUCCESS, RejectedInstance, Spool
+from dicom_node.storage.spool import STATUS_SUCCESS, RejectedInstance, Spool, StoredInstance
 from dicom_node.studies.records import InstanceRecorder, Peer
 
 log = logging.getLogger(__name__)
@@ -18,14 +20,25 @@ STATUS_PROCESSING_FAILURE = 0xC211
 
 
 class InstanceReceiver:
-    def __init__(self, spool: Spool, recorder: InstanceRecorder) -> None:
+    """Spools and records each instance; the two fsyncs run on I/O threads while the header is parsed and the
+    database statements execute, and the database transaction commits only after both are done, so a recorded
+    instance is always durable on disk and Success is answered only after both."""
+
+    def __init__(self, spool: Spool, recorder: InstanceRecorder, io_threads: int = 8) -> None:
         self.spool = spool
         self.recorder = recorder
+        self._io = ThreadPoolExecutor(max_workers=io_threads, thread_name_prefix="spool-io")
+
+    def close(self) -> None:
+        self._io.shutdown(wait=True)
 
     def receive(self, dataset_path: Path, peer: Peer, affected_sop_instance_uid: str | None = None) -> int:
         """Store and record one received data set; returns the C-STORE status to answer."""
+        data_synced = self._io.submit(self.spool.sync_file, dataset_path)  # the bytes are all written already
         try:
-            stored = self.spool.store(dataset_path, affected_sop_instance_uid)
+            header = self.spool.inspect(dataset_path, affected_sop_instance_uid)
+            data_synced.result()
+            placement = self.spool.place(dataset_path, header)
         except RejectedInstance as err:
             log.warning(
                 "C-STORE from %s refused with 0x%04X: %s (SOP Instance %s)",
@@ -34,15 +47,19 @@ class InstanceReceiver:
                 err.reason,
                 affected_sop_instance_uid,
             )
+            wait([data_synced])
             return err.status
         except OSError as err:
             log.error("C-STORE from %s: cannot write the spool: %s", peer.calling_ae_title, err.strerror)
-            return 0xA700 if err.errno in (28, 122) else STATUS_PROCESSING_FAILURE  # ENOSPC, EDQUOT
+            wait([data_synced])
+            return 0xA700 if err.errno in (errno.ENOSPC, errno.EDQUOT) else STATUS_PROCESSING_FAILURE
+        dirs_synced = self._io.submit(self.spool.sync_dirs, placement)
+        stored = StoredInstance(header, placement.path, placement.size_bytes, placement.already_on_disk)
         try:
-            recorded = self.recorder.record(stored, peer)
+            recorded = self.recorder.record(stored, peer, before_commit=dirs_synced.result)
         except Exception:  # noqa: BLE001 - the sender gets a failure status and will retry; we stay up
             log.exception("C-STORE from %s: recording SOP Instance %s failed", peer.calling_ae_title,
-                          stored.header.sop_instance_uid)
+                          header.sop_instance_uid)
             return STATUS_PROCESSING_FAILURE
         h = stored.header
         if recorded.duplicate:

@@ -21,7 +21,6 @@ from typing import BinaryIO
 
 from pydicom import dcmread
 from pydicom.dataset import Dataset
-from pydicom.errors import InvalidDicomError
 from pydicom.uid import DeflatedExplicitVRLittleEndian
 
 # PS3.5 9.1: UID components are digits separated by periods, at most 64 characters. Checking this also keeps a
@@ -87,6 +86,14 @@ class InstanceHeader:
 
 
 @dataclass(frozen=True)
+class Placement:
+    path: Path
+    size_bytes: int
+    already_on_disk: bool
+    new_dirs: bool
+
+
+@dataclass(frozen=True)
 class StoredInstance:
     header: InstanceHeader
     path: Path
@@ -128,88 +135,88 @@ def _uid(ds: Dataset, keyword: str) -> str:
 
 
 def read_header(path: Path) -> InstanceHeader:
-    """Parse the header attributes the node needs; the pixel data is neither read nor decoded."""
-    try:
-        ds = dcmread(path, stop_before_pixels=True, defer_size="2 KB", specific_tags=list(HEADER_KEYWORDS))
-        transfer_syntax = str(ds.file_meta.TransferSyntaxUID)
-        header = InstanceHeader(
-            sop_class_uid=_uid(ds, "SOPClassUID"),
-            sop_instance_uid=_uid(ds, "SOPInstanceUID"),
-            study_instance_uid=_uid(ds, "StudyInstanceUID"),
-            series_instance_uid=_uid(ds, "SeriesInstanceUID"),
-            transfer_syntax_uid=transfer_syntax,
-            accession_number=_text(ds, "AccessionNumber"),
-            modality=_text(ds, "Modality"),
-            series_number=_int(ds, "SeriesNumber"),
-            series_description=_text(ds, "SeriesDescription"),
-            body_part_examined=_text(ds, "BodyPartExamined"),
-            view_position=_text(ds, "ViewPosition"),
-            image_type=_multi(ds, "ImageType"),
-            instance_number=_int(ds, "InstanceNumber"),
-            rows=_int(ds, "Rows"),
-            columns=_int(ds, "Columns"),
-        )
-    except RejectedInstance:
-        raise
-    except (InvalidDicomError, EOFError, OSError, ValueError, KeyError, AttributeError, struct.error) as err:
-        raise RejectedInstance(STATUS_CANNOT_UNDERSTAND, f"data set cannot be parsed: {type(err).__name__}") from err
-    if transfer_syntax != DeflatedExplicitVRLittleEndian:
-        check_complete(path, transfer_syntax)
+    """Parse the header attributes the node needs and check the data set is complete; the pixel data is neither
+    read nor decoded."""
+    with path.open("rb") as fp:
+        try:
+            ds = dcmread(fp, stop_before_pixels=True, defer_size="2 KB", specific_tags=list(HEADER_KEYWORDS))
+            pixel_data_offset = fp.tell()  # pydicom stops in front of the Pixel Data element
+            header = _header(ds)
+        except RejectedInstance:
+            raise
+        except Exception as err:  # noqa: BLE001 - whatever pydicom cannot parse, the node cannot understand
+            reason = f"data set cannot be parsed: {type(err).__name__}"
+            raise RejectedInstance(STATUS_CANNOT_UNDERSTAND, reason) from err
+        if header.transfer_syntax_uid != DeflatedExplicitVRLittleEndian:
+            check_complete(fp, pixel_data_offset, header.transfer_syntax_uid)
     return header
 
 
-def _pixel_data_offset(fp: BinaryIO) -> int | None:
-    """Offset of the first top-level Pixel Data element, or None when the data set has none."""
-    ds = dcmread(fp, stop_before_pixels=True, defer_size="2 KB", specific_tags=["SOPInstanceUID"])
-    del ds
-    return fp.tell()
+def _header(ds: Dataset) -> InstanceHeader:
+    return InstanceHeader(
+        sop_class_uid=_uid(ds, "SOPClassUID"),
+        sop_instance_uid=_uid(ds, "SOPInstanceUID"),
+        study_instance_uid=_uid(ds, "StudyInstanceUID"),
+        series_instance_uid=_uid(ds, "SeriesInstanceUID"),
+        transfer_syntax_uid=str(ds.file_meta.TransferSyntaxUID),
+        accession_number=_text(ds, "AccessionNumber"),
+        modality=_text(ds, "Modality"),
+        series_number=_int(ds, "SeriesNumber"),
+        series_description=_text(ds, "SeriesDescription"),
+        body_part_examined=_text(ds, "BodyPartExamined"),
+        view_position=_text(ds, "ViewPosition"),
+        image_type=_multi(ds, "ImageType"),
+        instance_number=_int(ds, "InstanceNumber"),
+        rows=_int(ds, "Rows"),
+        columns=_int(ds, "Columns"),
+    )
 
 
-def check_complete(path: Path, transfer_syntax: str) -> None:
-    """Raise RejectedInstance when the data set ends before its pixel data does (a truncated transfer).
+def check_complete(fp: BinaryIO, position: int, transfer_syntax: str) -> None:
+    """Raise RejectedInstance when the data set ends before its last element does (a truncated transfer).
 
-    The header before the pixel data was parsed already; here the pixel data element is walked without reading
-    it: a defined length must fit in the file, encapsulated fragments must end with a Sequence Delimitation Item
-    (PS3.5 A.4)."""
-    size = path.stat().st_size
-    little = "BigEndian" not in _ts_name(transfer_syntax)
+    pydicom parsed the header up to the pixel data (``position``); from there the top-level elements are walked
+    without reading their values: each defined length must fit in the file, and encapsulated pixel data must end
+    with a Sequence Delimitation Item (PS3.5 7.1, A.4)."""
+    size = os.fstat(fp.fileno()).st_size
+    end = "<" if "BigEndian" not in _ts_name(transfer_syntax) else ">"
     implicit = transfer_syntax == "1.2.840.10008.1.2"
-    end = "<" if little else ">"
-    with path.open("rb") as fp:
-        try:
-            offset = _pixel_data_offset(fp)
-        except Exception as err:  # noqa: BLE001 - any parse failure is "cannot understand"
-            reason = f"data set cannot be parsed: {type(err).__name__}"
-            raise RejectedInstance(STATUS_CANNOT_UNDERSTAND, reason) from err
-        if offset is None or offset >= size:
-            return
-        fp.seek(offset)
-        head = fp.read(8)
-        if len(head) < 8:
+    current: int | None = position
+    while current is not None and current < size:
+        current = _skip_element(fp, current, size, end, implicit)
+
+
+def _skip_element(fp: BinaryIO, position: int, size: int, end: str, implicit: bool) -> int | None:
+    """Position after the element at ``position``; None when it cannot be checked cheaply (nested sequence)."""
+    fp.seek(position)
+    head = fp.read(8)
+    if len(head) < 8:
+        raise RejectedInstance(STATUS_CANNOT_UNDERSTAND, "data set is truncated")
+    group, element = struct.unpack(end + "HH", head[:4])
+    tag = group << 16 | element
+    if implicit or group == 0xFFFE:
+        (length,) = struct.unpack(end + "I", head[4:8])
+        position += 8
+    elif head[4:6] in _LONG_VRS:
+        extra = fp.read(4)
+        if len(extra) < 4:
             raise RejectedInstance(STATUS_CANNOT_UNDERSTAND, "data set is truncated")
-        group, element = struct.unpack(end + "HH", head[:4])
-        if (group << 16 | element) not in _PIXEL_DATA_TAGS:
-            return  # trailing non-pixel elements only; pydicom parsed them
-        if implicit:
-            (length,) = struct.unpack(end + "I", head[4:8])
-            position = offset + 8
-        elif head[4:6] in _LONG_VRS:
-            extra = fp.read(4)
-            if len(extra) < 4:
-                raise RejectedInstance(STATUS_CANNOT_UNDERSTAND, "data set is truncated")
-            (length,) = struct.unpack(end + "I", extra)
-            position = offset + 12
-        else:
-            (length,) = struct.unpack(end + "H", head[6:8])
-            position = offset + 8
-        if length != 0xFFFFFFFF:
-            if position + length > size:
-                raise RejectedInstance(STATUS_CANNOT_UNDERSTAND, "pixel data is truncated")
-            return
-        _check_fragments(fp, position, size, end)
+        (length,) = struct.unpack(end + "I", extra)
+        position += 12
+    else:
+        (length,) = struct.unpack(end + "H", head[6:8])
+        position += 8
+    if length == 0xFFFFFFFF:
+        if tag in _PIXEL_DATA_TAGS:
+            return _check_fragments(fp, position, size, end)
+        return None
+    position += length
+    if position > size:
+        raise RejectedInstance(STATUS_CANNOT_UNDERSTAND, "data set is truncated")
+    return position
 
 
-def _check_fragments(fp: BinaryIO, position: int, size: int, end: str) -> None:
+def _check_fragments(fp: BinaryIO, position: int, size: int, end: str) -> int:
     while True:
         fp.seek(position)
         item = fp.read(8)
@@ -218,7 +225,7 @@ def _check_fragments(fp: BinaryIO, position: int, size: int, end: str) -> None:
         group, element, length = struct.unpack(end + "HHI", item)
         tag = group << 16 | element
         if tag == _SEQUENCE_DELIMITER:
-            return
+            return position + 8
         if tag != _ITEM:
             raise RejectedInstance(STATUS_CANNOT_UNDERSTAND, "encapsulated pixel data is malformed")
         position += 8 + length
@@ -268,47 +275,69 @@ class Spool:
             self.root / header.study_instance_uid / header.series_instance_uid / f"{header.sop_instance_uid}.dcm"
         )
 
-    def store(self, received: Path, affected_sop_instance_uid: str | None = None) -> StoredInstance:
-        """Check, fsync and publish the Part 10 file pynetdicom wrote for one C-STORE.
-
-        Raises RejectedInstance (0xA700 when disk space is short, 0xC210 when the data set cannot be understood).
-        ``received`` is left in place (pynetdicom deletes it after the handler returns)."""
+    def inspect(self, received: Path, affected_sop_instance_uid: str | None = None) -> InstanceHeader:
+        """Refuse (RejectedInstance) when disk space is short (0xA700) or the data set cannot be understood
+        (0xC210); otherwise the header attributes the node records."""
         self.check_space()
         header = read_header(received)
         if affected_sop_instance_uid and affected_sop_instance_uid.strip("\0 ") != header.sop_instance_uid:
             raise RejectedInstance(
                 STATUS_CANNOT_UNDERSTAND, "SOP Instance UID of the data set differs from the C-STORE request"
             )
+        return header
+
+    @staticmethod
+    def sync_file(path: Path) -> None:
+        with path.open("rb") as fp:
+            os.fsync(fp.fileno())
+
+    def place(self, received: Path, header: InstanceHeader) -> Placement:
+        """Give the (already fsynced) received file its final name with a hard link: atomic, and it never replaces
+        a copy stored before or meanwhile by another association. The name is durable after sync_dirs()."""
         target = self.path_for(header)
         size = received.stat().st_size
         if target.exists():
-            return StoredInstance(header, target, target.stat().st_size, already_on_disk=True)
+            return Placement(target, target.stat().st_size, already_on_disk=True, new_dirs=False)
         new_dirs = not target.parent.exists()
         target.parent.mkdir(parents=True, exist_ok=True)
-        staged = self._stage(received, target.parent)
-        try:
-            try:
-                os.link(staged, target)  # atomic, and never replaces a copy stored concurrently
-                duplicate = False
-            except FileExistsError:
-                duplicate = True
-        finally:
-            staged.unlink(missing_ok=True)
-        _fsync_dir(target.parent)
-        if new_dirs:  # the new directory entries must be durable too
-            _fsync_dir(target.parent.parent)
-            _fsync_dir(self.root)
-        return StoredInstance(header, target, size if not duplicate else target.stat().st_size, duplicate)
+        existed = self._link(received, target)
+        return Placement(target, target.stat().st_size if existed else size, existed, new_dirs)
 
-    def _stage(self, received: Path, directory: Path) -> Path:
-        """A durable copy of ``received`` under a temporary name in ``directory`` (zero-copy when possible)."""
-        staged = directory / f".{uuid.uuid4().hex}.part"
+    def sync_dirs(self, placement: Placement) -> None:
+        _fsync_dir(placement.path.parent)
+        if placement.new_dirs:  # the new directory entries must be durable too
+            _fsync_dir(placement.path.parent.parent)
+            _fsync_dir(self.root)
+
+    def store(self, received: Path, affected_sop_instance_uid: str | None = None) -> StoredInstance:
+        """inspect, sync_file, place, sync_dirs in sequence (the receiver overlaps the fsyncs with other work)."""
+        header = self.inspect(received, affected_sop_instance_uid)
+        self.sync_file(received)
+        placement = self.place(received, header)
+        self.sync_dirs(placement)
+        return StoredInstance(header, placement.path, placement.size_bytes, placement.already_on_disk)
+
+    @staticmethod
+    def _link(received: Path, target: Path) -> bool:
+        """Link ``received`` to ``target``; True when ``target`` existed already."""
         try:
-            os.link(received, staged)
+            os.link(received, target)
+            return False
+        except FileExistsError:
+            return True
         except OSError as err:
             if err.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP):
                 raise
+        # Another file system (or no hard links): a durable copy next to the target, then the link.
+        staged = target.parent / f".{uuid.uuid4().hex}.part"
+        try:
             shutil.copyfile(received, staged)
-        with staged.open("rb") as fp:
-            os.fsync(fp.fileno())
-        return staged
+            with staged.open("rb") as fp:
+                os.fsync(fp.fileno())
+            try:
+                os.link(staged, target)
+            except FileExistsError:
+                return True
+            return False
+        finally:
+            staged.unlink(missing_ok=True)

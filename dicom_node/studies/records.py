@@ -10,15 +10,17 @@ seen by it or re-opens the study as a late arrival.
 from __future__ import annotations
 
 import logging
+import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, TypeVar
+from typing import TypeVar, cast
 
-from sqlalchemy import case, select, update
+from sqlalchemy import Connection, Table, select, update
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session
 
 from dicom_node.db import AuditEvent, Database, Instance, Series, Study, StudyState
@@ -41,14 +43,8 @@ class Peer:
 @dataclass(frozen=True)
 class Recorded:
     study_id: int
-    instance_id: int
     duplicate: bool
     after_completion: bool
-
-
-def _insert(session: Session, table: Any) -> Any:
-    dialect = session.get_bind().dialect.name
-    return (postgresql.insert if dialect == "postgresql" else sqlite.insert)(table)
 
 
 def with_retry(db: Database, work: Callable[[Session], T], attempts: int = 8) -> T:
@@ -67,109 +63,194 @@ def with_retry(db: Database, work: Callable[[Session], T], attempts: int = 8) ->
     raise AssertionError("unreachable")
 
 
+_STUDIES = cast(Table, Study.__table__)
+_SERIES = cast(Table, Series.__table__)
+_INSTANCES = cast(Table, Instance.__table__)
+
+
 class InstanceRecorder:
-    """Records received instances and association audit events in the job database."""
+    """Records received instances and association audit events in the job database.
 
-    def __init__(self, db: Database) -> None:
+    The hot path (one more instance of a series already known) is four prepared Core statements; the study and
+    series ids are cached per series UID, which is safe because rows are never re-keyed."""
+
+    def __init__(self, db: Database, cache_size: int = 4096) -> None:
         self.db = db
+        self._ids: OrderedDict[str, tuple[int, int]] = OrderedDict()
+        self._image_types: dict[int, frozenset[str]] = {}  # per series id: Image Type values already recorded
+        self._cache_size = cache_size
+        self._lock = threading.Lock()
+        dialect = db.engine.dialect.name
+        insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
+        self._insert_instance = insert(_INSTANCES).on_conflict_do_nothing(index_elements=["sop_instance_uid"])
+        self._insert_study = insert(_STUDIES).on_conflict_do_nothing(index_elements=["study_instance_uid"])
+        self._insert_series = insert(_SERIES).on_conflict_do_nothing(index_elements=["series_instance_uid"])
 
-    def record(self, stored: StoredInstance, peer: Peer, now: datetime | None = None) -> Recorded:
-        return with_retry(self.db, lambda session: self._record(session, stored, peer, now or utcnow()))
+    def record(
+        self,
+        stored: StoredInstance,
+        peer: Peer,
+        now: datetime | None = None,
+        before_commit: Callable[[], object] | None = None,
+    ) -> Recorded:
+        """Record one stored instance. ``before_commit`` (e.g. waiting for the spool's fsync) runs inside the
+        transaction after its statements, so the row is committed only once the file is durable."""
+
+        def work(session: Session) -> Recorded:
+            recorded = self._record(session, stored, peer, now or utcnow())
+            if before_commit is not None:
+                before_commit()
+            return recorded
+
+        try:
+            return with_retry(self.db, work)
+        except IntegrityError:
+            # A cached id whose row was deleted meanwhile (e.g. an admin purge): forget the cache, try once more.
+            with self._lock:
+                self._ids.clear()
+                self._image_types.clear()
+            return with_retry(self.db, work)
+
+    def _cached(self, series_uid: str) -> tuple[int, int] | None:
+        with self._lock:
+            ids = self._ids.get(series_uid)
+            if ids is not None:
+                self._ids.move_to_end(series_uid)
+            return ids
+
+    def _remember(self, series_uid: str, ids: tuple[int, int]) -> None:
+        with self._lock:
+            self._ids[series_uid] = ids
+            while len(self._ids) > self._cache_size:
+                _, (_, series_id) = self._ids.popitem(last=False)
+                self._image_types.pop(series_id, None)
 
     def _record(self, session: Session, stored: StoredInstance, peer: Peer, now: datetime) -> Recorded:
         h = stored.header
-        session.execute(
-            _insert(session, Study.__table__)
-            .values(
-                study_instance_uid=h.study_instance_uid,
-                accession_number=(h.accession_number or "")[:16] or None,
-                modalities=h.modality,
-                calling_ae_title=peer.calling_ae_title,
-                state=StudyState.RECEIVING,
-                first_received_at=now,
-                last_received_at=now,
-                completion_count=0,
-                needs_reprocessing=False,
-                instance_count=0,
-            )
-            .on_conflict_do_nothing(index_elements=["study_instance_uid"])
-        )
-        study_id, state, modalities = session.execute(
-            select(Study.id, Study.state, Study.modalities)
-            .where(Study.study_instance_uid == h.study_instance_uid)
-            .with_for_update()
-        ).one()
+        conn = session.connection()
+        ids = self._cached(h.series_instance_uid) or self._ensure_study_and_series(conn, stored, peer, now)
+        study_id, series_id = ids
+        # The first statement writes, so SQLite takes its write lock here (busy_timeout applies, no upgrade race).
+        inserted = conn.execute(
+            self._insert_instance,
+            {
+                "series_id": series_id,
+                "sop_instance_uid": h.sop_instance_uid,
+                "sop_class_uid": h.sop_class_uid,
+                "transfer_syntax_uid": h.transfer_syntax_uid,
+                "instance_number": h.instance_number,
+                "file_path": str(stored.path),
+                "size_bytes": stored.size_bytes,
+                "calling_ae_title": peer.calling_ae_title,
+                "peer_host": peer.host,
+                "received_at": now,
+                "times_received": 1,
+                "after_completion": False,
+            },
+        ).rowcount
+        state = conn.execute(
+            select(_STUDIES.c.state).where(_STUDIES.c.id == study_id).with_for_update()
+        ).scalar_one()
         complete = StudyState(state) == StudyState.COMPLETE
-
-        session.execute(
-            _insert(session, Series.__table__)
-            .values(
-                study_id=study_id,
-                series_instance_uid=h.series_instance_uid,
-                modality=h.modality,
-                series_number=h.series_number,
-                series_description=(h.series_description or "")[:64] or None,
-                body_part_examined=(h.body_part_examined or "")[:16] or None,
-                view_position=(h.view_position or "")[:16] or None,
-                image_type=(h.image_type or "")[:128] or None,
-                sop_class_uid=h.sop_class_uid,
-                rows=h.rows,
-                columns=h.columns,
-                instance_count=0,
-            )
-            .on_conflict_do_nothing(index_elements=["series_instance_uid"])
-        )
-        series_id = session.execute(
-            select(Series.id).where(Series.series_instance_uid == h.series_instance_uid)
-        ).scalar_one()
-
-        inserted = session.execute(
-            _insert(session, Instance.__table__)
-            .values(
-                series_id=series_id,
-                sop_instance_uid=h.sop_instance_uid,
-                sop_class_uid=h.sop_class_uid,
-                transfer_syntax_uid=h.transfer_syntax_uid,
-                instance_number=h.instance_number,
-                file_path=str(stored.path),
-                size_bytes=stored.size_bytes,
-                calling_ae_title=peer.calling_ae_title,
-                peer_host=peer.host,
-                received_at=now,
-                times_received=1,
-                after_completion=complete,
-            )
-            .on_conflict_do_nothing(index_elements=["sop_instance_uid"])
-        ).rowcount  # type: ignore[attr-defined]
-        instance_id = session.execute(
-            select(Instance.id).where(Instance.sop_instance_uid == h.sop_instance_uid)
-        ).scalar_one()
-
+        self._merge_image_type(conn, series_id, h.image_type)
         if not inserted:
-            session.execute(
-                update(Instance)
-                .where(Instance.id == instance_id)
-                .values(times_received=Instance.times_received + 1, last_duplicate_at=now)
+            conn.execute(
+                update(_INSTANCES)
+                .where(_INSTANCES.c.sop_instance_uid == h.sop_instance_uid)
+                .values(times_received=_INSTANCES.c.times_received + 1, last_duplicate_at=now)
             )
             if not complete:  # a re-send in progress still delays the quiet-time completion
-                session.execute(update(Study).where(Study.id == study_id).values(last_received_at=now))
-            return Recorded(study_id, instance_id, duplicate=True, after_completion=False)
-
-        session.execute(
-            update(Series).where(Series.id == series_id).values(instance_count=Series.instance_count + 1)
+                conn.execute(update(_STUDIES).where(_STUDIES.c.id == study_id).values(last_received_at=now))
+            self._remember(h.series_instance_uid, ids)
+            return Recorded(study_id, duplicate=True, after_completion=False)
+        if complete:
+            conn.execute(
+                update(_INSTANCES)
+                .where(_INSTANCES.c.sop_instance_uid == h.sop_instance_uid)
+                .values(after_completion=True)
+            )
+        conn.execute(
+            update(_SERIES).where(_SERIES.c.id == series_id).values(instance_count=_SERIES.c.instance_count + 1)
         )
-        session.execute(
-            update(Study)
-            .where(Study.id == study_id)
+        conn.execute(
+            update(_STUDIES)
+            .where(_STUDIES.c.id == study_id)
             .values(
                 last_received_at=now,
-                instance_count=Study.instance_count + 1,
-                modalities=_merge_modalities(modalities, h.modality),
+                instance_count=_STUDIES.c.instance_count + 1,
                 state=StudyState.RECEIVING,
-                needs_reprocessing=case((Study.state == StudyState.COMPLETE, True), else_=Study.needs_reprocessing),
+                needs_reprocessing=True if complete else _STUDIES.c.needs_reprocessing,
             )
         )
-        return Recorded(study_id, instance_id, duplicate=False, after_completion=complete)
+        self._remember(h.series_instance_uid, ids)
+        return Recorded(study_id, duplicate=False, after_completion=complete)
+
+    def _merge_image_type(self, conn: Connection, series_id: int, image_type: str | None) -> None:
+        """Keep the union of the Image Type values of a series' instances, so that a rule excluding e.g. LOCALIZER
+        sees it whichever instance carries it."""
+        values = [v for v in (image_type or "").split("\\") if v]
+        with self._lock:
+            known = self._image_types.get(series_id)
+        if known is not None and known.issuperset(values):
+            return
+        current = conn.execute(select(_SERIES.c.image_type).where(_SERIES.c.id == series_id)).scalar_one()
+        merged = [v for v in (current or "").split("\\") if v]
+        merged += [v for v in values if v not in merged]
+        text = "\\".join(merged)[:128] or None
+        if text != current:
+            conn.execute(update(_SERIES).where(_SERIES.c.id == series_id).values(image_type=text))
+        with self._lock:
+            self._image_types[series_id] = frozenset(merged)
+
+    def _ensure_study_and_series(
+        self, conn: Connection, stored: StoredInstance, peer: Peer, now: datetime
+    ) -> tuple[int, int]:
+        """Create the study and series rows if they are new (race-free: INSERT ... ON CONFLICT DO NOTHING)."""
+        h = stored.header
+        conn.execute(
+            self._insert_study,
+            {
+                "study_instance_uid": h.study_instance_uid,
+                "accession_number": (h.accession_number or "")[:16] or None,
+                "modalities": h.modality,
+                "calling_ae_title": peer.calling_ae_title,
+                "state": StudyState.RECEIVING,
+                "first_received_at": now,
+                "last_received_at": now,
+                "completion_count": 0,
+                "needs_reprocessing": False,
+                "instance_count": 0,
+            },
+        )
+        study_id, modalities = conn.execute(
+            select(_STUDIES.c.id, _STUDIES.c.modalities)
+            .where(_STUDIES.c.study_instance_uid == h.study_instance_uid)
+            .with_for_update()
+        ).one()
+        merged = _merge_modalities(modalities, h.modality)
+        if merged != modalities:
+            conn.execute(update(_STUDIES).where(_STUDIES.c.id == study_id).values(modalities=merged))
+        conn.execute(
+            self._insert_series,
+            {
+                "study_id": study_id,
+                "series_instance_uid": h.series_instance_uid,
+                "modality": h.modality,
+                "series_number": h.series_number,
+                "series_description": (h.series_description or "")[:64] or None,
+                "body_part_examined": (h.body_part_examined or "")[:16] or None,
+                "view_position": (h.view_position or "")[:16] or None,
+                "image_type": (h.image_type or "")[:128] or None,
+                "sop_class_uid": h.sop_class_uid,
+                "rows": h.rows,
+                "columns": h.columns,
+                "instance_count": 0,
+            },
+        )
+        series_id = conn.execute(
+            select(_SERIES.c.id).where(_SERIES.c.series_instance_uid == h.series_instance_uid)
+        ).scalar_one()
+        return int(study_id), int(series_id)
 
     def audit(self, event: str, peer: Peer, called_ae_title: str | None, reason: str | None) -> None:
         def work(session: Session) -> None:
