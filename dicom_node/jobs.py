@@ -285,7 +285,7 @@ class JobScheduler:
         A series whose instance set changed since its last job (late instances) gets a new job; the old one is
         marked superseded and the new one points to it with ``predecessor_job_id``."""
         jobs = self._schedule_in_transaction(study_id, rerun=False)
-        send_detection(self.db, self.dispatcher, jobs)  # all just created, committed as queued
+        send_detection(self.db, self.dispatcher, jobs)  # all created or reactivated, committed as queued
         return [job.id for job in jobs]
 
     def schedule(self, study_id: int, *, rerun: bool) -> list[int]:
