@@ -23,7 +23,7 @@ import re
 import threading
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 
 from pydicom import dcmread
 from sqlalchemy import select, update
@@ -240,7 +240,3 @@ def _study_description(session: Session, study_id: int) -> str | None:
         return None
     value = ds.get("StudyDescription")
     return str(value) if value else None
-
-
-def seconds_ago(now: datetime, seconds: float) -> datetime:
-    return now - timedelta(seconds=seconds)
