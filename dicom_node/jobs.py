@@ -155,11 +155,12 @@ def record_event(
     from_state: JobState | None = None,
     to_state: JobState | None = None,
     detail: str | None = None,
+    at: datetime | None = None,
 ) -> None:
     session.add(
         JobEvent(
             job_id=job_id,
-            at=utcnow(),
+            at=at or utcnow(),
             event=event,
             from_state=from_state.value if from_state else None,
             to_state=to_state.value if to_state else None,
