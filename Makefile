@@ -24,10 +24,11 @@ serve: install
 	$(BIN)/dicom-node serve $(ARGS)
 
 # Debian packages the tests use as real peers: Orthanc (PACS) with its DICOMweb plugin (STOW-RS), DCMTK (modality),
-# dicom3tools (dciodvfy), Chromium for the browser test of the admin page.
+# dicom3tools (dciodvfy), Chromium for the browser test of the admin page, redis-server (the worker tests start
+# private servers).
 test-deps:
 	@missing=""; \
-	for p in orthanc orthanc-dicomweb dcmtk dicom3tools chromium chromium-driver; do \
+	for p in orthanc orthanc-dicomweb dcmtk dicom3tools chromium chromium-driver redis-server; do \
 	  dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; \
 	done; \
 	if [ -n "$$missing" ]; then \

@@ -6,6 +6,10 @@ that no job waits behind another. That is the node's own overhead: scheduling (m
 commit), publishing, broker delivery, the worker's lease. It uses a real worker process (``dicom-node worker``,
 prefork, concurrency 1) with the test-only intensity detector of tests/plugins, so detection time does not enter
 the figures. Redis runs as a private ``redis-server`` on a free port. Results go to docs/benchmarks.md by hand.
+
+``--real brain_mri`` (or ``chest_xray``) instead measures throughput with the shipped detector: each study is the
+real series from ../shared/data/dicom (the 176-slice Siemens T1, or the CR chest), jobs run one after another on
+one CPU worker process, and jobs/hour = 3600 / mean(finished_at - started_at).
 """
 
 from __future__ import annotations
@@ -34,7 +38,12 @@ from dicom_node.jobs import JobScheduler, as_utc
 from workers.app import CeleryDispatcher, create_app
 
 REPO = Path(__file__).resolve().parents[1]
-MR_FILE = REPO.parent / "shared" / "data" / "dicom" / "mr_brain_t1_siemens" / "00001.dcm"
+DICOM = REPO.parent / "shared" / "data" / "dicom"
+MR_FILE = DICOM / "mr_brain_t1_siemens" / "00001.dcm"
+REAL_SERIES = {
+    "brain_mri": sorted((DICOM / "mr_brain_t1_siemens").glob("*.dcm")),
+    "chest_xray": [DICOM / "cr" / "pydicom-data_RG1_J2KI_CR_chest.dcm"],
+}
 PLUGINS = REPO / "tests" / "plugins"
 
 
@@ -62,29 +71,31 @@ def plugin_path(directory: Path) -> str:
     return os.pathsep.join([str(directory), str(PLUGINS)])
 
 
-def make_study(db: Database, ds: pydicom.Dataset) -> int:
+def make_study(db: Database, files: list[Path], detector: str = "brain_mri") -> int:
     now = datetime.now(UTC)
     with db.session() as session:
-        study = Study(study_instance_uid=generate_uid(), state=StudyState.COMPLETE, completed_at=now, modalities="MR")
+        study = Study(study_instance_uid=generate_uid(), state=StudyState.COMPLETE, completed_at=now)
         session.add(study)
         session.flush()
-        series = Series(study_id=study.id, series_instance_uid=generate_uid(), modality="MR", detector="brain_mri")
+        series = Series(study_id=study.id, series_instance_uid=generate_uid(), detector=detector)
         session.add(series)
         session.flush()
-        session.add(
-            Instance(
-                series_id=series.id,
-                sop_instance_uid=generate_uid(),
-                sop_class_uid=str(ds.SOPClassUID),
-                transfer_syntax_uid=str(ds.file_meta.TransferSyntaxUID),
-                file_path=str(MR_FILE),
-                size_bytes=MR_FILE.stat().st_size,
+        for path in files:
+            ds = pydicom.dcmread(path, stop_before_pixels=True)
+            session.add(
+                Instance(
+                    series_id=series.id,
+                    sop_instance_uid=generate_uid(),
+                    sop_class_uid=str(ds.SOPClassUID),
+                    transfer_syntax_uid=str(ds.file_meta.TransferSyntaxUID),
+                    file_path=str(path),
+                    size_bytes=path.stat().st_size,
+                )
             )
-        )
         return int(study.id)
 
 
-def run(broker: str, studies: int, workdir: Path) -> dict[str, float]:
+def run(broker: str, studies: int, workdir: Path, real: str | None = None) -> dict[str, float]:
     redis = None
     if broker == "redis":
         port = free_port()
@@ -95,33 +106,36 @@ def run(broker: str, studies: int, workdir: Path) -> dict[str, float]:
         url: str | None = f"redis://127.0.0.1:{port}/0"
     else:
         url = None
-    model_dir = workdir / "model"
-    model_dir.mkdir(parents=True)
-    (model_dir / "model_card.json").write_text(json.dumps({"version": "bench"}))
-    config = {
+    detector = real or "brain_mri"
+    config: dict[str, Any] = {
         "node": {"data_dir": str(workdir / "data")},
         "broker": {"url": url},
-        "detectors": {"brain_mri": {"model_dir": str(model_dir)}},
         "logging": {"level": "WARNING"},
     }
+    if real is None:  # the test-only detector: overhead only
+        model_dir = workdir / "model"
+        model_dir.mkdir(parents=True)
+        (model_dir / "model_card.json").write_text(json.dumps({"version": "bench"}))
+        config["detectors"] = {"brain_mri": {"model_dir": str(model_dir)}}
     config_path = workdir / "node.yaml"
     config_path.write_text(yaml.safe_dump(config))
     settings = load_settings(config_path)
     db = Database(settings.database_url)
     app = create_app(settings)
     scheduler = JobScheduler(db, settings, CeleryDispatcher(app, settings))
-    env = {**os.environ, "PYTHONPATH": plugin_path(workdir / "plugin")}
+    env = {**os.environ, "PYTHONPATH": plugin_path(workdir / "plugin")} if real is None else dict(os.environ)
     worker = subprocess.Popen(
         [str(Path(sys.executable).parent / "dicom-node"), "worker", "--config", str(config_path), "--queues",
-         "brain_mri", "--device", "cpu", "--concurrency", "1", "--hostname", f"bench-{broker}@%h"],
+         detector, "--device", "cpu", "--concurrency", "1", "--hostname", f"bench-{broker}@%h"],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
-    ds = pydicom.dcmread(MR_FILE, stop_before_pixels=True)
+    files = REAL_SERIES[detector] if real else [MR_FILE]
     overheads: list[float] = []
+    durations: list[float] = []
     schedule_times: list[float] = []
     try:
         for index in range(studies + 1):  # the first one warms up the worker (detector load) and is not counted
-            study_id = make_study(db, ds)
+            study_id = make_study(db, files, detector)
             t0 = datetime.now(UTC)
             start = time.perf_counter()
             (job_id,) = scheduler.on_study_complete(study_id)
@@ -133,8 +147,9 @@ def run(broker: str, studies: int, workdir: Path) -> dict[str, float]:
                     return job.started_at if job is not None else None
 
             started_at = wait(started, 120, f"job {job_id} to start")
-            wait(lambda job_id=job_id: _finished(db, job_id), 120, f"job {job_id} to finish")
+            finished_at = wait(lambda job_id=job_id: _finished(db, job_id), 1800, f"job {job_id} to finish", 0.05)
             if index:
+                durations.append((as_utc(finished_at) - as_utc(started_at)).total_seconds())
                 overheads.append((as_utc(started_at) - t0).total_seconds() * 1000)
                 schedule_times.append(scheduled * 1000)
     finally:
@@ -152,24 +167,35 @@ def run(broker: str, studies: int, workdir: Path) -> dict[str, float]:
         "p95_ms": quantiles[18],
         "max_ms": max(overheads),
         "schedule_p50_ms": statistics.median(schedule_times),
+        "job_mean_s": statistics.mean(durations),
     }
 
 
-def _finished(db: Database, job_id: int) -> bool:
+def _finished(db: Database, job_id: int) -> datetime | None:
     with db.session() as session:
         job = session.get(Job, job_id)
-        return job is not None and job.finished_at is not None
+        if job is not None and job.finished_at is not None and job.state.value != "succeeded":
+            raise SystemExit(f"job {job_id} {job.state.value}: {job.error}")
+        return job.finished_at if job is not None else None
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--studies", type=int, default=60)
     parser.add_argument("--broker", choices=["redis", "embedded", "both"], default="both")
+    parser.add_argument("--real", choices=sorted(REAL_SERIES), help="throughput with this shipped detector")
     args = parser.parse_args()
     print(f"machine: {platform.platform()}, {os.cpu_count()} CPUs, Python {platform.python_version()}")
     for broker in ["redis", "embedded"] if args.broker == "both" else [args.broker]:
         with tempfile.TemporaryDirectory(prefix=f"bench-workers-{broker}-") as tmp:
-            result = run(broker, args.studies, Path(tmp))
+            result = run(broker, args.studies, Path(tmp), args.real)
+        if args.real:
+            slices = len(REAL_SERIES[args.real])
+            print(
+                f"{args.real} on 1 CPU worker process ({slices} images per study): {result['job_mean_s']:.2f} s per "
+                f"job, {3600 / result['job_mean_s']:.0f} jobs/hour (n={result['n']:.0f}, {broker} broker)"
+            )
+            continue
         print(
             f"{broker:9s} n={result['n']:.0f}  complete→started p50 {result['p50_ms']:.1f} ms  "
             f"p95 {result['p95_ms']:.1f} ms  max {result['max_ms']:.1f} ms  "

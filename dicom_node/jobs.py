@@ -155,11 +155,12 @@ def record_event(
     from_state: JobState | None = None,
     to_state: JobState | None = None,
     detail: str | None = None,
+    at: datetime | None = None,
 ) -> None:
     session.add(
         JobEvent(
             job_id=job_id,
-            at=utcnow(),
+            at=at or utcnow(),
             event=event,
             from_state=from_state.value if from_state else None,
             to_state=to_state.value if to_state else None,
@@ -285,7 +286,7 @@ class JobScheduler:
         A series whose instance set changed since its last job (late instances) gets a new job; the old one is
         marked superseded and the new one points to it with ``predecessor_job_id``."""
         jobs = self._schedule_in_transaction(study_id, rerun=False)
-        send_detection(self.db, self.dispatcher, jobs)  # all just created, committed as queued
+        send_detection(self.db, self.dispatcher, jobs)  # all created or reactivated, committed as queued
         return [job.id for job in jobs]
 
     def schedule(self, study_id: int, *, rerun: bool) -> list[int]:

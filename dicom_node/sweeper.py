@@ -9,6 +9,10 @@ Three cases, all decided from the job database alone:
   runs the job and the other finds it no longer queued.
 * a study completed ``workers.requeue_after_seconds`` ago with a routed series that has no job at all: the node
   stopped between committing the completion and calling the scheduler. The scheduler runs for it (idempotent).
+* (with destinations or webhooks) a succeeded job with no delivery activity for ``workers.requeue_after_seconds``
+  plus the longest destination backoff: its ``dicom_node.deliver`` message was lost (worker killed right after
+  the detection, Redis flushed). It is sent again; delivery is idempotent (results/delivery pipeline), a
+  destination that stored the results is not sent to again.
 
 Each change is a compare-and-set on the job row (``dicom_node.jobs.transition``), so several sweepers (several
 nodes) never re-queue the same job twice.
@@ -22,13 +26,24 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
-from sqlalchemy import or_, select, update
+from sqlalchemy import func, or_, select, update
 
 from dicom_node.config import Settings
-from dicom_node.db import Database, Job, JobState, Series, Study, StudyState
-from dicom_node.jobs import Dispatcher, JobScheduler, as_utc, record_event, send_detection, transition, utcnow
+from dicom_node.db import Database, DeliveryAttempt, Job, JobEvent, JobState, Series, Study, StudyState
+from dicom_node.jobs import (
+    Dispatcher,
+    JobScheduler,
+    as_utc,
+    record_event,
+    send_delivery,
+    send_detection,
+    transition,
+    utcnow,
+)
 
 log = logging.getLogger(__name__)
+
+DELIVERY_RESEND = "delivery_resend"
 
 
 @dataclass
@@ -37,16 +52,19 @@ class SweepReport:
     resent: list[int] = field(default_factory=list)
     failed: list[int] = field(default_factory=list)
     scheduled: list[int] = field(default_factory=list)
+    deliveries_resent: list[int] = field(default_factory=list)
 
     def __bool__(self) -> bool:
-        return bool(self.lease_expired or self.resent or self.failed or self.scheduled)
+        return bool(self.lease_expired or self.resent or self.failed or self.scheduled or self.deliveries_resent)
 
 
 class Sweeper:
-    def __init__(self, db: Database, settings: Settings, dispatcher: Dispatcher) -> None:
+    def __init__(self, db: Database, settings: Settings, dispatcher: Dispatcher, *, deliveries: bool = True) -> None:
+        """``deliveries``: also re-send lost delivery messages (only where the delivery tasks exist)."""
         self.db = db
         self.settings = settings
         self.dispatcher = dispatcher
+        self.deliveries = deliveries
         self.scheduler = JobScheduler(db, settings, dispatcher)
 
     def sweep_once(self, now: datetime | None = None) -> SweepReport:
@@ -56,15 +74,47 @@ class Sweeper:
         self._lost_messages(now, report)
         send_detection(self.db, self.dispatcher, [*report.lease_expired, *report.resent])
         self._unscheduled_studies(now, report)
+        if self.deliveries and (self.settings.destinations or self.settings.webhooks):
+            self._lost_deliveries(now, report)
         if report:
             log.info(
-                "sweep: %d expired leases re-queued, %d lost messages re-sent, %d jobs failed, %d jobs scheduled",
+                "sweep: %d expired leases re-queued, %d lost messages re-sent, %d jobs failed, %d jobs scheduled, "
+                "%d deliveries re-sent",
                 len(report.lease_expired),
                 len(report.resent),
                 len(report.failed),
                 len(report.scheduled),
+                len(report.deliveries_resent),
             )
         return report
+
+    def _lost_deliveries(self, now: datetime, report: SweepReport) -> None:
+        backoff = max((d.backoff_max_seconds for d in self.settings.destinations), default=0.0)
+        cutoff = now - timedelta(seconds=self.settings.workers.requeue_after_seconds + backoff)
+        last_attempt = (
+            select(func.max(DeliveryAttempt.started_at)).where(DeliveryAttempt.job_id == Job.id).scalar_subquery()
+        )
+        last_resend = (
+            select(func.max(JobEvent.at))
+            .where(JobEvent.job_id == Job.id, JobEvent.event == DELIVERY_RESEND)
+            .scalar_subquery()
+        )
+        with self.db.session() as session:
+            job_ids = session.scalars(
+                select(Job.id).where(
+                    Job.state == JobState.SUCCEEDED,
+                    Job.finished_at < cutoff,
+                    or_(last_attempt.is_(None), last_attempt < cutoff),
+                    or_(last_resend.is_(None), last_resend < cutoff),
+                )
+            ).all()
+            for job_id in job_ids:
+                record_event(
+                    session, job_id, DELIVERY_RESEND, detail="no delivery activity; deliver sent again", at=now
+                )
+        for job_id in job_ids:
+            if send_delivery(self.db, self.dispatcher, job_id):
+                report.deliveries_resent.append(job_id)
 
     def _unscheduled_studies(self, now: datetime, report: SweepReport) -> None:
         cutoff = now - timedelta(seconds=self.settings.workers.requeue_after_seconds)
@@ -150,8 +200,9 @@ class SweeperService:
         dispatcher: Dispatcher,
         *,
         also: Callable[[], None] | None = None,
+        deliveries: bool = True,
     ) -> None:
-        self.sweeper = Sweeper(db, settings, dispatcher)
+        self.sweeper = Sweeper(db, settings, dispatcher, deliveries=deliveries)
         self.interval = settings.workers.sweep_interval_seconds
         self._also = also
         self._stop = threading.Event()

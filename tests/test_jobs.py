@@ -323,3 +323,30 @@ def test_model_rolled_back_reactivates_the_earlier_job(database: Database, tmp_p
     states = {job.id: job.state for job in jobs_of(database)}
     assert states == {v1: JobState.QUEUED, v2: JobState.SUPERSEDED}
     assert events_of(database, v1) == ["created", "superseded", "reactivated"]
+
+
+def test_sweeper_resends_lost_deliveries_once(database: Database, tmp_path: Path) -> None:
+    from datetime import timedelta
+
+    from dicom_node.db import DeliveryAttempt
+    from dicom_node.jobs import utcnow
+    from dicom_node.sweeper import Sweeper
+
+    destination = {"name": "pacs", "ae_title": "PACS", "host": "127.0.0.1", "port": 11112, "backoff_max_seconds": 40}
+    settings = load_settings(overrides={"workers": {"requeue_after_seconds": 60}, "destinations": [destination]})
+    dispatcher = RecordingDispatcher()
+    scheduler = JobScheduler(database, settings, dispatcher)
+    lost, busy = (scheduler.on_study_complete(make_study(database, tmp_path / name).study_id)[0] for name in "ab")
+    for job_id in (lost, busy):
+        lease = acquire_lease(database, job_id, "w@h#1", 60)
+        assert lease is not None
+        complete_job(database, lease, series_score=0.1, image_threshold=0.5, is_abnormal=False, result_path="r")
+    sweeper = Sweeper(database, settings, dispatcher)
+    assert sweeper.sweep_once().deliveries_resent == []  # just finished: its deliver message is on its way
+    later = utcnow() + timedelta(seconds=101)
+    with database.session() as session:  # the other job's delivery is retrying right now
+        session.add(DeliveryAttempt(job_id=busy, destination="pacs", attempt=1, started_at=later, outcome="retry"))
+    assert sweeper.sweep_once(later).deliveries_resent == [lost]
+    assert sweeper.sweep_once(later + timedelta(seconds=1)).deliveries_resent == []  # once per period
+    assert dispatcher.deliveries == [lost]
+    assert events_of(database, lost)[-1] == "delivery_resend"

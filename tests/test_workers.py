@@ -7,6 +7,7 @@ queue, a detector that raises, a job over its time limit.
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import time
 from collections.abc import Iterator
@@ -25,6 +26,8 @@ DONE = {"succeeded", "failed"}
 
 @pytest.fixture
 def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
+    if shutil.which("redis-server") is None:
+        pytest.skip("redis-server is not installed (Debian package redis-server; make test-deps installs it)")
     server = RedisServer(tmp_path / "redis")
     server.start()
     yield server
