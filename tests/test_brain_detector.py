@@ -130,7 +130,9 @@ def test_sagittal_series_gets_maps_in_source_geometry(small_set: dict[str, Path]
     assert np.isfinite(result.series_score) and result.anomaly_maps.max() > 0
     # Sorted along the slice normal: the first returned instance is the one with the lowest position along it.
     normal = np.cross(*np.reshape(np.asarray(datasets[0].ImageOrientationPatient, dtype=float), (2, 3)))
-    positions = {str(ds.SOPInstanceUID): float(np.dot(np.asarray(ds.ImagePositionPatient, float), normal)) for ds in datasets}
+    positions = {
+        str(ds.SOPInstanceUID): float(np.dot(np.asarray(ds.ImagePositionPatient, float), normal)) for ds in datasets
+    }
     ordered = [positions[uid] for uid in result.sop_instance_uids]
     assert ordered == sorted(ordered)
 
