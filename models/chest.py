@@ -89,6 +89,14 @@ CHEST_CARD: dict[str, Any] = {
         "Kar et al., MSDE (mean-shift density enhancement for medical anomaly detection), 2026",
         "M. Tan, Q. Le, EfficientNet, ICML 2019 (EfficientNet-Lite weights)",
     ],
+    "method_description": "Radiograph preparation: Modality LUT, VOI LUT/window, MONOCHROME1 inversion, polarity "
+    "check, aspect ratio kept by padding to a square, 448 px, heuristic lung-field mask (central field as fallback). "
+    "Backbone: frozen ImageNet EfficientNet-Lite0. Image score = z(Gaussian density of the globally averaged "
+    "stride-8 features; MSDE without the mean shift, ridge 1e-2) + z(PatchCore: mean of the top 1% lung-field patch "
+    "distances to a 4000-patch coreset of stride-8+16 features), each z-scored on the calibration normals. Anomaly "
+    "map = smoothed brightness z-score against a per-position atlas of the normals (64x64), brighter side only, "
+    "inside the lung field. Image threshold at 95% specificity on the calibration normals; pixel threshold at the "
+    "99.9th percentile of the normal maps.",
     "training_command": TRAINING_COMMAND,
     "limitations": [
         "Frontal (PA/AP) chest radiographs only; lateral views and other body parts must be routed elsewhere.",
