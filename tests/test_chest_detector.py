@@ -11,10 +11,9 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
+from conftest import DATA, DICOM_DATA
 from pydicom.dataset import FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
-
-from conftest import DATA, DICOM_DATA
 
 CR = DICOM_DATA / "cr"
 J2K_CHEST = CR / "pydicom-data_RG1_J2KI_CR_chest.dcm"
@@ -54,7 +53,7 @@ def test_real_cr_files_come_out_bright_bone_dark_lung(path: Path | None) -> None
     ds = pydicom.dcmread(path or _siim())
     image = radiograph_image(ds)
     assert image.shape == (ds.Rows, ds.Columns)
-    assert image.dtype == np.float32 and 0.0 <= image.min() and image.max() <= 1.0
+    assert image.dtype == np.float32 and image.min() >= 0.0 and image.max() <= 1.0
     _assert_chest_upright(image)
 
 
@@ -189,7 +188,8 @@ def test_fit_evaluate_and_score_a_real_cr_series(tmp_path: Path) -> None:
     from models.chest import ChestXrayDetector
     from models.regions import find_regions
 
-    labels = {r["file"]: r for r in csv.DictReader(open(CXR / "labels.csv"))}
+    with open(CXR / "labels.csv", newline="") as handle:
+        labels = {r["file"]: r for r in csv.DictReader(handle)}
     normal, calib, val_n, val_a = (tmp_path / d for d in ("normal", "calib", "val_n", "val_a"))
     for folder, source, count in (
         (normal, CXR / "train" / "normal", 8),
