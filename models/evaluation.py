@@ -100,14 +100,19 @@ def evaluate(
     abnormal_dirs: Sequence[Path],
     masks_dirs: Sequence[Path] = (),
     progress: Callable[[int], None] | None = None,
+    scored_out: list[Scored] | None = None,
 ) -> dict[str, Any]:
-    """Metrics of ``detector`` on the folders; keys :data:`REPORT_KEYS` plus counts and thresholds."""
+    """Metrics of ``detector`` on the folders; keys :data:`REPORT_KEYS` plus counts and thresholds.
+
+    ``scored_out``, when given, receives the normal and the abnormal :class:`Scored` (for per-view metrics)."""
     normal_files = [f for d in normal_dirs for f in list_image_files(Path(d))]
     abnormal_files = [f for d in abnormal_dirs for f in list_image_files(Path(d))]
     if not normal_files or not abnormal_files:
         raise ValueError("evaluate needs at least one normal and one abnormal image")
     normal = score_files(detector, normal_files, progress=progress)
     abnormal = score_files(detector, abnormal_files, progress=progress)
+    if scored_out is not None:
+        scored_out.extend((normal, abnormal))
     labels = np.r_[np.zeros(len(normal_files), dtype=bool), np.ones(len(abnormal_files), dtype=bool)]
     scores = np.r_[normal.scores, abnormal.scores]
     sens, spec = sensitivity_specificity(labels, scores, detector.image_threshold)

@@ -160,6 +160,14 @@ class ImageAnomalyDetector(Detector):
         square = resize(crop_square(image, box), (size, size))
         return Prepared(image=square, mask=np.ones((size, size), dtype=bool), box=box)
 
+    def msde_params(self) -> dict[str, Any]:
+        """MSDE hyper-parameters (k, iterations, step, pca_dim, ridge) from ``config.extra["msde"]``; paper defaults
+        for those not given."""
+        integers = {"k", "iterations", "pca_dim"}
+        return {
+            str(k): int(v) if k in integers else float(v) for k, v in dict(self.config.extra.get("msde", {})).items()
+        }
+
     @property
     def backbone(self) -> EfficientNetLiteBackbone:
         if self._backbone is None:
@@ -225,7 +233,7 @@ class ImageAnomalyDetector(Detector):
                 all_patches, cfg.coreset_size, max_candidates=cfg.max_candidates, seed=cfg.seed
             )
         if want_pooled:
-            self.msde = MSDE().fit(torch.cat(pooled_rows))
+            self.msde = MSDE(**self.msde_params()).fit(torch.cat(pooled_rows))
 
     # ------------------------------------------------------------------------------------------------ scoring
     def _raw(self, prepared: Sequence[Prepared]) -> tuple[dict[str, np.ndarray], np.ndarray]:
@@ -397,7 +405,7 @@ class ImageAnomalyDetector(Detector):
         if any(k.startswith("patchcore.") for k in tensors):
             detector.bank = PatchMemoryBank.from_state(tensors, "patchcore.")
         if any(k.startswith("msde.") for k in tensors):
-            detector.msde = MSDE.from_state(tensors, "msde.")
+            detector.msde = MSDE.from_state(tensors, "msde.", **detector.msde_params())
         if any(k.startswith("autoencoder.") for k in tensors):
             from models.autoencoder import load_autoencoder
 

@@ -78,7 +78,7 @@ class MSDE:
         return {f"{prefix}{name}": value.float().contiguous() for name, value in self.tensors.items()}
 
     @classmethod
-    def from_state(cls, tensors: dict[str, torch.Tensor], prefix: str, **params: float) -> MSDE:
+    def from_state(cls, tensors: dict[str, torch.Tensor], prefix: str, **params: float | int) -> MSDE:
         model = cls(**params)  # type: ignore[arg-type]
         model.tensors = {
             name[len(prefix) :]: value.double() for name, value in tensors.items() if name.startswith(prefix)

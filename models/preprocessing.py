@@ -74,7 +74,9 @@ def dicom_frames(ds: pydicom.Dataset, use_voi: bool = True) -> np.ndarray:
     out = []
     for index, frame in enumerate(values):
         if use_voi and _has_voi(ds):
-            windowed = apply_voi_lut(frame, ds, index=0).astype(np.float32)
+            # A VOI LUT Sequence indexes a table with the (integer) modality values; windows take floats.
+            lut_input = np.rint(frame).astype(np.int64) if "VOILUTSequence" in ds else frame
+            windowed = apply_voi_lut(lut_input, ds, index=0).astype(np.float32)
             unit = _robust_unit(windowed)
         else:
             unit = _robust_unit(frame)

@@ -15,6 +15,7 @@ if TYPE_CHECKING:
 # the others (or torch, until a detector is used).
 DETECTOR_CLASSES: dict[str, tuple[str, str, str]] = {
     "brain_mri": ("models.brain", "BrainMRIDetector", "default_config"),
+    "chest_xray": ("models.chest", "ChestXrayDetector", "default_config"),
 }
 
 
@@ -24,10 +25,17 @@ def _load_brain_mri(model_dir: Path | None, device: str) -> Detector:
     return load_brain_mri(model_dir, device)
 
 
+def _load_chest_xray(model_dir: Path | None, device: str) -> Detector:
+    from models.chest import load_chest_xray
+
+    return load_chest_xray(model_dir, device)
+
+
 def default_registry() -> DetectorRegistry:
     """A registry with the shipped detectors. Imports are lazy so that loading one does not load the other."""
     registry = DetectorRegistry()
     registry.register("brain_mri", _load_brain_mri)
+    registry.register("chest_xray", _load_chest_xray)
     return registry
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 # Detectors the commands accept; each has an entry in models.registry.DETECTOR_CLASSES.
-DETECTOR_CHOICES: tuple[str, ...] = ("brain_mri",)
+DETECTOR_CHOICES: tuple[str, ...] = ("brain_mri", "chest_xray")
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
@@ -55,6 +55,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     evaluate.add_argument("--normal", type=Path, action="append", required=True)
     evaluate.add_argument("--abnormal", type=Path, action="append", required=True)
     evaluate.add_argument("--masks", type=Path, action="append", default=[], help="masks folder (same file names)")
+    evaluate.add_argument(
+        "--labels", type=Path, default=None, help="CSV with columns file, view: also report AUROC per view (AP, PA)"
+    )
+    evaluate.add_argument(
+        "--boxes",
+        type=Path,
+        default=None,
+        help="CSV with columns file, x, y, w, h (1024-px coordinates unless a width column says otherwise): "
+        "localisation hit rate (map maximum inside a box)",
+    )
     evaluate.add_argument("--json", type=Path, default=None, help="also write the metrics as JSON here")
     evaluate.add_argument(
         "--record-in-card", default=None, metavar="LABEL", help="store the metrics in the model card under LABEL"
@@ -140,12 +150,16 @@ def run_evaluate(args: argparse.Namespace) -> int:
     from models.evaluation import evaluate, format_report
 
     detector = _load(args)
+    scored: list[Any] = []
     try:
-        report = evaluate(detector, args.normal, args.abnormal, args.masks)
+        report = evaluate(detector, args.normal, args.abnormal, args.masks, scored_out=scored)
+        extra_text = _view_and_box_metrics(args, detector, report, scored)
     except ValueError as err:
         print(f"dicom-node: {err}", file=sys.stderr)
         return 1
     print(format_report(report))
+    if extra_text:
+        print(extra_text)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
@@ -160,3 +174,33 @@ def run_evaluate(args: argparse.Namespace) -> int:
         detector.card["metrics"] = metrics
         detector.save(_model_dir(args))
     return 0
+
+
+def _view_and_box_metrics(args: argparse.Namespace, detector: Any, report: dict[str, Any], scored: list[Any]) -> str:
+    """Add ``per_view`` (with --labels) and ``localisation_hit_rate`` (with --boxes) to ``report``; the text to
+    print."""
+    import numpy as np
+
+    from models.view_evaluation import (
+        format_per_view,
+        localisation_hit_rate,
+        per_view_metrics,
+        read_boxes,
+        read_views,
+    )
+
+    normal, abnormal = scored
+    parts: list[str] = []
+    if args.labels is not None:
+        labels = np.r_[np.zeros(len(normal.files), dtype=bool), np.ones(len(abnormal.files), dtype=bool)]
+        scores = np.r_[normal.scores, abnormal.scores]
+        report["per_view"] = per_view_metrics(
+            [*normal.files, *abnormal.files], labels, scores, read_views(args.labels), detector.image_threshold
+        )
+        parts.append(format_per_view(report["per_view"]))
+    if args.boxes is not None:
+        loc = localisation_hit_rate(abnormal.files, abnormal.maps, read_boxes(args.boxes))
+        report.update(loc)
+        rate = loc["localisation_hit_rate"]
+        parts.append(f"{'localisation_hit':<18} {'n/a' if rate is None else f'{rate:.4f}'} (n={loc['n_with_boxes']})")
+    return "\n".join(parts)
