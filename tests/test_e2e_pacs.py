@@ -12,11 +12,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from conftest import DICOM_DATA
 from orthanc_server import Orthanc, running_orthanc
 from receive_support import NodeProcess, storescu, wait_for
 from sqlalchemy import select
 
-from conftest import DICOM_DATA
 from dicom_node.db import Database, Job, JobState
 
 pytestmark = [pytest.mark.slow]
