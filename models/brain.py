@@ -80,6 +80,12 @@ BRAIN_CARD: dict[str, Any] = {
         "K. Roth et al., Towards Total Recall in Industrial Anomaly Detection (PatchCore), CVPR 2022",
         "M. Tan, Q. Le, EfficientNet, ICML 2019 (EfficientNet-Lite weights)",
     ],
+    "method_description": "PatchCore (Roth et al. 2022) on a frozen ImageNet EfficientNet-Lite0: head crop 256 px, "
+    "stride-8/16 patch features averaged over 3x3, greedy coreset memory bank (float16); patches within 2 grid steps "
+    "of the head's edge are not scored; image score = mean of the top 1% nearest-neighbour patch distances; map = "
+    "distance grid upsampled and Gaussian smoothed. Image threshold = 95th percentile of the val normals' scores; "
+    "pixel threshold = 99th percentile of the normal val maps' head pixels; series score = mean of the top 5% slice "
+    "scores, series threshold from a bootstrap of the val normals' slice scores (see docs/detectors.md).",
     "training_command": TRAINING_COMMAND,
     "limitations": [
         "Trained on 2-D slices (mostly axial FLAIR/T1/T2 JPG/PNG); DICOM series are reformatted to axial.",
