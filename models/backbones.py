@@ -48,6 +48,31 @@ def _weights_path(name: str) -> str:
     raise ValueError(f"unknown backbone {name!r}; known: {', '.join(BACKBONE_BLOCKS)}")
 
 
+# (convolution, batch norm) attribute pairs in the EfficientNet-Lite stem, blocks and head.
+_CONV_BN_PAIRS = (("_conv_stem", "_bn0"), ("_conv_head", "_bn1"))
+_BLOCK_CONV_BN_PAIRS = (("_expand_conv", "_bn0"), ("_depthwise_conv", "_bn1"), ("_project_conv", "_bn2"))
+
+
+def _fold(conv: torch.nn.Conv2d, bn: torch.nn.BatchNorm2d) -> None:
+    """Fold an eval-mode batch norm into the preceding convolution: w' = w*g/s, b' = beta + (b - mean)*g/s."""
+    assert bn.running_var is not None and bn.running_mean is not None
+    scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+    conv.weight.data = conv.weight.data * scale.reshape(-1, 1, 1, 1)
+    bias = conv.bias.data if conv.bias is not None else torch.zeros_like(bn.running_mean)
+    conv.bias = torch.nn.Parameter(bn.bias + (bias - bn.running_mean) * scale, requires_grad=False)
+
+
+def fuse_batchnorm(model: torch.nn.Module) -> None:
+    """Fold every batch norm into its convolution (inference only): same outputs, one pass less per layer."""
+    owners = [(model, _CONV_BN_PAIRS)] + [(block, _BLOCK_CONV_BN_PAIRS) for block in getattr(model, "_blocks", [])]
+    for owner, pairs in owners:
+        for conv_name, bn_name in pairs:
+            conv, bn = getattr(owner, conv_name, None), getattr(owner, bn_name, None)
+            if isinstance(conv, torch.nn.Conv2d) and isinstance(bn, torch.nn.BatchNorm2d):
+                _fold(conv, bn)
+                setattr(owner, bn_name, torch.nn.Identity())
+
+
 @dataclass(frozen=True)
 class Features:
     """Backbone outputs for a batch: ``patches`` (n, C, h, w) at stride 8 (or None), ``pooled`` (n, 1280) or None."""
@@ -69,6 +94,7 @@ class EfficientNetLiteBackbone:
         with contextlib.redirect_stdout(io.StringIO()):  # the package prints on load
             model = EfficientNet.from_pretrained(name, weights_path=_weights_path(name))
         model.eval().requires_grad_(False)
+        fuse_batchnorm(model)
         self.model = model.to(self.device)
         self.blocks = BACKBONE_BLOCKS[name]
 

@@ -28,6 +28,7 @@ from models.image_detector import DetectorConfig, ImageAnomalyDetector, Prepared
 from models.preprocessing import (
     PreprocessingError,
     crop_square,
+    foreground_fraction,
     foreground_mask,
     modality_values,
     normalise_foreground,
@@ -42,7 +43,8 @@ WEIGHTS_DIR = Path(__file__).resolve().parent / "weights" / "brain_mri"
 SERIES_DEFAULTS: dict[str, float] = {
     "series_top_fraction": 0.05,
     "min_foreground_fraction": 0.03,
-    "max_scored_slices": 64,
+    "max_scored_slices": 32,
+    "series_bootstrap": 4000,
 }
 
 TRAINING_COMMAND = (
@@ -78,6 +80,12 @@ BRAIN_CARD: dict[str, Any] = {
         "K. Roth et al., Towards Total Recall in Industrial Anomaly Detection (PatchCore), CVPR 2022",
         "M. Tan, Q. Le, EfficientNet, ICML 2019 (EfficientNet-Lite weights)",
     ],
+    "method_description": "PatchCore (Roth et al. 2022) on a frozen ImageNet EfficientNet-Lite0: head crop 256 px, "
+    "stride-8/16 patch features averaged over 3x3, greedy coreset memory bank (float16); patches within 2 grid steps "
+    "of the head's edge are not scored; image score = mean of the top 1% nearest-neighbour patch distances; map = "
+    "distance grid upsampled and Gaussian smoothed. Image threshold = 95th percentile of the val normals' scores; "
+    "pixel threshold = 99th percentile of the normal val maps' head pixels; series score = mean of the top 5% slice "
+    "scores, series threshold from a bootstrap of the val normals' slice scores (see docs/detectors.md).",
     "training_command": TRAINING_COMMAND,
     "limitations": [
         "Trained on 2-D slices (mostly axial FLAIR/T1/T2 JPG/PNG); DICOM series are reformatted to axial.",
@@ -96,6 +104,11 @@ def default_config() -> DetectorConfig:
         version="1.0.0",
         backbone="efficientnet-lite0",
         image_size=256,
+        coreset_size=12_000,
+        max_candidates=150_000,
+        topk_fraction=0.01,
+        rim_patches=2,
+        pixel_quantile=0.99,
         extra=dict(SERIES_DEFAULTS),
     )
 
@@ -114,6 +127,29 @@ class BrainMRIDetector(ImageAnomalyDetector):
 
     def _param(self, name: str) -> float:
         return float(self.config.extra.get(name, SERIES_DEFAULTS[name]))
+
+    @property
+    def series_threshold(self) -> float:
+        """Threshold for the series score (the aggregate of slice scores); falls back to the image threshold."""
+        return float(self.config.extra.get("series_threshold", self.image_threshold))
+
+    def calibrate(self, normal_images: Sequence[np.ndarray], specificity: float | None = None) -> dict[str, float]:
+        """Image and pixel thresholds as in the generic detector, plus the series threshold.
+
+        The top-slices aggregate of a normal series lies above most single normal slices, so comparing it with the
+        image threshold would flag many normal series. Without normal volumes to calibrate on, the series threshold
+        is the ``specificity`` quantile of the aggregate over bootstrap pseudo-series of ``max_scored_slices``
+        slices drawn from the calibration normals' slice scores (independent draws: an approximation; a site should
+        recalibrate on its own normal series)."""
+        stats = super().calibrate(normal_images, specificity)
+        scores = np.asarray(self.config.extra["calibration"]["normal_scores"], dtype=np.float64)
+        rng = np.random.default_rng(self.config.seed)
+        n = int(self._param("max_scored_slices"))
+        draws = rng.choice(scores, size=(int(self._param("series_bootstrap")), n), replace=True)
+        aggregates = np.array([self.series_aggregate(row) for row in draws])
+        self.config.extra["series_threshold"] = float(np.quantile(aggregates, self.config.specificity))
+        stats["series_threshold"] = self.config.extra["series_threshold"]
+        return stats
 
     def series_aggregate(self, slice_scores: np.ndarray) -> float:
         """Mean of the top ``series_top_fraction`` of slice scores (at least one slice)."""
@@ -160,7 +196,7 @@ class BrainMRIDetector(ImageAnomalyDetector):
         return SeriesResult(
             model=self.identity,
             series_score=series_score,
-            image_threshold=self.image_threshold,
+            image_threshold=self.series_threshold,
             pixel_threshold=self.pixel_threshold,
             sop_instance_uids=[str(ds.SOPInstanceUID) for ds in ordered],
             image_scores=np.asarray(scores, dtype=np.float64),
@@ -170,7 +206,7 @@ class BrainMRIDetector(ImageAnomalyDetector):
 
     # ------------------------------------------------------------------------------------------------ helpers
     def _has_head(self, image: np.ndarray) -> bool:
-        return bool(foreground_mask(image).mean() >= self._param("min_foreground_fraction"))
+        return foreground_fraction(image) >= self._param("min_foreground_fraction")
 
     def _map_score(self, source_map: np.ndarray) -> float:
         """A slice score from its map (for slices reformatted from another plane): mean of the top values."""
@@ -178,7 +214,7 @@ class BrainMRIDetector(ImageAnomalyDetector):
         if positive.size == 0:
             return 0.0
         k = max(1, int(round(self.config.topk_fraction * positive.size)))
-        return float(np.sort(positive)[-k:].mean())
+        return float(np.partition(positive, positive.size - k)[-k:].mean())
 
     def _score_stack(
         self, images: list[np.ndarray], spacing_yx: tuple[float, float]

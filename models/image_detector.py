@@ -68,6 +68,7 @@ class DetectorConfig:
     max_candidates: int = 60_000
     knn: int = 1
     topk_fraction: float = 0.01
+    rim_patches: int = 0  # when scoring, ignore patches within this many grid steps of the foreground's edge
     smoothing_sigma: float = 4.0
     use_foreground: bool = True
     batch_size: int = 16
@@ -190,13 +191,16 @@ class ImageAnomalyDetector(Detector):
         )
         return feats.patches, feats.pooled
 
-    def _grid_masks(self, batch: Sequence[Prepared], grid: tuple[int, int]) -> torch.Tensor:
-        """Foreground at feature resolution: a patch counts when its centre pixel is foreground."""
+    def _grid_masks(self, batch: Sequence[Prepared], grid: tuple[int, int], rim: int = 0) -> torch.Tensor:
+        """Foreground at feature resolution (a patch counts when most of it is foreground), eroded by ``rim``
+        patches: the rim of the head (skull, scalp, orbits) varies most between normals and is not scored."""
         masks = np.stack([p.mask for p in batch]).astype(np.float32)
         if not self.config.use_foreground:
             masks[:] = 1.0
-        pooled = F.adaptive_avg_pool2d(torch.from_numpy(masks)[:, None], grid)[:, 0]
-        return pooled > 0.5
+        grid_mask = (F.adaptive_avg_pool2d(torch.from_numpy(masks)[:, None], grid)[:, 0] > 0.5).numpy()
+        if rim > 0 and self.config.use_foreground:
+            grid_mask = np.stack([ndimage.binary_erosion(m, iterations=rim) for m in grid_mask])
+        return torch.from_numpy(np.ascontiguousarray(grid_mask))
 
     # ------------------------------------------------------------------------------------------------ fitting
     def fit(self, images: Iterable[np.ndarray], progress: Callable[[int], None] | None = None) -> None:
@@ -254,7 +258,7 @@ class ImageAnomalyDetector(Detector):
                 n, c, h, w = patches.shape
                 flat = patches.permute(0, 2, 3, 1).reshape(-1, c)
                 dist = self.bank.distances(flat, k=cfg.knn).reshape(n, h, w).cpu()
-                grid_mask = self._grid_masks(batch, (h, w))
+                grid_mask = self._grid_masks(batch, (h, w), self.config.rim_patches)
                 dist = torch.where(grid_mask, dist, torch.zeros_like(dist))
                 for i in range(n):
                     fg = dist[i][grid_mask[i]]
@@ -343,7 +347,7 @@ class ImageAnomalyDetector(Detector):
             "normal_score_mean": float(scores.mean()),
             "normal_score_std": float(scores.std()),
         }
-        cfg.extra["calibration"] = stats
+        cfg.extra["calibration"] = {**stats, "normal_scores": sorted(float(v) for v in scores)}
         return stats
 
     # ----------------------------------------------------------------------------------------- persistence
@@ -366,6 +370,7 @@ class ImageAnomalyDetector(Detector):
         weights = model_dir / WEIGHTS_FILE
         tmp = model_dir / f".{WEIGHTS_FILE}.tmp"
         save_file(self.tensors(), str(tmp), metadata={"detector": self.config.detector, "version": self.config.version})
+        tmp.chmod(0o644)
         tmp.replace(weights)
         self.weights_sha256 = sha256_file(weights)
         merged = {**self.card_defaults, **self.card, **(card or {})}
@@ -381,6 +386,7 @@ class ImageAnomalyDetector(Detector):
                 "pixel": self.config.pixel_threshold,
                 "image_specificity_on_calibration_normals": self.config.specificity,
                 "pixel_quantile_of_normal_maps": self.config.pixel_quantile,
+                "series": self.config.extra.get("series_threshold"),
             },
             "config": _jsonable(asdict(self.config)),
             **merged,

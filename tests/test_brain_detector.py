@@ -120,13 +120,13 @@ def test_sagittal_series_gets_maps_in_source_geometry(small_set: dict[str, Path]
     detector = default_registry().load("brain_mri", small_set["model"], "cpu")
     assert isinstance(detector, BrainMRIDetector)
     detector.config.extra["max_scored_slices"] = 6
-    files = sorted((data_dir / "dicom/mr_brain_t1_siemens").glob("*.dcm"))[60:100]
+    files = sorted((data_dir / "dicom/mr_brain_t1_siemens").glob("*.dcm"))
     datasets = [pydicom.dcmread(f) for f in files]
     shuffled = datasets[::-1]
     result = detector.score_series(shuffled)
     assert sorted(result.sop_instance_uids) == sorted(str(ds.SOPInstanceUID) for ds in datasets)
-    assert result.anomaly_maps.shape == (40, datasets[0].Rows, datasets[0].Columns)
-    assert result.scored.all()  # mid-sagittal slices all contain head
+    assert result.anomaly_maps.shape == (len(files), datasets[0].Rows, datasets[0].Columns)
+    assert result.scored[60:120].all()  # mid-sagittal slices contain head
     assert np.isfinite(result.series_score) and result.anomaly_maps.max() > 0
     # Sorted along the slice normal: the first returned instance is the one with the lowest position along it.
     normal = np.cross(*np.reshape(np.asarray(datasets[0].ImageOrientationPatient, dtype=float), (2, 3)))
