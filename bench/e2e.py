@@ -13,7 +13,6 @@ is a new study), and reads the timestamps from the job database:
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import subprocess
 import tempfile
@@ -27,38 +26,8 @@ from pydicom import dcmread
 from pydicom.uid import JPEG2000, generate_uid
 from sqlalchemy import func, select
 
-from bench.receive import CHEST, DICOM_NODE, SIEMENS, free_port, wait_port
+from bench.receive import CHEST, DICOM_NODE, SIEMENS, free_port, orthanc, wait_port
 from dicom_node.db import Database, DeliveryAttempt, Instance, Job, JobState, Series, Study
-
-
-@contextmanager
-def orthanc(work: Path) -> Iterator[tuple[int, int]]:
-    port, http = free_port(), free_port()
-    data = work / "orthanc"
-    data.mkdir()
-    config = data / "orthanc.json"
-    config.write_text(
-        json.dumps(
-            {
-                "Name": "bench-e2e",
-                "StorageDirectory": str(data / "storage"),
-                "IndexDirectory": str(data / "index"),
-                "DicomAet": "ORTHANC",
-                "DicomPort": port,
-                "HttpPort": http,
-                "RemoteAccessAllowed": False,
-                "DicomCheckCalledAet": False,
-                "Plugins": [],
-            }
-        )
-    )
-    process = subprocess.Popen(["/usr/sbin/Orthanc", str(config)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        wait_port(port, process)
-        yield port, http
-    finally:
-        process.terminate()
-        process.wait(60)
 
 
 @contextmanager
@@ -161,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        with orthanc(work) as (pacs_port, _http), node(work, pacs_port, args.quiet) as (port, url):
+        with orthanc(work) as pacs, node(work, pacs.port, args.quiet) as (port, url):
             db = Database(url, upgrade=False)
             time.sleep(5)  # let the embedded worker load both detectors (kept warm afterwards)
             for name, files in cases.items():
@@ -176,8 +145,8 @@ def main(argv: list[str] | None = None) -> int:
                 rows.append((name, statistics.median(received), max(received), statistics.median(complete)))
             db.dispose()
     print(f"{'study':24} {'received→stored (s, quiet excluded) median':>44} {'max':>6} {'complete→stored median':>24}")
-    for name, median, worst, complete in rows:
-        print(f"{name:24} {median:44.2f} {worst:6.2f} {complete:24.2f}")
+    for name, median, worst, complete_median in rows:
+        print(f"{name:24} {median:44.2f} {worst:6.2f} {complete_median:24.2f}")
     return 0
 
 
