@@ -81,10 +81,9 @@ BRAIN_CARD: dict[str, Any] = {
         "M. Tan, Q. Le, EfficientNet, ICML 2019 (EfficientNet-Lite weights)",
     ],
     "method_description": "PatchCore (Roth et al. 2022) on a frozen ImageNet EfficientNet-Lite0: head crop 256 px, "
-    "stride-8/16 patch features averaged over 3x3, greedy coreset memory bank (float16); image score = mean of the "
-    "top 2% of the nearest-neighbour patch distances after a 3x3 average over head patches (lesions are blobs, "
-    "noise is isolated patches), taken more than 4 grid steps inside the head's edge; map = distance grid (patches "
-    "within 2 grid steps of the edge zeroed) upsampled and Gaussian smoothed. Image threshold = 95th percentile of "
+    "stride-8/16 patch features averaged over 3x3, greedy coreset memory bank (float16); patches within 2 grid steps "
+    "of the head's edge are not scored; image score = mean of the top 1% nearest-neighbour patch distances; map = "
+    "distance grid upsampled and Gaussian smoothed. Image threshold = 95th percentile of "
     "the val normals' scores; "
     "pixel threshold = 98th percentile of the normal val maps' head pixels; series score = mean of the top 5% slice "
     "scores, series threshold from a bootstrap of the val normals' slice scores (see docs/detectors.md).",
@@ -103,15 +102,13 @@ def default_config() -> DetectorConfig:
     return DetectorConfig(
         detector="brain_mri",
         method="patchcore",
-        version="1.1.0",
+        version="1.0.1",
         backbone="efficientnet-lite0",
         image_size=256,
         coreset_size=12_000,
         max_candidates=150_000,
-        topk_fraction=0.02,
+        topk_fraction=0.01,
         rim_patches=2,
-        score_rim_patches=4,
-        score_pool=3,
         pixel_quantile=0.98,
         extra=dict(SERIES_DEFAULTS),
     )
