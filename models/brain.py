@@ -83,8 +83,9 @@ BRAIN_CARD: dict[str, Any] = {
     "method_description": "PatchCore (Roth et al. 2022) on a frozen ImageNet EfficientNet-Lite0: head crop 256 px, "
     "stride-8/16 patch features averaged over 3x3, greedy coreset memory bank (float16); patches within 2 grid steps "
     "of the head's edge are not scored; image score = mean of the top 1% nearest-neighbour patch distances; map = "
-    "distance grid upsampled and Gaussian smoothed. Image threshold = 95th percentile of the val normals' scores; "
-    "pixel threshold = 99th percentile of the normal val maps' head pixels; series score = mean of the top 5% slice "
+    "distance grid upsampled and Gaussian smoothed. Image threshold = 95th percentile of "
+    "the val normals' scores; "
+    "pixel threshold = 98th percentile of the normal val maps' head pixels; series score = mean of the top 5% slice "
     "scores, series threshold from a bootstrap of the val normals' slice scores (see docs/detectors.md).",
     "training_command": TRAINING_COMMAND,
     "limitations": [
@@ -101,14 +102,14 @@ def default_config() -> DetectorConfig:
     return DetectorConfig(
         detector="brain_mri",
         method="patchcore",
-        version="1.0.0",
+        version="1.0.1",
         backbone="efficientnet-lite0",
         image_size=256,
         coreset_size=12_000,
         max_candidates=150_000,
         topk_fraction=0.01,
         rim_patches=2,
-        pixel_quantile=0.99,
+        pixel_quantile=0.98,
         extra=dict(SERIES_DEFAULTS),
     )
 

@@ -68,7 +68,9 @@ class DetectorConfig:
     max_candidates: int = 60_000
     knn: int = 1
     topk_fraction: float = 0.01
-    rim_patches: int = 0  # when scoring, ignore patches within this many grid steps of the foreground's edge
+    rim_patches: int = 0  # maps: zero patches within this many grid steps of the foreground's edge
+    score_rim_patches: int | None = None  # image score: rim excluded from the top-k (None: ``rim_patches``)
+    score_pool: int = 1  # image score: patch distances averaged over score_pool x score_pool (foreground) first
     smoothing_sigma: float = 4.0
     use_foreground: bool = True
     batch_size: int = 16
@@ -258,15 +260,9 @@ class ImageAnomalyDetector(Detector):
                 n, c, h, w = patches.shape
                 flat = patches.permute(0, 2, 3, 1).reshape(-1, c)
                 dist = self.bank.distances(flat, k=cfg.knn).reshape(n, h, w).cpu()
+                components["patchcore"].extend(self._patch_scores(batch, dist))
                 grid_mask = self._grid_masks(batch, (h, w), self.config.rim_patches)
                 dist = torch.where(grid_mask, dist, torch.zeros_like(dist))
-                for i in range(n):
-                    fg = dist[i][grid_mask[i]]
-                    if fg.numel() == 0:
-                        components["patchcore"].append(0.0)
-                    else:
-                        k = max(1, int(round(cfg.topk_fraction * fg.numel())))
-                        components["patchcore"].append(float(torch.topk(fg, k).values.mean()))
                 up = F.interpolate(dist[:, None], size=(size, size), mode="bilinear", align_corners=False)[:, 0]
                 for i in range(n):
                     smooth = ndimage.gaussian_filter(up[i].numpy(), sigma=cfg.smoothing_sigma)
@@ -278,6 +274,32 @@ class ImageAnomalyDetector(Detector):
             offset += len(batch)
         out = {name: np.asarray(values, dtype=np.float64) for name, values in components.items() if values}
         return out, maps
+
+    def _patch_scores(self, batch: Sequence[Prepared], dist: torch.Tensor) -> list[float]:
+        """Image scores from patch distances (n, h, w): mean of the top ``topk_fraction`` of the distances,
+        locally averaged over ``score_pool`` patches within the foreground (a lesion is a blob of high distances,
+        noise is isolated patches), taken inside the foreground eroded by ``score_rim_patches``."""
+        cfg = self.config
+        grid = (dist.shape[1], dist.shape[2])
+        rim = cfg.rim_patches if cfg.score_rim_patches is None else cfg.score_rim_patches
+        inside = self._grid_masks(batch, grid, rim)
+        values = dist
+        if cfg.score_pool > 1:
+            fg = self._grid_masks(batch, grid, 0).float()[:, None]
+            pool = int(cfg.score_pool)
+            pad = (pool // 2, pool - 1 - pool // 2, pool // 2, pool - 1 - pool // 2)
+            num = F.avg_pool2d(F.pad(dist[:, None].float() * fg, pad), pool, stride=1)
+            den = F.avg_pool2d(F.pad(fg, pad), pool, stride=1)
+            values = torch.where(den > 0, num / den.clamp_min(1e-6), torch.zeros_like(num))[:, 0]
+        out = []
+        for i in range(dist.shape[0]):
+            selected = values[i][inside[i]]
+            if selected.numel() == 0:
+                out.append(0.0)
+                continue
+            k = max(1, int(round(cfg.topk_fraction * selected.numel())))
+            out.append(float(torch.topk(selected, k).values.mean()))
+        return out
 
     def _combine(self, components: dict[str, np.ndarray]) -> np.ndarray:
         if len(components) == 1:
