@@ -409,6 +409,18 @@ def _supersede(session: Session, jobs: Iterable[Job], replaced_by: int) -> None:
             log.info("job %d superseded by job %d (instance set or model changed)", old.id, replaced_by)
 
 
+def _requeued_fields() -> dict[str, Any]:
+    """Columns a job gets when it goes back to ``queued``: no message, holder, lease or error from before."""
+    return {
+        "broker_task_id": None,
+        "queued_at": utcnow(),
+        "next_attempt_at": None,
+        "error": None,
+        "worker": None,
+        "lease_expires_at": None,
+    }
+
+
 def _reactivate(session: Session, job: Job) -> bool:
     current = session.scalars(
         select(Job).where(
@@ -422,12 +434,7 @@ def _reactivate(session: Session, job: Job) -> bool:
         JobState.QUEUED,
         "reactivated",
         detail="its instance set and model version are current again",
-        broker_task_id=None,
-        queued_at=utcnow(),
-        next_attempt_at=None,
-        error=None,
-        worker=None,
-        lease_expires_at=None,
+        **_requeued_fields(),
     ):
         return False
     _supersede(session, current, job.id)
@@ -444,12 +451,7 @@ def _requeue_for_rerun(session: Session, job: Job) -> bool:
         JobState.QUEUED,
         "rerun",
         detail="re-run requested",
-        broker_task_id=None,
-        queued_at=utcnow(),
-        next_attempt_at=None,
-        error=None,
-        worker=None,
-        lease_expires_at=None,
+        **_requeued_fields(),
     )
 
 
@@ -475,12 +477,7 @@ def retry_job(db: Database, dispatcher: Dispatcher, job_id: int) -> Job:
                 JobState.QUEUED,
                 "retry",
                 detail=f"retry requested (was: {job.error or 'no reason'})",
-                broker_task_id=None,
-                queued_at=utcnow(),
-                next_attempt_at=None,
-                error=None,
-                worker=None,
-                lease_expires_at=None,
+                **_requeued_fields(),
             ):
                 raise JobStateError(f"job {job_id} changed state meanwhile; try again")
         elif job.state == JobState.QUEUED:

@@ -6,18 +6,17 @@ from __future__ import annotations
 import json
 import subprocess
 import threading
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import DICOM_DATA, POSTGRES_ADMIN_URL, port_open
+from conftest import DICOM_DATA, fresh_postgres_database
 from pydicom import dcmread
 from pydicom.data import get_testdata_file
 from pydicom.uid import generate_uid
 from pynetdicom import AE, _config
 from receive_support import DICOM_NODE, NodeProcess, echoscu, storescu, wait_for
-from sqlalchemy import create_engine, select, text
+from sqlalchemy import select
 
 from dicom_node.db import AuditEvent, Database, Instance, Series, Study, StudyState
 
@@ -44,27 +43,12 @@ ENCODED_FILES = [
 ]
 
 
-def _postgres_database() -> Iterator[str]:
-    if not port_open(5432):
-        pytest.skip("PostgreSQL is not listening on 127.0.0.1:5432")
-    name = f"dn_receive_{uuid.uuid4().hex[:12]}"
-    admin = create_engine(POSTGRES_ADMIN_URL, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(text(f'CREATE DATABASE "{name}"'))
-    try:
-        yield f"postgresql+psycopg2://postgres@127.0.0.1:5432/{name}"
-    finally:
-        with admin.connect() as conn:
-            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
-
-
 @pytest.fixture(scope="module", params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
 def module_db_url(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     if request.param == "sqlite":
         yield f"sqlite:///{tmp_path_factory.mktemp('db') / 'jobs.sqlite'}"
     else:
-        yield from _postgres_database()
+        yield from fresh_postgres_database("dn_receive")
 
 
 @pytest.fixture(scope="module")
