@@ -107,10 +107,11 @@ class ImageAnomalyDetector(Detector):
 
     name = "image"
     card_defaults: dict[str, Any] = {}
+    methods: tuple[str, ...] = METHODS  # subclasses may add their own
 
     def __init__(self, config: DetectorConfig, device: str | torch.device | None = "cpu") -> None:
-        if config.method not in METHODS:
-            raise DetectorError(f"unknown method {config.method!r}; known: {', '.join(METHODS)}")
+        if config.method not in self.methods:
+            raise DetectorError(f"unknown method {config.method!r}; known: {', '.join(self.methods)}")
         self.config = config
         self.device = device if isinstance(device, torch.device) else select_device(device)
         self._backbone: EfficientNetLiteBackbone | None = None
