@@ -261,6 +261,30 @@ def test_positional_gaussian_scores_each_position_against_its_own_mean() -> None
     torch.testing.assert_close(again.distances(query), moved, atol=1e-4, rtol=1e-4)
 
 
+def test_positional_gaussian_radius_tolerates_a_shift_of_the_layout() -> None:
+    """With ``radius`` r a position is compared with the nearest mean within r cells: the normal layout shifted by
+    one cell is far from the means at the edge of the pattern with r = 0 and normal with r = 1; a value unusual
+    everywhere stays unusual; r = 0 is the plain per-position distance."""
+    import torch
+
+    from models.chest import PadimParams, PositionalGaussian
+
+    gen = torch.Generator().manual_seed(0)
+    layout = torch.zeros(4, 6, 6)
+    layout[0, :3] = 5.0
+    normals = layout + 0.3 * torch.randn(200, 4, 6, 6, generator=gen)
+    model = PositionalGaussian(ridge=1e-2).fit(normals)
+    shifted = torch.roll(layout, shifts=1, dims=1)[None]  # the top-half pattern one row lower
+    shifted[0, 0, 0] = 5.0  # (rolled in from the bottom row otherwise)
+    assert float(model.distances(shifted)[0, 3].min()) > 5.0
+    assert float(model.distances(shifted, radius=1).max()) < 0.5
+    odd = layout.clone()[None]
+    odd[0, 1, 2, 2] = 10.0  # channel 1 is zero at every position in the normals
+    assert float(model.distances(odd, radius=1)[0, 2, 2]) > 5.0
+    torch.testing.assert_close(model.distances(odd, radius=0), model.distances(odd))
+    assert PadimParams.from_extra({"grid": 28}).radius == 0  # a 1.1.0 config keeps its scoring
+
+
 def test_padim_method_fits_saves_and_loads(tmp_path: Path) -> None:
     """The shipped method: fit on a few normals at a small size, score, save, load, same scores; the image score is
     the mean per-position distance inside the lung field, so an added bright blob inside the lungs raises it."""
@@ -268,7 +292,8 @@ def test_padim_method_fits_saves_and_loads(tmp_path: Path) -> None:
     from models.preprocessing import load_image_file
 
     config = default_config()
-    assert config.method == "padim" and config.version == "1.1.0"
+    assert config.method == "padim" and config.version == "1.2.0"
+    assert config.extra["padim"]["radius"] == 2
     config.image_size = 128
     normals = [load_image_file(p) for p in sorted((CXR / "train" / "normal").iterdir())[:12]]
     detector = ChestXrayDetector(config)
