@@ -8,6 +8,9 @@ ImageNet backbone + one method fitted on normal images only:
 - ``msde``: MSDE on the global (pooled) features; image score only (the map is the constant image score).
 - ``patchcore+msde``: both, each z-scored against the calibration normals, summed (score) / patch map kept.
 - ``autoencoder``: a small denoising autoencoder trained from scratch (models.autoencoder); map = |x - x̂|.
+- ``spade``: like ``patchcore``, but each query patch is compared only with the patches of the ``k_images`` most
+  similar training normals (models.neighbour_bank), in a whitened PCA subspace; parameters in
+  ``config.extra["spade"]``.
 
 Calibration sets the image threshold at a chosen specificity on held-out normal images and the pixel threshold
 at a high quantile of the normal maps' foreground pixels; both go in the model card with the weights' sha256.
@@ -35,6 +38,7 @@ from models.backbones import EfficientNetLiteBackbone, select_device
 from models.base import Detector, DetectorError, ImageScores, ModelIdentity, SeriesResult
 from models.metrics import threshold_at_specificity
 from models.msde import MSDE
+from models.neighbour_bank import NeighbourPatchBank
 from models.patchcore import PatchMemoryBank
 from models.preprocessing import (
     CropBox,
@@ -50,7 +54,7 @@ logger = logging.getLogger(__name__)
 WEIGHTS_FILE = "weights.safetensors"
 CARD_JSON = "model_card.json"
 CARD_MD = "MODEL_CARD.md"
-METHODS = ("patchcore", "msde", "patchcore+msde", "autoencoder")
+METHODS = ("patchcore", "msde", "patchcore+msde", "autoencoder", "spade")
 
 
 @dataclass
@@ -117,6 +121,7 @@ class ImageAnomalyDetector(Detector):
         self._backbone: EfficientNetLiteBackbone | None = None
         self.bank: PatchMemoryBank | None = None
         self.msde: MSDE | None = None
+        self.neighbour_bank: NeighbourPatchBank | None = None
         self.autoencoder: Any = None
         self.weights_sha256 = ""
         self.card: dict[str, Any] = {}
@@ -172,6 +177,15 @@ class ImageAnomalyDetector(Detector):
             str(k): int(v) if k in integers else float(v) for k, v in dict(self.config.extra.get("msde", {})).items()
         }
 
+    def spade_params(self) -> dict[str, Any]:
+        """SPADE hyper-parameters (k_images, pca_dims, whiten) from ``config.extra["spade"]``."""
+        params = dict(self.config.extra.get("spade", {}))
+        return {
+            "k_images": int(params.get("k_images", 20)),
+            "pca_dims": int(params.get("pca_dims", 16)),
+            "whiten": bool(params.get("whiten", True)),
+        }
+
     @property
     def backbone(self) -> EfficientNetLiteBackbone:
         if self._backbone is None:
@@ -181,7 +195,7 @@ class ImageAnomalyDetector(Detector):
     # ---------------------------------------------------------------------------------------------- features
     def _needs(self) -> tuple[bool, bool]:
         method = self.config.method
-        return ("patchcore" in method, "msde" in method)
+        return ("patchcore" in method or method == "spade", "msde" in method)
 
     def _features(self, batch: Sequence[Prepared]) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         want_patches, want_pooled = self._needs()
@@ -218,15 +232,20 @@ class ImageAnomalyDetector(Detector):
             return
         want_patches, want_pooled = self._needs()
         patch_rows: list[torch.Tensor] = []
+        per_image: list[torch.Tensor] = []
         pooled_rows: list[torch.Tensor] = []
         count = 0
         for batch in _batches((self.prepare(img) for img in images), cfg.batch_size):
             patches, pooled = self._features(batch)
             if patches is not None:
                 grid_mask = self._grid_masks(batch, (int(patches.shape[-2]), int(patches.shape[-1])))
-                flat = patches.permute(0, 2, 3, 1)[grid_mask.to(patches.device)]
-                # Keep a random share per batch so memory stays bounded on large training sets.
-                patch_rows.append(flat.cpu().to(torch.float16))
+                grid_mask = grid_mask.to(patches.device)
+                if cfg.method == "spade":  # SPADE keeps which image each patch came from
+                    per_image += [
+                        p.permute(1, 2, 0)[m].cpu().to(torch.float16) for p, m in zip(patches, grid_mask, strict=True)
+                    ]
+                else:
+                    patch_rows.append(patches.permute(0, 2, 3, 1)[grid_mask].cpu().to(torch.float16))
             if pooled is not None:
                 pooled_rows.append(pooled.cpu())
             count += len(batch)
@@ -234,7 +253,10 @@ class ImageAnomalyDetector(Detector):
                 progress(count)
         if count == 0:
             raise DetectorError("no training images")
-        if want_patches:
+        if cfg.method == "spade":
+            params = self.spade_params()
+            self.neighbour_bank = NeighbourPatchBank(**params).fit(per_image, seed=cfg.seed)
+        elif want_patches:
             all_patches = torch.cat(patch_rows)
             self.bank = PatchMemoryBank().fit(
                 all_patches, cfg.coreset_size, max_candidates=cfg.max_candidates, seed=cfg.seed
@@ -257,10 +279,14 @@ class ImageAnomalyDetector(Detector):
         offset = 0
         for batch in _batches(iter(prepared), cfg.batch_size):
             patches, pooled = self._features(batch)
-            if patches is not None and self.bank is not None:
+            if patches is not None and (self.bank is not None or self.neighbour_bank is not None):
                 n, c, h, w = patches.shape
-                flat = patches.permute(0, 2, 3, 1).reshape(-1, c)
-                dist = self.bank.distances(flat, k=cfg.knn).reshape(n, h, w).cpu()
+                if self.neighbour_bank is not None:
+                    dist = self.neighbour_bank.distances(patches, self._grid_masks(batch, (h, w)))
+                else:
+                    assert self.bank is not None
+                    flat = patches.permute(0, 2, 3, 1).reshape(-1, c)
+                    dist = self.bank.distances(flat, k=cfg.knn).reshape(n, h, w).cpu()
                 components["patchcore"].extend(self._patch_scores(batch, dist))
                 grid_mask = self._grid_masks(batch, (h, w), self.config.rim_patches)
                 dist = torch.where(grid_mask, dist, torch.zeros_like(dist))
@@ -380,6 +406,8 @@ class ImageAnomalyDetector(Detector):
             out.update(self.bank.state("patchcore."))
         if self.msde is not None:
             out.update(self.msde.state("msde."))
+        if self.neighbour_bank is not None:
+            out.update(self.neighbour_bank.state("spade."))
         if self.autoencoder is not None:
             out.update(
                 {f"autoencoder.{k}": v.detach().cpu().contiguous() for k, v in self.autoencoder.state_dict().items()}
@@ -435,6 +463,11 @@ class ImageAnomalyDetector(Detector):
             detector.bank = PatchMemoryBank.from_state(tensors, "patchcore.")
         if any(k.startswith("msde.") for k in tensors):
             detector.msde = MSDE.from_state(tensors, "msde.", **detector.msde_params())
+        if any(k.startswith("spade.") for k in tensors):
+            params = detector.spade_params()
+            detector.neighbour_bank = NeighbourPatchBank.from_state(
+                tensors, "spade.", k_images=params["k_images"], whiten=params["whiten"]
+            )
         if any(k.startswith("autoencoder.") for k in tensors):
             from models.autoencoder import load_autoencoder
 

@@ -33,7 +33,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     )
     fit.add_argument("--out", type=Path, required=True, help="model directory to write")
     fit.add_argument("--specificity", type=float, default=0.95, help="image threshold specificity (default 0.95)")
-    fit.add_argument("--method", default=None, help="patchcore, msde, patchcore+msde, autoencoder; chest_xray: padim")
+    fit.add_argument(
+        "--method", default=None, help="spade, patchcore, msde, patchcore+msde, autoencoder; chest_xray: padim"
+    )
     fit.add_argument("--backbone", default=None, help="efficientnet-lite0 or efficientnet-lite2")
     fit.add_argument("--image-size", type=int, default=None)
     fit.add_argument("--coreset-size", type=int, default=None)
