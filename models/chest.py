@@ -424,12 +424,8 @@ class ChestXrayDetector(ImageAnomalyDetector):
         self.padim = PositionalGaussian(self._padim_params().ridge).fit(torch.cat(rows))
 
     def _lung_cells(self, batch: Sequence[Prepared], grid: int) -> torch.Tensor:
-        """(n, grid, grid): cells that are at least ``lung_fraction`` lung field (foreground when not used)."""
-        masks = np.stack([p.mask for p in batch]).astype(np.float32)
-        if not self.config.use_foreground:
-            masks[:] = 1.0
-        fraction = F.adaptive_avg_pool2d(torch.from_numpy(masks)[:, None], (grid, grid))[:, 0]
-        return fraction > self._padim_params().lung_fraction
+        """(n, grid, grid): cells that are more than ``lung_fraction`` lung field (all cells when not used)."""
+        return self._grid_masks(batch, (grid, grid), fraction=self._padim_params().lung_fraction)
 
     def _padim_raw(self, prepared: Sequence[Prepared]) -> tuple[dict[str, np.ndarray], np.ndarray]:
         """Image score = mean per-position Mahalanobis distance (to the nearest mean within ``radius`` cells) over the
@@ -449,11 +445,7 @@ class ChestXrayDetector(ImageAnomalyDetector):
                 selected = dist[i][inside[i]]
                 scores.append(float((selected if selected.numel() else dist[i]).mean()))
             if self._extra("map") != "atlas":
-                dist = torch.where(inside, dist, torch.zeros_like(dist))
-                up = F.interpolate(dist[:, None], size=(size, size), mode="bilinear", align_corners=False)[:, 0]
-                for i in range(len(batch)):
-                    smooth = ndimage.gaussian_filter(up[i].numpy(), sigma=cfg.smoothing_sigma)
-                    maps[offset + i] = smooth * batch[i].mask if cfg.use_foreground else smooth
+                maps[offset : offset + len(batch)] = self._distance_maps(batch, dist, inside)
             offset += len(batch)
         return {"padim": np.asarray(scores, dtype=np.float64)}, maps
 

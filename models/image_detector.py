@@ -208,13 +208,15 @@ class ImageAnomalyDetector(Detector):
         )
         return feats.patches, feats.pooled
 
-    def _grid_masks(self, batch: Sequence[Prepared], grid: tuple[int, int], rim: int = 0) -> torch.Tensor:
-        """Foreground at feature resolution (a patch counts when most of it is foreground), eroded by ``rim``
-        patches: the rim of the head (skull, scalp, orbits) varies most between normals and is not scored."""
+    def _grid_masks(
+        self, batch: Sequence[Prepared], grid: tuple[int, int], rim: int = 0, fraction: float = 0.5
+    ) -> torch.Tensor:
+        """Foreground at feature resolution (a patch counts when more than ``fraction`` of it is foreground), eroded
+        by ``rim`` patches: the rim of the head (skull, scalp, orbits) varies most between normals and is not scored."""
         masks = np.stack([p.mask for p in batch]).astype(np.float32)
         if not self.config.use_foreground:
             masks[:] = 1.0
-        grid_mask = (F.adaptive_avg_pool2d(torch.from_numpy(masks)[:, None], grid)[:, 0] > 0.5).numpy()
+        grid_mask = (F.adaptive_avg_pool2d(torch.from_numpy(masks)[:, None], grid)[:, 0] > fraction).numpy()
         if rim > 0 and self.config.use_foreground:
             grid_mask = np.stack([ndimage.binary_erosion(m, iterations=rim) for m in grid_mask])
         return torch.from_numpy(np.ascontiguousarray(grid_mask))
@@ -289,18 +291,25 @@ class ImageAnomalyDetector(Detector):
                     dist = self.bank.distances(flat, k=cfg.knn).reshape(n, h, w).cpu()
                 components["patchcore"].extend(self._patch_scores(batch, dist))
                 grid_mask = self._grid_masks(batch, (h, w), self.config.rim_patches)
-                dist = torch.where(grid_mask, dist, torch.zeros_like(dist))
-                up = F.interpolate(dist[:, None], size=(size, size), mode="bilinear", align_corners=False)[:, 0]
-                for i in range(n):
-                    smooth = ndimage.gaussian_filter(up[i].numpy(), sigma=cfg.smoothing_sigma)
-                    if cfg.use_foreground:
-                        smooth = smooth * batch[i].mask
-                    maps[offset + i] = smooth
+                maps[offset : offset + n] = self._distance_maps(batch, dist, grid_mask)
             if pooled is not None and self.msde is not None:
                 components["msde"].extend(self.msde.score(pooled.cpu()).tolist())
             offset += len(batch)
         out = {name: np.asarray(values, dtype=np.float64) for name, values in components.items() if values}
         return out, maps
+
+    def _distance_maps(self, batch: Sequence[Prepared], dist: torch.Tensor, cells: torch.Tensor) -> np.ndarray:
+        """Maps (n, S, S) from a distance grid (n, h, w): zero outside ``cells``, upsampled to the model size,
+        Gaussian smoothed (``smoothing_sigma``), limited to the foreground."""
+        cfg = self.config
+        size = cfg.image_size
+        dist = torch.where(cells, dist, torch.zeros_like(dist))
+        up = F.interpolate(dist[:, None].float(), size=(size, size), mode="bilinear", align_corners=False)[:, 0]
+        maps = np.zeros((len(batch), size, size), dtype=np.float32)
+        for i, item in enumerate(batch):
+            smooth = ndimage.gaussian_filter(up[i].numpy(), sigma=cfg.smoothing_sigma)
+            maps[i] = smooth * item.mask if cfg.use_foreground else smooth
+        return maps
 
     def _patch_scores(self, batch: Sequence[Prepared], dist: torch.Tensor) -> list[float]:
         """Image scores from patch distances (n, h, w): mean of the top ``topk_fraction`` of the distances,
@@ -464,10 +473,8 @@ class ImageAnomalyDetector(Detector):
         if any(k.startswith("msde.") for k in tensors):
             detector.msde = MSDE.from_state(tensors, "msde.", **detector.msde_params())
         if any(k.startswith("spade.") for k in tensors):
-            params = detector.spade_params()
-            detector.neighbour_bank = NeighbourPatchBank.from_state(
-                tensors, "spade.", k_images=params["k_images"], whiten=params["whiten"]
-            )
+            k_images = detector.spade_params()["k_images"]
+            detector.neighbour_bank = NeighbourPatchBank.from_state(tensors, "spade.", k_images=k_images)
         if any(k.startswith("autoencoder.") for k in tensors):
             from models.autoencoder import load_autoencoder
 

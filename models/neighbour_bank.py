@@ -21,6 +21,8 @@ from collections.abc import Sequence
 
 import torch
 
+from models.patchcore import PatchMemoryBank
+
 logger = logging.getLogger(__name__)
 
 
@@ -100,9 +102,7 @@ class NeighbourPatchBank:
                 continue
             chosen = self.neighbours(rows).tolist()
             bank = torch.cat([self.patches[self.offsets[j] : self.offsets[j + 1]] for j in chosen]).float()
-            query = self.project(rows).cpu()
-            d2 = (query * query).sum(1, keepdim=True) - 2.0 * query @ bank.T + (bank * bank).sum(1)[None]
-            out[i][mask.cpu()] = d2.min(dim=1).values.clamp_min(0).sqrt()
+            out[i][mask.cpu()] = PatchMemoryBank(bank).distances(self.project(rows).cpu())
         return out
 
     # ------------------------------------------------------------------------------------------- persistence
@@ -121,10 +121,9 @@ class NeighbourPatchBank:
         return {f"{prefix}{k}": v.contiguous() for k, v in tensors.items() if v is not None}
 
     @classmethod
-    def from_state(
-        cls, tensors: dict[str, torch.Tensor], prefix: str, k_images: int = 20, whiten: bool = True
-    ) -> NeighbourPatchBank:
-        bank = cls(k_images=k_images, whiten=whiten)
+    def from_state(cls, tensors: dict[str, torch.Tensor], prefix: str, k_images: int = 20) -> NeighbourPatchBank:
+        """A fitted bank from :meth:`state`; the stored projection is already whitened (``whiten`` is a fit option)."""
+        bank = cls(k_images=k_images)
         bank.patch_mean = tensors[f"{prefix}patch_mean"].float()
         bank.projection = tensors[f"{prefix}projection"].float()
         bank.pca_dims = int(bank.projection.shape[1])
