@@ -105,6 +105,33 @@ def _series(session, study, modality, description, count, received, detector, re
     return series
 
 
+def _attempt(session, job, attempt, started, seconds, outcome, status, detail=None) -> datetime:  # type: ignore[no-untyped-def]
+    """One C-STORE delivery attempt to the test PACS; returns when it finished."""
+    finished = started + timedelta(seconds=seconds)
+    session.add(
+        DeliveryAttempt(
+            job_id=job.id,
+            destination="ORTHANC@127.0.0.1:4242",
+            attempt=attempt,
+            started_at=started,
+            finished_at=finished,
+            outcome=outcome,
+            status=status,
+            detail=detail,
+        )
+    )
+    return finished
+
+
+def _event(session, job, at, from_state, to_state, event, detail=None) -> None:  # type: ignore[no-untyped-def]
+    session.add(JobEvent(job_id=job.id, at=at, from_state=from_state, to_state=to_state, event=event, detail=detail))
+
+
+def _finished_and_delivered(session, job, detail) -> None:  # type: ignore[no-untyped-def]
+    _event(session, job, job.finished_at, "running", "succeeded", "finished", detail)
+    _event(session, job, job.delivered_at, "succeeded", "delivered", "delivered")
+
+
 def _job(session, study, series, detector, state, completed, *, run_s, wait_s=0.2, **extra):  # type: ignore[no-untyped-def]
     queued = completed + timedelta(seconds=0.05)
     started = queued + timedelta(seconds=wait_s) if state != JobState.QUEUED else None
@@ -128,18 +155,9 @@ def _job(session, study, series, detector, state, completed, *, run_s, wait_s=0.
     )
     session.add(job)
     session.flush()
-    session.add(JobEvent(job_id=job.id, at=queued, from_state=None, to_state="queued", event="queued"))
+    _event(session, job, queued, None, "queued", "queued")
     if started:
-        session.add(
-            JobEvent(
-                job_id=job.id,
-                at=started,
-                from_state="queued",
-                to_state="running",
-                event="started",
-                detail="celery@worker-a",
-            )
-        )
+        _event(session, job, started, "queued", "running", "started", "celery@worker-a")
     return job
 
 
@@ -169,31 +187,8 @@ def fill(db: Database, now: datetime | None = None) -> Rows:
         )
         assert job.finished_at is not None
         first = job.finished_at + timedelta(seconds=0.3)
-        s.add(
-            DeliveryAttempt(
-                job_id=job.id,
-                destination="ORTHANC@127.0.0.1:4242",
-                attempt=1,
-                started_at=first,
-                finished_at=first + timedelta(seconds=0.4),
-                outcome="retry",
-                status=0xA700,
-                detail="out of resources",
-            )
-        )
-        second = first + timedelta(seconds=2.5)
-        s.add(
-            DeliveryAttempt(
-                job_id=job.id,
-                destination="ORTHANC@127.0.0.1:4242",
-                attempt=2,
-                started_at=second,
-                finished_at=second + timedelta(seconds=0.8),
-                outcome="stored",
-                status=0,
-            )
-        )
-        job.delivered_at = second + timedelta(seconds=0.8)
+        _attempt(s, job, 1, first, 0.4, "retry", 0xA700, "out of resources")
+        job.delivered_at = _attempt(s, job, 2, first + timedelta(seconds=2.5), 0.8, "stored", 0)
         for kind, sop in (("SEG", SEG_SOP), ("SR", SR_SOP)):
             s.add(
                 ResultObject(
@@ -206,21 +201,7 @@ def fill(db: Database, now: datetime | None = None) -> Rows:
                     created_at=job.finished_at + timedelta(seconds=0.2),
                 )
             )
-        s.add(
-            JobEvent(
-                job_id=job.id,
-                at=job.finished_at,
-                from_state="running",
-                to_state="succeeded",
-                event="finished",
-                detail="normal, score 0.21",
-            )
-        )
-        s.add(
-            JobEvent(
-                job_id=job.id, at=job.delivered_at, from_state="succeeded", to_state="delivered", event="delivered"
-            )
-        )
+        _finished_and_delivered(s, job, "normal, score 0.21")
         rows.studies["brain_normal"], rows.jobs["brain_normal"] = study.study_instance_uid, job.id
 
         # 2. Abnormal chest X-ray (JPEG 2000), delivered: the triage case, received most recently but one.
@@ -243,34 +224,8 @@ def fill(db: Database, now: datetime | None = None) -> Rows:
             result_path="/data/results/job-2",
         )
         assert job.finished_at is not None
-        at = job.finished_at + timedelta(seconds=0.2)
-        s.add(
-            DeliveryAttempt(
-                job_id=job.id,
-                destination="ORTHANC@127.0.0.1:4242",
-                attempt=1,
-                started_at=at,
-                finished_at=at + timedelta(seconds=0.5),
-                outcome="stored",
-                status=0,
-            )
-        )
-        job.delivered_at = at + timedelta(seconds=0.5)
-        s.add(
-            JobEvent(
-                job_id=job.id,
-                at=job.finished_at,
-                from_state="running",
-                to_state="succeeded",
-                event="finished",
-                detail="abnormal, score 0.93",
-            )
-        )
-        s.add(
-            JobEvent(
-                job_id=job.id, at=job.delivered_at, from_state="succeeded", to_state="delivered", event="delivered"
-            )
-        )
+        job.delivered_at = _attempt(s, job, 1, job.finished_at + timedelta(seconds=0.2), 0.5, "stored", 0)
+        _finished_and_delivered(s, job, "abnormal, score 0.93")
         rows.studies["chest_abnormal"], rows.jobs["chest_abnormal"] = study.study_instance_uid, job.id
 
         # 3. Brain MRI whose detection failed (too few slices).
@@ -279,16 +234,7 @@ def fill(db: Database, now: datetime | None = None) -> Rows:
         study = _study(s, generate_uid(), "MRSCANNER1", "MR", StudyState.COMPLETE, t0, 3, completed)
         short = _series(s, study, "MR", "t2_tse_tra", 3, t0, "brain_mri", None, MR_IMAGE, EXPLICIT_LE, "MRSCANNER1")
         job = _job(s, study, short, "brain_mri", JobState.FAILED, completed, run_s=0.4, error=DETECTION_ERROR)
-        s.add(
-            JobEvent(
-                job_id=job.id,
-                at=job.finished_at,
-                from_state="running",
-                to_state="failed",
-                event="failed",
-                detail=DETECTION_ERROR,
-            )
-        )
+        _event(s, job, job.finished_at, "running", "failed", "failed", DETECTION_ERROR)
         rows.studies["brain_failed"], rows.jobs["brain_failed"] = study.study_instance_uid, job.id
 
         # 4. Normal chest X-ray whose delivery the PACS refused (0xC000, no retry).
@@ -310,30 +256,11 @@ def fill(db: Database, now: datetime | None = None) -> Rows:
             error=DELIVERY_ERROR,
         )
         assert job.finished_at is not None
-        at = job.finished_at + timedelta(seconds=0.2)
-        s.add(
-            DeliveryAttempt(
-                job_id=job.id,
-                destination="ORTHANC@127.0.0.1:4242",
-                attempt=1,
-                started_at=at,
-                finished_at=at + timedelta(seconds=0.3),
-                outcome="failed",
-                status=0xC000,
-                detail="cannot understand",
-            )
+        refused = _attempt(
+            s, job, 1, job.finished_at + timedelta(seconds=0.2), 0.3, "failed", 0xC000, "cannot understand"
         )
-        s.add(JobEvent(job_id=job.id, at=job.finished_at, from_state="running", to_state="succeeded", event="finished"))
-        s.add(
-            JobEvent(
-                job_id=job.id,
-                at=at + timedelta(seconds=0.3),
-                from_state="succeeded",
-                to_state="delivery_failed",
-                event="delivery_failed",
-                detail=DELIVERY_ERROR,
-            )
-        )
+        _event(s, job, job.finished_at, "running", "succeeded", "finished")
+        _event(s, job, refused, "succeeded", "delivery_failed", "delivery_failed", DELIVERY_ERROR)
         rows.studies["chest_delivery_failed"], rows.jobs["chest_delivery_failed"] = study.study_instance_uid, job.id
 
         # 5. A study still receiving (no jobs yet), the most recent.
