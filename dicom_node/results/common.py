@@ -19,6 +19,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import TypedDict
 
 import highdicom as hd
 import numpy as np
@@ -111,6 +112,24 @@ def software_versions(model: ModelIdentity) -> tuple[str, str]:
 
 def model_name(model: ModelIdentity) -> str:
     return f"{model.detector} {model.method}"[:64]
+
+
+class EnhancedEquipment(TypedDict):
+    manufacturer: str
+    manufacturer_model_name: str
+    software_versions: str
+    device_serial_number: str
+
+
+def enhanced_equipment(model: ModelIdentity) -> EnhancedEquipment:
+    """Enhanced General Equipment Module (PS3.3 C.7.5.2) arguments of highdicom's SEG and PM constructors: the
+    model stands in for the device, its weights' hash for the serial number (so a result names the exact weights)."""
+    return EnhancedEquipment(
+        manufacturer=MANUFACTURER,
+        manufacturer_model_name=model_name(model),
+        software_versions=software_versions(model)[0],
+        device_serial_number=model.weights_sha256[:16] or "unknown",
+    )
 
 
 def algorithm_identification(model: ModelIdentity, pixel_threshold: float) -> hd.AlgorithmIdentificationSequence:

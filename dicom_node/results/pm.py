@@ -14,14 +14,12 @@ from pydicom.dataset import Dataset
 
 from dicom_node.results.common import (
     ANOMALY_SCORE,
-    MANUFACTURER,
     RESULT_SERIES,
     UNITLESS,
     SourceSeries,
+    enhanced_equipment,
     finish,
-    model_name,
     result_uids,
-    software_versions,
 )
 from models.base import ModelIdentity
 
@@ -54,10 +52,7 @@ def build_pm(source: SourceSeries, model: ModelIdentity, pixel_threshold: float)
         series_number=RESULT_SERIES["PM"].number,
         sop_instance_uid=uids.sop_instance_uid,
         instance_number=1,
-        manufacturer=MANUFACTURER,
-        manufacturer_model_name=model_name(model),
-        software_versions=software_versions(model)[0],
-        device_serial_number=model.weights_sha256[:16] or "unknown",
+        **enhanced_equipment(model),
         # A score map of a head volume can outline the face; say so rather than promise it cannot.
         contains_recognizable_visual_features=source.is_volume,
         real_world_value_mappings=[mapping],
