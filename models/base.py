@@ -52,9 +52,7 @@ class SeriesResult:
     sop_instance_uids: list[str]
     image_scores: np.ndarray  # (n,) float
     anomaly_maps: np.ndarray  # (n, rows, cols) float32
-    scored: np.ndarray = field(
-        default_factory=lambda: np.zeros(0, dtype=bool)
-    )  # (n,) which slices were scored
+    scored: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=bool))  # (n,) which slices were scored
 
     @property
     def is_abnormal(self) -> bool:

@@ -107,7 +107,7 @@ def default_config() -> DetectorConfig:
     return DetectorConfig(
         detector="brain_mri",
         method="spade",
-        version="2.0.0",
+        version="2.1.0",
         backbone="efficientnet-lite0",
         image_size=256,
         # Stride-16 features (block 10) only: on val they beat stride 8 and the stride-8+16 mix (docs/benchmarks.md).
@@ -116,7 +116,12 @@ def default_config() -> DetectorConfig:
         topk_fraction=0.01,
         rim_patches=1,  # one 16-px patch at the head's edge (skull, scalp) is neither scored nor mapped
         pixel_quantile=0.99,
-        extra={**SERIES_DEFAULTS, "spade": {"k_images": 20, "pca_dims": 16, "whiten": True}},
+        # Two synthetic-lesion copies of each training slice teach the residual head which way lesions differ from
+        # their nearest normal patch (models.residual_head); weight 2 on val: LGG up, Kaggle within noise.
+        extra={
+            **SERIES_DEFAULTS,
+            "spade": {"k_images": 20, "pca_dims": 16, "whiten": True, "synthetic_copies": 2, "head_weight": 2.0},
+        },
     )
 
 

@@ -48,12 +48,14 @@ from models.preprocessing import (
     square_crop_box,
     uncrop_square,
 )
+from models.synthetic import synthetic_lesion
 
 logger = logging.getLogger(__name__)
 
 WEIGHTS_FILE = "weights.safetensors"
 CARD_JSON = "model_card.json"
 CARD_MD = "MODEL_CARD.md"
+SYNTHETIC_LESION_COVER = 0.3  # a grid patch counts as lesion when more than this fraction of it is
 METHODS = ("patchcore", "msde", "patchcore+msde", "autoencoder", "spade")
 
 
@@ -178,13 +180,19 @@ class ImageAnomalyDetector(Detector):
         }
 
     def spade_params(self) -> dict[str, Any]:
-        """SPADE hyper-parameters (k_images, pca_dims, whiten) from ``config.extra["spade"]``."""
+        """SPADE bank hyper-parameters (k_images, pca_dims, whiten) from ``config.extra["spade"]``."""
         params = dict(self.config.extra.get("spade", {}))
         return {
             "k_images": int(params.get("k_images", 20)),
             "pca_dims": int(params.get("pca_dims", 16)),
             "whiten": bool(params.get("whiten", True)),
         }
+
+    def head_params(self) -> tuple[int, float]:
+        """Residual head (models.residual_head) settings from ``config.extra["spade"]``: synthetic-lesion copies per
+        training image (0: no head, plain distances) and the head's weight."""
+        params = dict(self.config.extra.get("spade", {}))
+        return int(params.get("synthetic_copies", 0)), float(params.get("head_weight", 4.0))
 
     @property
     def backbone(self) -> EfficientNetLiteBackbone:
@@ -233,8 +241,11 @@ class ImageAnomalyDetector(Detector):
             self.autoencoder = fit_autoencoder(prepared, cfg, self.device)
             return
         want_patches, want_pooled = self._needs()
+        copies, head_weight = self.head_params() if cfg.method == "spade" else (0, 0.0)
+        rng = np.random.default_rng(cfg.seed)
         patch_rows: list[torch.Tensor] = []
         per_image: list[torch.Tensor] = []
+        synthetic: list[tuple[int, torch.Tensor, torch.Tensor]] = []
         pooled_rows: list[torch.Tensor] = []
         count = 0
         for batch in _batches((self.prepare(img) for img in images), cfg.batch_size):
@@ -246,6 +257,8 @@ class ImageAnomalyDetector(Detector):
                     per_image += [
                         p.permute(1, 2, 0)[m].cpu().to(torch.float16) for p, m in zip(patches, grid_mask, strict=True)
                     ]
+                    for _ in range(copies):
+                        synthetic += self._synthetic_rows(batch, grid_mask.cpu(), count, rng)
                 else:
                     patch_rows.append(patches.permute(0, 2, 3, 1)[grid_mask].cpu().to(torch.float16))
             if pooled is not None:
@@ -258,6 +271,11 @@ class ImageAnomalyDetector(Detector):
         if cfg.method == "spade":
             params = self.spade_params()
             self.neighbour_bank = NeighbourPatchBank(**params).fit(per_image, seed=cfg.seed)
+            if copies:
+                # Bank indices skip training images without foreground.
+                kept = {i: n for n, i in enumerate(i for i, rows in enumerate(per_image) if rows.shape[0] > 0)}
+                usable = [(kept[i], rows, lesion) for i, rows, lesion in synthetic if i in kept]
+                self.neighbour_bank.fit_head(usable, head_weight, seed=cfg.seed)
         elif want_patches:
             all_patches = torch.cat(patch_rows)
             self.bank = PatchMemoryBank().fit(
@@ -265,6 +283,34 @@ class ImageAnomalyDetector(Detector):
             )
         if want_pooled:
             self.msde = MSDE(**self.msde_params()).fit(torch.cat(pooled_rows))
+
+    def _synthetic_rows(
+        self, batch: Sequence[Prepared], grid_mask: torch.Tensor, first: int, rng: np.random.Generator
+    ) -> list[tuple[int, torch.Tensor, torch.Tensor]]:
+        """One synthetic-lesion copy of each image of ``batch`` (models.synthetic; the next image is the donor):
+        (training image index, foreground patch features (M, C), patch is mostly lesion (M,)). Patches a lesion
+        only grazes (0-30% of their area) are left out: neither normal nor lesion."""
+        made: list[tuple[int, np.ndarray, np.ndarray]] = []
+        for offset, item in enumerate(batch):
+            donor = batch[(offset + 1) % len(batch)].image
+            painted = synthetic_lesion(item.image, item.mask, donor, rng)
+            if painted is not None:
+                made.append((offset, *painted))
+        if not made:
+            return []
+        patches = self.backbone.features(
+            np.stack([image for _, image, _ in made]), strides=self.config.strides, pool_size=self.config.pool_size
+        ).patches
+        assert patches is not None
+        grid = (int(patches.shape[-2]), int(patches.shape[-1]))
+        out = []
+        for (offset, _, lesion), features in zip(made, patches, strict=True):
+            cover = F.adaptive_avg_pool2d(torch.from_numpy(lesion.astype(np.float32))[None, None], grid)[0, 0]
+            fg = grid_mask[offset]
+            keep = (cover[fg] > SYNTHETIC_LESION_COVER) | (cover[fg] == 0)
+            rows = features.permute(1, 2, 0).cpu()[fg][keep]
+            out.append((first + offset, rows, (cover[fg] > SYNTHETIC_LESION_COVER)[keep]))
+        return out
 
     # ------------------------------------------------------------------------------------------------ scoring
     def _raw(self, prepared: Sequence[Prepared]) -> tuple[dict[str, np.ndarray], np.ndarray]:
@@ -474,7 +520,9 @@ class ImageAnomalyDetector(Detector):
             detector.msde = MSDE.from_state(tensors, "msde.", **detector.msde_params())
         if any(k.startswith("spade.") for k in tensors):
             k_images = detector.spade_params()["k_images"]
-            detector.neighbour_bank = NeighbourPatchBank.from_state(tensors, "spade.", k_images=k_images)
+            detector.neighbour_bank = NeighbourPatchBank.from_state(
+                tensors, "spade.", k_images=k_images, head_weight=detector.head_params()[1]
+            )
         if any(k.startswith("autoencoder.") for k in tensors):
             from models.autoencoder import load_autoencoder
 

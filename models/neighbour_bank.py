@@ -12,6 +12,9 @@ The patch features are projected onto the leading ``pca_dims`` principal compone
 with ``whiten``, each component is divided by its singular value relative to the first (so distances weigh the
 components equally, as a Mahalanobis distance in that subspace does). On the brain data this both shrinks the stored
 bank (every training patch is kept, 16 numbers each) and raised val AUROC (docs/benchmarks.md).
+
+With a :class:`~models.residual_head.ResidualHead` (``fit_head``), a patch's score is the distance corrected by
+the direction of its residual to the nearest normal patch, learnt from synthetic lesions (models.synthetic).
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from collections.abc import Sequence
 import torch
 
 from models.patchcore import PatchMemoryBank
+from models.residual_head import ResidualHead
 
 logger = logging.getLogger(__name__)
 
@@ -41,6 +45,7 @@ class NeighbourPatchBank:
         self.descriptors: torch.Tensor | None = None  # (N, C), standardised
         self.patches: torch.Tensor | None = None  # (P, d) float16, image i's rows at offsets[i]:offsets[i+1]
         self.offsets: torch.Tensor | None = None  # (N + 1,) int64
+        self.head: ResidualHead | None = None
 
     @staticmethod
     def descriptor(rows: torch.Tensor) -> torch.Tensor:
@@ -79,20 +84,39 @@ class NeighbourPatchBank:
         assert self.patch_mean is not None and self.projection is not None, "bank not fitted"
         return (rows.float() - self.patch_mean.to(rows.device)) @ self.projection.to(rows.device)
 
-    def neighbours(self, rows: torch.Tensor) -> torch.Tensor:
-        """Indices of the ``k_images`` training images nearest to the image whose foreground patches are ``rows``."""
+    def neighbours(self, rows: torch.Tensor, exclude: int | None = None) -> torch.Tensor:
+        """Indices of the ``k_images`` training images nearest to the image whose foreground patches are ``rows``
+        (``exclude``: a training image that may not be chosen, for cross-fitting)."""
         assert self.descriptors is not None and self.descriptor_mean is not None and self.descriptor_std is not None
         query = (self.descriptor(rows.cpu()) - self.descriptor_mean) / self.descriptor_std
         distance = torch.cdist(query[None], self.descriptors)[0]
-        k = min(self.k_images, self.descriptors.shape[0])
+        if exclude is not None:
+            distance[exclude] = float("inf")
+        k = min(self.k_images, self.descriptors.shape[0] - (exclude is not None))
         return torch.topk(distance, k, largest=False).indices
+
+    def match(self, rows: torch.Tensor, exclude: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Distances (M,) of an image's foreground patch features ``rows`` (M, C) to their nearest patch among the
+        retrieved normals, and the residuals (M, d): projected query minus that patch."""
+        if self.patches is None or self.offsets is None:
+            raise RuntimeError("neighbour bank not fitted")
+        chosen = self.neighbours(rows, exclude).tolist()
+        bank = torch.cat([self.patches[self.offsets[j] : self.offsets[j + 1]] for j in chosen]).float()
+        query = self.project(rows).cpu()
+        nearest = PatchMemoryBank(bank).nearest(query)
+        residuals = query - bank[nearest]
+        return residuals.norm(dim=1), residuals
+
+    def image_rows(self, index: int) -> torch.Tensor:
+        """Projected foreground patches of training image ``index`` (float32)."""
+        assert self.patches is not None and self.offsets is not None, "bank not fitted"
+        return self.patches[self.offsets[index] : self.offsets[index + 1]].float()
 
     @torch.inference_mode()
     def distances(self, patches: torch.Tensor, foreground: torch.Tensor) -> torch.Tensor:
-        """Nearest-neighbour distances (n, h, w) of the foreground patches of ``patches`` (n, C, h, w) to the patches
-        of each image's retrieved normals; 0 outside ``foreground`` (n, h, w) bool."""
-        if self.patches is None or self.offsets is None:
-            raise RuntimeError("neighbour bank not fitted")
+        """Patch scores (n, h, w) of the foreground patches of ``patches`` (n, C, h, w): the nearest-neighbour
+        distance to the patches of each image's retrieved normals, corrected by the residual head when there is
+        one; 0 outside ``foreground`` (n, h, w) bool."""
         n, _, h, w = patches.shape
         out = torch.zeros(n, h, w)
         for i in range(n):
@@ -100,10 +124,52 @@ class NeighbourPatchBank:
             rows = patches[i].permute(1, 2, 0)[mask]
             if rows.shape[0] == 0:
                 continue
-            chosen = self.neighbours(rows).tolist()
-            bank = torch.cat([self.patches[self.offsets[j] : self.offsets[j + 1]] for j in chosen]).float()
-            out[i][mask.cpu()] = PatchMemoryBank(bank).distances(self.project(rows).cpu())
+            distance, residual = self.match(rows)
+            out[i][mask.cpu()] = distance if self.head is None else self.head.scores(residual, distance)
         return out
+
+    def fit_head(
+        self,
+        synthetic: Sequence[tuple[int, torch.Tensor, torch.Tensor]],
+        weight: float,
+        seed: int = 0,
+    ) -> ResidualHead:
+        """Fit the residual head. ``synthetic``: (training image index in the bank, foreground patch features
+        (M, C) of a synthetic-lesion copy of that image, lesion label per patch (M,) bool). Each training image and
+        each copy is matched against the retrieved normals *other than* its own image (cross-fitting)."""
+        if self.offsets is None:
+            raise RuntimeError("neighbour bank not fitted")
+        residuals, distances, labels = [], [], []
+        for index in range(len(self.offsets) - 1):
+            rows = self.image_rows(index)
+            distance, residual = self._match_projected(rows, index)
+            residuals.append(residual)
+            distances.append(distance)
+            labels.append(torch.zeros(rows.shape[0]))
+        for index, rows, lesion in synthetic:
+            distance, residual = self.match(rows, exclude=index)
+            residuals.append(residual)
+            distances.append(distance)
+            labels.append(lesion.float())
+        self.head = ResidualHead(weight).fit(torch.cat(residuals), torch.cat(distances), torch.cat(labels), seed=seed)
+        logger.info(
+            "residual head: %d normal and %d synthetic-lesion patches",
+            int((torch.cat(labels) == 0).sum()),
+            int(torch.cat(labels).sum()),
+        )
+        return self.head
+
+    def _match_projected(self, projected: torch.Tensor, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`match` for a training image's own (already projected) rows, its image excluded."""
+        assert self.descriptors is not None and self.patches is not None and self.offsets is not None
+        distance = torch.cdist(self.descriptors[index][None], self.descriptors)[0]
+        distance[index] = float("inf")
+        k = min(self.k_images, self.descriptors.shape[0] - 1)
+        chosen = torch.topk(distance, k, largest=False).indices.tolist()
+        bank = torch.cat([self.image_rows(j) for j in chosen])
+        nearest = PatchMemoryBank(bank).nearest(projected)
+        residuals = projected - bank[nearest]
+        return residuals.norm(dim=1), residuals
 
     # ------------------------------------------------------------------------------------------- persistence
     def state(self, prefix: str) -> dict[str, torch.Tensor]:
@@ -118,11 +184,17 @@ class NeighbourPatchBank:
         }
         if any(v is None for v in tensors.values()):
             raise RuntimeError("neighbour bank not fitted")
-        return {f"{prefix}{k}": v.contiguous() for k, v in tensors.items() if v is not None}
+        out = {f"{prefix}{k}": v.contiguous() for k, v in tensors.items() if v is not None}
+        if self.head is not None:
+            out.update(self.head.state(f"{prefix}head."))
+        return out
 
     @classmethod
-    def from_state(cls, tensors: dict[str, torch.Tensor], prefix: str, k_images: int = 20) -> NeighbourPatchBank:
-        """A fitted bank from :meth:`state`; the stored projection is already whitened (``whiten`` is a fit option)."""
+    def from_state(
+        cls, tensors: dict[str, torch.Tensor], prefix: str, k_images: int = 20, head_weight: float = 4.0
+    ) -> NeighbourPatchBank:
+        """A fitted bank from :meth:`state`; the stored projection is already whitened (``whiten`` is a fit option).
+        ``head_weight``: the residual head's weight, when the state has a head (a setting, not a fitted value)."""
         bank = cls(k_images=k_images)
         bank.patch_mean = tensors[f"{prefix}patch_mean"].float()
         bank.projection = tensors[f"{prefix}projection"].float()
@@ -132,4 +204,6 @@ class NeighbourPatchBank:
         bank.descriptors = tensors[f"{prefix}descriptors"].float()
         bank.patches = tensors[f"{prefix}patches"]
         bank.offsets = tensors[f"{prefix}offsets"].long()
+        if f"{prefix}head.coef" in tensors:
+            bank.head = ResidualHead.from_state(tensors, f"{prefix}head.", head_weight)
         return bank

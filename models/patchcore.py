@@ -80,6 +80,19 @@ class PatchMemoryBank:
             out.append(nearest.mean(1))
         return torch.cat(out) if out else torch.zeros(0)
 
+    def nearest(self, patches: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
+        """Index of each row's nearest bank entry (M,)."""
+        if self.bank is None:
+            raise RuntimeError("memory bank not fitted")
+        bank = self.bank.to(patches.device, dtype=torch.float32)
+        bank_sq = (bank * bank).sum(1)
+        out = []
+        for start in range(0, patches.shape[0], chunk):
+            query = patches[start : start + chunk].float()
+            d2 = (query * query).sum(1, keepdim=True) - 2.0 * query @ bank.T + bank_sq[None]
+            out.append(d2.argmin(1))
+        return torch.cat(out) if out else torch.zeros(0, dtype=torch.long)
+
     def state(self, prefix: str) -> dict[str, torch.Tensor]:
         if self.bank is None:
             raise RuntimeError("memory bank not fitted")

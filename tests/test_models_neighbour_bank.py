@@ -57,3 +57,26 @@ def test_background_gets_zero_and_state_round_trips() -> None:
     copy = NeighbourPatchBank.from_state(bank.state("spade."), "spade.", k_images=3)
     assert copy.pca_dims == 3
     assert torch.allclose(copy.distances(grid, mask), dist, atol=1e-2)
+
+
+def test_head_fitted_from_synthetic_copies_is_used_and_persisted() -> None:
+    images = _two_kinds()
+    bank = NeighbourPatchBank(k_images=3, pca_dims=4, whiten=False).fit(images)
+    generator = torch.Generator().manual_seed(1)
+    synthetic = []
+    for index, rows in enumerate(images):
+        copy = rows.clone()
+        copy[:5, 2] += 3.0  # "lesions" push channel 2 up
+        label = torch.zeros(rows.shape[0], dtype=torch.bool)
+        label[:5] = True
+        synthetic.append((index, copy + 0.01 * torch.randn(copy.shape, generator=generator), label))
+    bank.fit_head(synthetic, weight=2.0)
+    assert bank.head is not None
+    query = images[1].clone()
+    query[7, 2] += 3.0
+    grid, mask = _as_grid(query)
+    scores = bank.distances(grid, mask)
+    assert int(scores[0, 0].argmax()) == 7
+    copy = NeighbourPatchBank.from_state(bank.state("spade."), "spade.", k_images=3, head_weight=2.0)
+    assert copy.head is not None
+    assert torch.allclose(copy.distances(grid, mask), scores, atol=1e-2)
