@@ -87,9 +87,12 @@ class NeighbourPatchBank:
     def neighbours(self, rows: torch.Tensor, exclude: int | None = None) -> torch.Tensor:
         """Indices of the ``k_images`` training images nearest to the image whose foreground patches are ``rows``
         (``exclude``: a training image that may not be chosen, for cross-fitting)."""
-        assert self.descriptors is not None and self.descriptor_mean is not None and self.descriptor_std is not None
-        query = (self.descriptor(rows.cpu()) - self.descriptor_mean) / self.descriptor_std
-        distance = torch.cdist(query[None], self.descriptors)[0]
+        assert self.descriptor_mean is not None and self.descriptor_std is not None, "bank not fitted"
+        return self._nearest_images((self.descriptor(rows.cpu()) - self.descriptor_mean) / self.descriptor_std, exclude)
+
+    def _nearest_images(self, descriptor: torch.Tensor, exclude: int | None) -> torch.Tensor:
+        assert self.descriptors is not None, "bank not fitted"
+        distance = torch.cdist(descriptor[None], self.descriptors)[0]
         if exclude is not None:
             distance[exclude] = float("inf")
         k = min(self.k_images, self.descriptors.shape[0] - (exclude is not None))
@@ -98,13 +101,12 @@ class NeighbourPatchBank:
     def match(self, rows: torch.Tensor, exclude: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Distances (M,) of an image's foreground patch features ``rows`` (M, C) to their nearest patch among the
         retrieved normals, and the residuals (M, d): projected query minus that patch."""
-        if self.patches is None or self.offsets is None:
-            raise RuntimeError("neighbour bank not fitted")
-        chosen = self.neighbours(rows, exclude).tolist()
-        bank = torch.cat([self.patches[self.offsets[j] : self.offsets[j + 1]] for j in chosen]).float()
-        query = self.project(rows).cpu()
-        nearest = PatchMemoryBank(bank).nearest(query)
-        residuals = query - bank[nearest]
+        return self._residuals(self.project(rows).cpu(), self.neighbours(rows, exclude).tolist())
+
+    def _residuals(self, projected: torch.Tensor, chosen: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        bank = torch.cat([self.image_rows(j) for j in chosen])
+        nearest = PatchMemoryBank(bank).nearest(projected)
+        residuals = projected - bank[nearest]
         return residuals.norm(dim=1), residuals
 
     def image_rows(self, index: int) -> torch.Tensor:
@@ -117,6 +119,8 @@ class NeighbourPatchBank:
         """Patch scores (n, h, w) of the foreground patches of ``patches`` (n, C, h, w): the nearest-neighbour
         distance to the patches of each image's retrieved normals, corrected by the residual head when there is
         one; 0 outside ``foreground`` (n, h, w) bool."""
+        if self.patches is None or self.offsets is None:
+            raise RuntimeError("neighbour bank not fitted")
         n, _, h, w = patches.shape
         out = torch.zeros(n, h, w)
         for i in range(n):
@@ -140,9 +144,10 @@ class NeighbourPatchBank:
         if self.offsets is None:
             raise RuntimeError("neighbour bank not fitted")
         residuals, distances, labels = [], [], []
+        assert self.descriptors is not None
         for index in range(len(self.offsets) - 1):
             rows = self.image_rows(index)
-            distance, residual = self._match_projected(rows, index)
+            distance, residual = self._residuals(rows, self._nearest_images(self.descriptors[index], index).tolist())
             residuals.append(residual)
             distances.append(distance)
             labels.append(torch.zeros(rows.shape[0]))
@@ -158,18 +163,6 @@ class NeighbourPatchBank:
             int(torch.cat(labels).sum()),
         )
         return self.head
-
-    def _match_projected(self, projected: torch.Tensor, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """:meth:`match` for a training image's own (already projected) rows, its image excluded."""
-        assert self.descriptors is not None and self.patches is not None and self.offsets is not None
-        distance = torch.cdist(self.descriptors[index][None], self.descriptors)[0]
-        distance[index] = float("inf")
-        k = min(self.k_images, self.descriptors.shape[0] - 1)
-        chosen = torch.topk(distance, k, largest=False).indices.tolist()
-        bank = torch.cat([self.image_rows(j) for j in chosen])
-        nearest = PatchMemoryBank(bank).nearest(projected)
-        residuals = projected - bank[nearest]
-        return residuals.norm(dim=1), residuals
 
     # ------------------------------------------------------------------------------------------- persistence
     def state(self, prefix: str) -> dict[str, torch.Tensor]:
