@@ -8,6 +8,7 @@ maps). The coreset is the greedy k-center selection of the paper on a random pro
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 
 import torch
 
@@ -64,33 +65,29 @@ class PatchMemoryBank:
         self.bank = patches[indices].float().contiguous()
         return self
 
-    @torch.inference_mode()
-    def distances(self, patches: torch.Tensor, k: int = 1, chunk: int = 4096) -> torch.Tensor:
-        """Mean distance of each row of ``patches`` (M, C) to its ``k`` nearest bank entries, shape (M,)."""
+    def _squared_distances(self, patches: torch.Tensor, chunk: int) -> Iterator[torch.Tensor]:
+        """Squared distances (rows of a chunk, bank size) of each chunk of ``patches`` to every bank entry."""
         if self.bank is None:
             raise RuntimeError("memory bank not fitted")
         bank = self.bank.to(patches.device, dtype=torch.float32)
         bank_sq = (bank * bank).sum(1)
-        out = []
         for start in range(0, patches.shape[0], chunk):
             query = patches[start : start + chunk].float()
-            # Squared distances via the expansion |q|^2 - 2 q.b + |b|^2 (much faster than cdist on CPU).
-            d2 = (query * query).sum(1, keepdim=True) - 2.0 * query @ bank.T + bank_sq[None]
-            nearest = torch.topk(d2, k, dim=1, largest=False).values.clamp_min(0).sqrt()
-            out.append(nearest.mean(1))
+            # The expansion |q|^2 - 2 q.b + |b|^2 is much faster than cdist on CPU.
+            yield (query * query).sum(1, keepdim=True) - 2.0 * query @ bank.T + bank_sq[None]
+
+    @torch.inference_mode()
+    def distances(self, patches: torch.Tensor, k: int = 1, chunk: int = 4096) -> torch.Tensor:
+        """Mean distance of each row of ``patches`` (M, C) to its ``k`` nearest bank entries, shape (M,)."""
+        out = [
+            torch.topk(d2, k, dim=1, largest=False).values.clamp_min(0).sqrt().mean(1)
+            for d2 in self._squared_distances(patches, chunk)
+        ]
         return torch.cat(out) if out else torch.zeros(0)
 
     def nearest(self, patches: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
         """Index of each row's nearest bank entry (M,)."""
-        if self.bank is None:
-            raise RuntimeError("memory bank not fitted")
-        bank = self.bank.to(patches.device, dtype=torch.float32)
-        bank_sq = (bank * bank).sum(1)
-        out = []
-        for start in range(0, patches.shape[0], chunk):
-            query = patches[start : start + chunk].float()
-            d2 = (query * query).sum(1, keepdim=True) - 2.0 * query @ bank.T + bank_sq[None]
-            out.append(d2.argmin(1))
+        out = [d2.argmin(1) for d2 in self._squared_distances(patches, chunk)]
         return torch.cat(out) if out else torch.zeros(0, dtype=torch.long)
 
     def state(self, prefix: str) -> dict[str, torch.Tensor]:
