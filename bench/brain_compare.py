@@ -48,9 +48,7 @@ def patch_scores(
         dists.append(bank.distances(flat).reshape(-1, h, w))
     dist = torch.cat(dists)
     if erode:
-        inner = torch.from_numpy(
-            np.stack([ndimage.binary_erosion(m, iterations=erode) for m in gmask.numpy()])
-        )
+        inner = torch.from_numpy(np.stack([ndimage.binary_erosion(m, iterations=erode) for m in gmask.numpy()]))
         gmask = inner
     dist = torch.where(gmask, dist, torch.zeros_like(dist))
     scores_max, scores_topk = np.zeros(n), np.zeros(n)

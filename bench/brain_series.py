@@ -41,11 +41,14 @@ def main() -> None:
     assert result is not None
     best = min(times)
     print(f"series: {args.series.name}, {len(datasets)} instances, device {args.device}")
-    print(f"series score {result.series_score:.4f}, threshold {result.image_threshold:.4f}, "
-          f"abnormal {result.is_abnormal}")
+    print(
+        f"series score {result.series_score:.4f}, threshold {result.image_threshold:.4f}, abnormal {result.is_abnormal}"
+    )
     print(f"slices with head {int(result.scored.sum())}, max slice score {float(np.max(result.image_scores)):.4f}")
-    print(f"wall time best of {args.repeat}: {best:.2f} s = {1000 * best / len(datasets):.1f} ms/slice "
-          f"(all runs: {', '.join(f'{t:.2f}' for t in times)} s)")
+    print(
+        f"wall time best of {args.repeat}: {best:.2f} s = {1000 * best / len(datasets):.1f} ms/slice "
+        f"(all runs: {', '.join(f'{t:.2f}' for t in times)} s)"
+    )
 
 
 if __name__ == "__main__":

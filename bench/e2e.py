@@ -91,8 +91,17 @@ def send(port: int, files: list[Path]) -> None:
     syntax = str(dcmread(files[0], stop_before_pixels=True).file_meta.TransferSyntaxUID)
     proposal = ["-xw"] if syntax == JPEG2000 else []
     subprocess.run(
-        ["/usr/bin/storescu", "-aet", "BENCH", "-aec", "DICOMNODE", *proposal, "127.0.0.1", str(port),
-         *map(str, files)],
+        [
+            "/usr/bin/storescu",
+            "-aet",
+            "BENCH",
+            "-aec",
+            "DICOMNODE",
+            *proposal,
+            "127.0.0.1",
+            str(port),
+            *map(str, files),
+        ],
         check=True,
         capture_output=True,
     )

@@ -182,8 +182,16 @@ def send(receiver: Receiver, files: list[Path]) -> float:
     """Seconds storescu takes to send ``files`` over one association."""
     start = time.perf_counter()
     result = subprocess.run(
-        ["/usr/bin/storescu", "-aet", "BENCH", "-aec", receiver.ae_title, "127.0.0.1", str(receiver.port),
-         *map(str, files)],
+        [
+            "/usr/bin/storescu",
+            "-aet",
+            "BENCH",
+            "-aec",
+            receiver.ae_title,
+            "127.0.0.1",
+            str(receiver.port),
+            *map(str, files),
+        ],
         capture_output=True,
         text=True,
     )

@@ -315,9 +315,7 @@ class JobScheduler:
             if not self.settings.detector(series.detector).enabled:
                 log.info("series %s: detector %s is disabled; no job", series.series_instance_uid, series.detector)
                 continue
-            uids = session.scalars(
-                select(Instance.sop_instance_uid).where(Instance.series_id == series.id)
-            ).all()
+            uids = session.scalars(select(Instance.sop_instance_uid).where(Instance.series_id == series.id)).all()
             if not uids:
                 continue
             inputs.append(

@@ -37,8 +37,14 @@ def test_jobs_show(config: tuple[Path, Rows], capsys: pytest.CaptureFixture[str]
     assert main(["jobs", "show", str(rows.jobs["brain_failed"]), "--config", str(path), "--json"]) == 0
     document = json.loads(capsys.readouterr().out)
     assert document["job"]["error"] == DETECTION_ERROR
-    assert [s["name"] for s in document["steps"]] == ["received", "last_received", "complete", "queued", "started",
-                                                      "finished"]
+    assert [s["name"] for s in document["steps"]] == [
+        "received",
+        "last_received",
+        "complete",
+        "queued",
+        "started",
+        "finished",
+    ]
 
     assert main(["jobs", "show", "999999", "--config", str(path)]) == 1
     assert "job 999999 not found" in capsys.readouterr().err
@@ -64,8 +70,11 @@ def test_stats(config: tuple[Path, Rows], capsys: pytest.CaptureFixture[str]) ->
 
 def test_console_script_stats_rejects_bad_duration(tmp_path: Path) -> None:
     result = subprocess.run(
-        [str(REPO / ".venv/bin/dicom-node"), "stats", "--since", "yesterday"], capture_output=True, text=True,
-        cwd=tmp_path, timeout=120,
+        [str(REPO / ".venv/bin/dicom-node"), "stats", "--since", "yesterday"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=120,
     )
     assert result.returncode == 2
     assert "neither a duration" in result.stderr

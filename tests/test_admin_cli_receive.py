@@ -19,20 +19,49 @@ def config(tmp_path: Path, sqlite_url: str) -> Path:
     db = Database(sqlite_url)
     now = utcnow()
     with db.session() as session:
-        study = Study(study_instance_uid="1.2.3", state=StudyState.COMPLETE, completion_reason="quiet for 30 s",
-                      instance_count=2, completion_count=1, modalities="MR", calling_ae_title="MRI")
+        study = Study(
+            study_instance_uid="1.2.3",
+            state=StudyState.COMPLETE,
+            completion_reason="quiet for 30 s",
+            instance_count=2,
+            completion_count=1,
+            modalities="MR",
+            calling_ae_title="MRI",
+        )
         session.add(study)
         session.flush()
-        series = Series(study_id=study.id, series_instance_uid="1.2.3.1", modality="MR", instance_count=2,
-                        series_description="t1", detector="brain_mri", routing_rule="brain-mr",
-                        routing_reason="rule brain-mr matched")
-        ignored = Series(study_id=study.id, series_instance_uid="1.2.3.2", modality="MR", instance_count=1,
-                         routing_reason="localizer", routing_rule="localizer")
+        series = Series(
+            study_id=study.id,
+            series_instance_uid="1.2.3.1",
+            modality="MR",
+            instance_count=2,
+            series_description="t1",
+            detector="brain_mri",
+            routing_rule="brain-mr",
+            routing_reason="rule brain-mr matched",
+        )
+        ignored = Series(
+            study_id=study.id,
+            series_instance_uid="1.2.3.2",
+            modality="MR",
+            instance_count=1,
+            routing_reason="localizer",
+            routing_rule="localizer",
+        )
         session.add_all([series, ignored])
         session.flush()
         for i, (state, age) in enumerate([(JobState.QUEUED, 10), (JobState.FAILED, 60 * 60 * 5)]):
-            session.add(Job(study_id=study.id, series_id=series.id, detector="brain_mri", instance_set_hash="x",
-                            result_key=f"k{i}", state=state, created_at=now - timedelta(seconds=age)))
+            session.add(
+                Job(
+                    study_id=study.id,
+                    series_id=series.id,
+                    detector="brain_mri",
+                    instance_set_hash="x",
+                    result_key=f"k{i}",
+                    state=state,
+                    created_at=now - timedelta(seconds=age),
+                )
+            )
     db.dispose()
     path = tmp_path / "config.yaml"
     path.write_text(f"database: {{url: '{sqlite_url}'}}\nnode: {{data_dir: '{tmp_path}'}}\n")
@@ -82,8 +111,22 @@ def test_serve_flags_become_settings(tmp_path: Path) -> None:
     from dicom_node.cli.serve import overrides_from
 
     args = build_parser().parse_args(
-        ["serve", "--ae-title", "NODE2", "--port", "11113", "--data-dir", str(tmp_path), "--study-quiet-seconds",
-         "5", "--no-workers", "--http-port", "0", "--destination", "PACS@127.0.0.1:4242"]
+        [
+            "serve",
+            "--ae-title",
+            "NODE2",
+            "--port",
+            "11113",
+            "--data-dir",
+            str(tmp_path),
+            "--study-quiet-seconds",
+            "5",
+            "--no-workers",
+            "--http-port",
+            "0",
+            "--destination",
+            "PACS@127.0.0.1:4242",
+        ]
     )
     assert overrides_from(args) == {
         "node": {"ae_title": "NODE2", "port": 11113, "data_dir": str(tmp_path)},

@@ -19,9 +19,7 @@ TOKEN = "metrics-reader"
 
 def scrape(database: Database, tmp_path: Path) -> dict[str, dict[tuple[tuple[str, str], ...], float]]:
     """Samples by name, then by sorted label pairs."""
-    settings = load_settings(
-        overrides={"node": {"data_dir": str(tmp_path)}, "http": {"read_tokens": [TOKEN]}}
-    )
+    settings = load_settings(overrides={"node": {"data_dir": str(tmp_path)}, "http": {"read_tokens": [TOKEN]}})
     with TestClient(create_app(settings, database)) as client:
         assert client.get("/metrics").status_code == 401
         response = client.get("/metrics", headers={"Authorization": f"Bearer {TOKEN}"})

@@ -97,14 +97,28 @@ def metrics(client: httpx.Client) -> dict[str, dict[tuple[tuple[str, str], ...],
 def test_serve_storescu_then_api_and_metrics(served: Served) -> None:
     files = sorted(p for p in SERIES.iterdir() if p.is_file())
     sent = subprocess.run(
-        [STORESCU, "-aet", "MRSCANNER1", "-aec", "DICOMNODE", "-xe", "127.0.0.1", str(served.dicom_port), "+sd",
-         str(SERIES)],
-        capture_output=True, text=True, timeout=300,
+        [
+            STORESCU,
+            "-aet",
+            "MRSCANNER1",
+            "-aec",
+            "DICOMNODE",
+            "-xe",
+            "127.0.0.1",
+            str(served.dicom_port),
+            "+sd",
+            str(SERIES),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert sent.returncode == 0, sent.stderr
     refused = subprocess.run(
         [ECHOSCU, "-aet", "MRSCANNER1", "-aec", "NOT_THE_NODE", "127.0.0.1", str(served.dicom_port)],
-        capture_output=True, text=True, timeout=60,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert refused.returncode != 0
 
@@ -150,7 +164,9 @@ def test_serve_storescu_then_api_and_metrics(served: Served) -> None:
 
     # The CLI reads the same database.
     stats = subprocess.run(
-        [str(DICOM_NODE), "stats", "--config", str(served.config), "--json"], capture_output=True, text=True,
+        [str(DICOM_NODE), "stats", "--config", str(served.config), "--json"],
+        capture_output=True,
+        text=True,
         timeout=120,
     )
     assert stats.returncode == 0, stats.stderr

@@ -169,7 +169,14 @@ def test_admin_actions(database: Database, settings: Settings, tmp_path: Path) -
     (job,) = jobs_of(database)
     assert job.state == JobState.QUEUED
     assert events_of(database, job_id) == [
-        "created", "started", "failed", "retry", "started", "succeeded", "redeliver", "rerun",
+        "created",
+        "started",
+        "failed",
+        "retry",
+        "started",
+        "succeeded",
+        "redeliver",
+        "rerun",
     ]
     with pytest.raises(JobStateError):
         rerun_study(database, settings, dispatcher, "1.2.3.4")
@@ -211,9 +218,7 @@ def test_cli_jobs_retry_sends_to_the_embedded_broker(
     db.dispose()
 
 
-def test_sweeper_requeues_expired_leases_and_resends_lost_messages(
-    database: Database, tmp_path: Path
-) -> None:
+def test_sweeper_requeues_expired_leases_and_resends_lost_messages(database: Database, tmp_path: Path) -> None:
     from datetime import timedelta
 
     from dicom_node.jobs import utcnow
@@ -273,9 +278,7 @@ def test_dead_holder_on_the_same_node_is_taken_over_at_once(
 
 
 def test_urgent_rules_set_priority(database: Database, tmp_path: Path) -> None:
-    settings = load_settings(
-        overrides={"workers": {"urgent_rules": [{"name": "er", "calling_ae_title": ["er_ct"]}]}}
-    )
+    settings = load_settings(overrides={"workers": {"urgent_rules": [{"name": "er", "calling_ae_title": ["er_ct"]}]}})
     dispatcher = RecordingDispatcher()
     scheduler = JobScheduler(database, settings, dispatcher)
     normal = scheduler.on_study_complete(make_study(database, tmp_path / "a").study_id)[0]

@@ -116,12 +116,14 @@ def test_siemens_t1_is_one_complete_study_routed_to_brain_mri(node: NodeProcess,
     # Stored exactly as sent, under <spool>/<study>/<series>/<SOP Instance UID>.dcm.
     first = dcmread(files[0], stop_before_pixels=True)
     stored = node.data_dir / "spool" / study_uid / first.SeriesInstanceUID / f"{first.SOPInstanceUID}.dcm"
-    assert stored.read_bytes()[132:] [-1000:] == files[0].read_bytes()[-1000:]
+    assert stored.read_bytes()[132:][-1000:] == files[0].read_bytes()[-1000:]
     assert len(list(stored.parent.glob("*.dcm"))) == 176
 
     shown = subprocess.run(
         [str(DICOM_NODE), "studies", "show", study_uid, "--json", "--config", str(node.config_path)],
-        capture_output=True, text=True, timeout=60,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert shown.returncode == 0, shown.stderr
     report = json.loads(shown.stdout)
@@ -130,7 +132,9 @@ def test_siemens_t1_is_one_complete_study_routed_to_brain_mri(node: NodeProcess,
     assert report["series"][0]["detector"] == "brain_mri"
     table = subprocess.run(
         [str(DICOM_NODE), "studies", "show", study_uid, "--config", str(node.config_path)],
-        capture_output=True, text=True, timeout=60,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert "brain_mri" in table.stdout and "t1_MPRAGEcr_noGRAPPA" in table.stdout
 
@@ -162,9 +166,7 @@ def _with_new_uids(source: Path, target_dir: Path, study_uid: str) -> Path:
     return target
 
 
-def test_encoded_transfer_syntaxes_are_stored_as_received(
-    node: NodeProcess, db: Database, tmp_path: Path
-) -> None:
+def test_encoded_transfer_syntaxes_are_stored_as_received(node: NodeProcess, db: Database, tmp_path: Path) -> None:
     study_uid = generate_uid()
     for name in ENCODED_FILES:
         sent = _with_new_uids(Path(str(get_testdata_file(name))), tmp_path, study_uid)
@@ -293,7 +295,9 @@ def test_concurrent_associations_deliver_one_study(node: NodeProcess, db: Databa
         ds.save_as(files[-1])
     results: list[int] = []
     senders = [
-        threading.Thread(target=lambda n=n: results.append(storescu(node.port, files[n::2], f"SENDER{n+1}").returncode))
+        threading.Thread(
+            target=lambda n=n: results.append(storescu(node.port, files[n::2], f"SENDER{n + 1}").returncode)
+        )
         for n in range(2)
     ]
     for sender in senders:

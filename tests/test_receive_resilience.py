@@ -102,9 +102,24 @@ def test_tls_associations(tmp_path: Path, sqlite_url: str) -> None:
 
     cert, key = tmp_path / "node.crt", tmp_path / "node.key"
     subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=localhost",
-         "-keyout", str(key), "-out", str(cert)],
-        check=True, capture_output=True,
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=localhost",
+            "-keyout",
+            str(key),
+            "-out",
+            str(cert),
+        ],
+        check=True,
+        capture_output=True,
     )
     tls = {"enabled": True, "certificate": str(cert), "private_key": str(key)}
     node = NodeProcess(tmp_path / "node", sqlite_url, {"network": {"tls": tls}}).start()

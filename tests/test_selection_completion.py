@@ -72,7 +72,7 @@ def test_localizer_lateral_derived_and_unmatched_are_ignored_with_reasons() -> N
     ap = SeriesAttributes(modality="dx", body_part_examined="chest", view_position="AP", instance_count=1)
     assert select_series(ap, RULES).detector == "chest_xray"
     knee_mr = SeriesAttributes(modality="MR", body_part_examined="KNEE", instance_count=30)
-    assert select_series(knee_mr, RULES) .reason == NO_RULE_MATCHED
+    assert select_series(knee_mr, RULES).reason == NO_RULE_MATCHED
     ct = SeriesAttributes(modality="CT", instance_count=30)
     assert select_series(ct, RULES).rule is None
 
@@ -122,7 +122,10 @@ def test_quiet_time_completion() -> None:
 
 def test_expected_series_rule_and_force_timeout() -> None:
     rule = CompletionRule(
-        name="brain", modality="MR", expected_series_regex=["(?i)t1", "(?i)flair"], force_complete_seconds=600,
+        name="brain",
+        modality="MR",
+        expected_series_regex=["(?i)t1", "(?i)flair"],
+        force_complete_seconds=600,
         settle_seconds=5,
     )
     settings = CompletionSettings(quiet_seconds=30, rules=[rule])
@@ -143,8 +146,9 @@ def test_expected_series_rule_and_force_timeout() -> None:
     assert completion_reason(only_t1, no_force, T0 + timedelta(seconds=30)) == (
         "quiet for 30 s (rule brain: missing (?i)flair)"
     )
-    by_ae = CompletionSettings(quiet_seconds=30, rules=[CompletionRule(name="ct01", calling_ae_title="CT01",
-                                                                        min_instances=100)])
+    by_ae = CompletionSettings(
+        quiet_seconds=30, rules=[CompletionRule(name="ct01", calling_ae_title="CT01", min_instances=100)]
+    )
     assert completion_reason(snapshot(calling_ae_title="CT01"), by_ae, T0 + timedelta(seconds=30)) == (
         "quiet for 30 s (rule ct01)"
     )
@@ -192,8 +196,9 @@ def test_monitor_completes_once_and_recompletes_after_late_instances(database: D
     for i in range(3):
         stored = StoredInstance(_header("1.2.3", "1.2.3.1", f"1.2.3.1.{i}"), Path(f"/x/{i}.dcm"), 100, False)
         recorder.record(stored, peer, now=clock.now)
-    duplicate = recorder.record(StoredInstance(_header("1.2.3", "1.2.3.1", "1.2.3.1.0"), Path("/x/0.dcm"), 100, True),
-                                peer, now=clock.now)
+    duplicate = recorder.record(
+        StoredInstance(_header("1.2.3", "1.2.3.1", "1.2.3.1.0"), Path("/x/0.dcm"), 100, True), peer, now=clock.now
+    )
     assert duplicate.duplicate
     clock.now = T0 + timedelta(seconds=9)
     assert monitor.run_once() == []
@@ -207,8 +212,11 @@ def test_monitor_completes_once_and_recompletes_after_late_instances(database: D
         assert session.get(Study, study_id).completion_reason == "quiet for 10 s"  # type: ignore[union-attr]
 
     clock.now = T0 + timedelta(seconds=100)
-    late = recorder.record(StoredInstance(_header("1.2.3", "1.2.3.2", "1.2.3.2.0", "localizer"), Path("/x/l.dcm"),
-                                          100, False), peer, now=clock.now)
+    late = recorder.record(
+        StoredInstance(_header("1.2.3", "1.2.3.2", "1.2.3.2.0", "localizer"), Path("/x/l.dcm"), 100, False),
+        peer,
+        now=clock.now,
+    )
     assert late.after_completion
     assert monitor.run_once() == []
     clock.now = T0 + timedelta(seconds=110)

@@ -92,9 +92,7 @@ def test_two_workers_share_a_queue(
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
-def any_db_node(
-    tmp_path: Path, redis_server: RedisServer, request: pytest.FixtureRequest
-) -> Iterator[Node]:
+def any_db_node(tmp_path: Path, redis_server: RedisServer, request: pytest.FixtureRequest) -> Iterator[Node]:
     url = request.getfixturevalue("sqlite_url" if request.param == "sqlite" else "postgres_url")
     node = make_node(tmp_path, url, redis_server.url)
     yield node

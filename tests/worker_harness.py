@@ -76,9 +76,7 @@ def install_plugin(directory: Path) -> str:
     dist.mkdir(parents=True, exist_ok=True)
     (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: dicom-node-test-detectors\nVersion: 0.0\n")
     (dist / "entry_points.txt").write_text(
-        "[dicom_node.detectors]\n"
-        "brain_mri = dn_test_detectors:load_brain\n"
-        "chest_xray = dn_test_detectors:load_chest\n"
+        "[dicom_node.detectors]\nbrain_mri = dn_test_detectors:load_brain\nchest_xray = dn_test_detectors:load_chest\n"
     )
     return os.pathsep.join([str(directory), str(PLUGINS)])
 
@@ -188,9 +186,7 @@ class Node:
 
     def events(self, job_id: int) -> list[str]:
         with self.db.session() as session:
-            return list(
-                session.scalars(select(JobEvent.event).where(JobEvent.job_id == job_id).order_by(JobEvent.id))
-            )
+            return list(session.scalars(select(JobEvent.event).where(JobEvent.job_id == job_id).order_by(JobEvent.id)))
 
     def wait_states(self, job_ids: list[int], states: set[str], timeout: float, sweep: bool = False) -> list[Job]:
         def done() -> list[Job] | None:

@@ -53,7 +53,5 @@ def add_job_services(node: _NodeLike) -> JobScheduler:
     else:
         log.info("embedded workers disabled; run `dicom-node worker` on this or other hosts (broker %s)",
                  "embedded" if is_embedded(url) else url.split("@")[-1])  # fmt: skip
-    node.add_service(
-        SweeperService(node.db, settings, dispatcher, also=prune, deliveries=delivery_tasks_available())
-    )
+    node.add_service(SweeperService(node.db, settings, dispatcher, also=prune, deliveries=delivery_tasks_available()))
     return scheduler

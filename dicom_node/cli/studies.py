@@ -117,8 +117,16 @@ def show_study(args: argparse.Namespace) -> int:
         table(
             ["NUMBER", "MODALITY", "DESCRIPTION", "INSTANCES", "ROUTED TO", "RULE", "REASON", "SERIES UID"],
             [
-                [s["series_number"], s["modality"], s["series_description"], s["instances"],
-                 s["detector"] or "ignored", s["routing_rule"], s["routing_reason"], s["series_instance_uid"]]
+                [
+                    s["series_number"],
+                    s["modality"],
+                    s["series_description"],
+                    s["instances"],
+                    s["detector"] or "ignored",
+                    s["routing_rule"],
+                    s["routing_reason"],
+                    s["series_instance_uid"],
+                ]
                 for s in report["series"]
             ],
         )
@@ -129,8 +137,18 @@ def show_study(args: argparse.Namespace) -> int:
         print(
             table(
                 ["ID", "DETECTOR", "STATE", "SCORE", "ABNORMAL", "CREATED", "SERIES UID"],
-                [[j["id"], j["detector"], j["state"], j["series_score"], j["is_abnormal"],
-                  (j["created_at"] or "-").replace("T", " ")[:19], j["series_instance_uid"]] for j in report["jobs"]],
+                [
+                    [
+                        j["id"],
+                        j["detector"],
+                        j["state"],
+                        j["series_score"],
+                        j["is_abnormal"],
+                        (j["created_at"] or "-").replace("T", " ")[:19],
+                        j["series_instance_uid"],
+                    ]
+                    for j in report["jobs"]
+                ],
             )
         )
     else:

@@ -169,9 +169,7 @@ class Job(Base):
     series: Mapped[Series] = relationship()
     events: Mapped[list[JobEvent]] = relationship(back_populates="job", order_by="JobEvent.id")
     results: Mapped[list[ResultObject]] = relationship(back_populates="job", order_by="ResultObject.id")
-    deliveries: Mapped[list[DeliveryAttempt]] = relationship(
-        back_populates="job", order_by="DeliveryAttempt.id"
-    )
+    deliveries: Mapped[list[DeliveryAttempt]] = relationship(back_populates="job", order_by="DeliveryAttempt.id")
 
 
 class JobEvent(Base):

@@ -58,16 +58,26 @@ class InstanceReceiver:
         try:
             recorded = self.recorder.record(stored, peer, before_commit=dirs_synced.result)
         except Exception:  # noqa: BLE001 - the sender gets a failure status and will retry; we stay up
-            log.exception("C-STORE from %s: recording SOP Instance %s failed", peer.calling_ae_title,
-                          header.sop_instance_uid)
+            log.exception(
+                "C-STORE from %s: recording SOP Instance %s failed", peer.calling_ae_title, header.sop_instance_uid
+            )
             return STATUS_PROCESSING_FAILURE
         h = stored.header
         if recorded.duplicate:
             log.info("duplicate SOP Instance %s from %s (stored once)", h.sop_instance_uid, peer.calling_ae_title)
         elif recorded.after_completion:
-            log.info("late SOP Instance %s for completed study %s from %s: study re-opened",
-                     h.sop_instance_uid, h.study_instance_uid, peer.calling_ae_title)
+            log.info(
+                "late SOP Instance %s for completed study %s from %s: study re-opened",
+                h.sop_instance_uid,
+                h.study_instance_uid,
+                peer.calling_ae_title,
+            )
         else:
-            log.debug("stored SOP Instance %s (study %s, series %s) from %s",
-                      h.sop_instance_uid, h.study_instance_uid, h.series_instance_uid, peer.calling_ae_title)
+            log.debug(
+                "stored SOP Instance %s (study %s, series %s) from %s",
+                h.sop_instance_uid,
+                h.study_instance_uid,
+                h.series_instance_uid,
+                peer.calling_ae_title,
+            )
         return STATUS_SUCCESS

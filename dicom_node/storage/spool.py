@@ -271,9 +271,7 @@ class Spool:
             )
 
     def path_for(self, header: InstanceHeader) -> Path:
-        return (
-            self.root / header.study_instance_uid / header.series_instance_uid / f"{header.sop_instance_uid}.dcm"
-        )
+        return self.root / header.study_instance_uid / header.series_instance_uid / f"{header.sop_instance_uid}.dcm"
 
     def inspect(self, received: Path, affected_sop_instance_uid: str | None = None) -> InstanceHeader:
         """Refuse (RejectedInstance) when disk space is short (0xA700) or the data set cannot be understood

@@ -148,9 +148,7 @@ class InstanceRecorder:
                 "after_completion": False,
             },
         ).rowcount
-        state = conn.execute(
-            select(_STUDIES.c.state).where(_STUDIES.c.id == study_id).with_for_update()
-        ).scalar_one()
+        state = conn.execute(select(_STUDIES.c.state).where(_STUDIES.c.id == study_id).with_for_update()).scalar_one()
         complete = StudyState(state) == StudyState.COMPLETE
         self._merge_image_type(conn, series_id, h.image_type)
         if not inserted:
