@@ -25,9 +25,11 @@ def image_files(directories: Sequence[Path]) -> list[Path]:
     return files
 
 
-def new_detector(name: str, device: str = "cpu", **overrides: Any) -> ImageAnomalyDetector:
-    """An unfitted detector of kind ``name`` with its default configuration, fields overridden by ``overrides``
-    (None values ignored)."""
+def new_detector(
+    name: str, device: str = "cpu", spade: dict[str, Any] | None = None, **overrides: Any
+) -> ImageAnomalyDetector:
+    """An unfitted detector of kind ``name`` with its default configuration, fields overridden by ``overrides`` and
+    SPADE settings (``config.extra["spade"]``) by ``spade`` (None values ignored in both)."""
     cls, config = detector_class(name)
     for key, value in overrides.items():
         if value is None:
@@ -35,6 +37,9 @@ def new_detector(name: str, device: str = "cpu", **overrides: Any) -> ImageAnoma
         if not hasattr(config, key):
             raise DetectorError(f"unknown option {key!r} for {name}")
         setattr(config, key, value)
+    settings = {key: value for key, value in (spade or {}).items() if value is not None}
+    if settings:
+        config.extra["spade"] = {**config.extra.get("spade", {}), **settings}
     return cls(config, device)
 
 
@@ -46,10 +51,11 @@ def fit_detector(
     specificity: float = 0.95,
     device: str = "cpu",
     holdout_fraction: float = 0.1,
+    spade: dict[str, Any] | None = None,
     **overrides: Any,
 ) -> ImageAnomalyDetector:
     """Fit on the normals, calibrate on ``calibration_dirs`` (or a held-out share of the normals), save to ``out``."""
-    detector = new_detector(name, device, **overrides)
+    detector = new_detector(name, device, spade, **overrides)
     files = image_files(normal_dirs)
     if calibration_dirs:
         train_files, calibration_files = files, image_files(calibration_dirs)

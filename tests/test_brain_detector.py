@@ -10,6 +10,7 @@ import numpy as np
 import pydicom
 import pytest
 from PIL import Image
+from safetensors.torch import load_file
 
 from dicom_node.cli import main
 from models.base import SeriesResult
@@ -67,6 +68,23 @@ def test_model_directory_has_weights_and_card(small_set: dict[str, Path]) -> Non
     assert card["thresholds"]["image"] > 0 and card["thresholds"]["pixel"] > 0
     assert "CC BY-NC-SA" in card["licence"] and card["citations"]
     assert "Training command" in (model / "MODEL_CARD.md").read_text()
+    # The default brain fit trains the residual head on synthetic lesions.
+    assert "spade.head.coef" in load_file(str(model / "weights.safetensors"))
+
+
+def test_fit_without_synthetic_copies_has_no_head(small_set: dict[str, Path], tmp_path: Path) -> None:
+    code = main(
+        [
+            "fit", "--detector", "brain_mri", "--device", "cpu", "--normal", str(small_set["train"]),
+            "--calibration-normal", str(small_set["calibration"]), "--out", str(tmp_path / "plain"),
+            "--image-size", "192", "--synthetic-copies", "0",
+        ]
+    )  # fmt: skip
+    assert code == 0
+    tensors = load_file(str(tmp_path / "plain" / "weights.safetensors"))
+    assert "spade.patches" in tensors and not any(key.startswith("spade.head.") for key in tensors)
+    card = json.loads((tmp_path / "plain" / "model_card.json").read_text())
+    assert card["config"]["extra"]["spade"]["synthetic_copies"] == 0
 
 
 def test_map_marks_the_tumour_above_normal_tissue(small_set: dict[str, Path]) -> None:

@@ -40,6 +40,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     fit.add_argument("--image-size", type=int, default=None)
     fit.add_argument("--coreset-size", type=int, default=None)
     fit.add_argument("--version", default=None, help="model version recorded in the model card")
+    fit.add_argument(
+        "--synthetic-copies",
+        type=int,
+        default=None,
+        help="spade: synthetic-lesion copies per training image for the residual head (0: no head, plain distances)",
+    )
+    fit.add_argument("--head-weight", type=float, default=None, help="spade: weight of the residual head")
     fit.set_defaults(func=run_fit)
 
     calibrate = subparsers.add_parser("calibrate", help="set a detector's thresholds on a site's normal images")
@@ -121,6 +128,7 @@ def run_fit(args: argparse.Namespace) -> int:
             image_size=args.image_size,
             coreset_size=args.coreset_size,
             version=args.version,
+            spade={"synthetic_copies": args.synthetic_copies, "head_weight": args.head_weight},
         )
     except (DetectorError, ValueError) as err:
         print(f"dicom-node: {err}", file=sys.stderr)
