@@ -23,7 +23,7 @@ import json
 import logging
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -290,17 +290,15 @@ class ImageAnomalyDetector(Detector):
         """One synthetic-lesion copy of each image of ``batch`` (models.synthetic; the next image is the donor):
         (training image index, foreground patch features (M, C), patch is mostly lesion (M,)). Patches a lesion
         only grazes (0-30% of their area) are left out: neither normal nor lesion."""
-        made: list[tuple[int, np.ndarray, np.ndarray]] = []
+        made: list[tuple[int, Prepared, np.ndarray]] = []
         for offset, item in enumerate(batch):
             donor = batch[(offset + 1) % len(batch)].image
             painted = synthetic_lesion(item.image, item.mask, donor, rng)
             if painted is not None:
-                made.append((offset, *painted))
+                made.append((offset, replace(item, image=painted[0]), painted[1]))
         if not made:
             return []
-        patches = self.backbone.features(
-            np.stack([image for _, image, _ in made]), strides=self.config.strides, pool_size=self.config.pool_size
-        ).patches
+        patches, _ = self._features([copy for _, copy, _ in made])
         assert patches is not None
         grid = (int(patches.shape[-2]), int(patches.shape[-1]))
         out = []

@@ -156,11 +156,12 @@ class NeighbourPatchBank:
             residuals.append(residual)
             distances.append(distance)
             labels.append(lesion.float())
-        self.head = ResidualHead(weight).fit(torch.cat(residuals), torch.cat(distances), torch.cat(labels), seed=seed)
+        all_labels = torch.cat(labels)
+        self.head = ResidualHead(weight).fit(torch.cat(residuals), torch.cat(distances), all_labels, seed=seed)
         logger.info(
             "residual head: %d normal and %d synthetic-lesion patches",
-            int((torch.cat(labels) == 0).sum()),
-            int(torch.cat(labels).sum()),
+            int((all_labels == 0).sum()),
+            int(all_labels.sum()),
         )
         return self.head
 
