@@ -25,28 +25,34 @@ MASS_EFFECT_PROBABILITY = 0.4
 MIN_LESION_PIXELS = 30
 
 
-def lesion_blob(mask: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, tuple[float, float, float]] | None:
-    """A soft random blob (float map in [0, 1]) centred in the head, 5-40 px radius, and (cy, cx, radius); None
-    when the head is too small to hold one."""
+def _px(value: float, scale: float) -> int:
+    return max(1, int(round(value * scale)))
+
+
+def lesion_blob(
+    mask: np.ndarray, rng: np.random.Generator, scale: float = 1.0
+) -> tuple[np.ndarray, tuple[float, float, float]] | None:
+    """A soft random blob (float map in [0, 1]) centred in the head, 5-40 px radius (times ``scale``: the sizes are
+    for a 256-px prepared image), and (cy, cx, radius); None when the head is too small to hold one."""
     rows, cols = mask.shape
-    inner = ndimage.binary_erosion(mask, iterations=int(rng.integers(6, 16)))
+    inner = ndimage.binary_erosion(mask, iterations=_px(int(rng.integers(6, 16)), scale))
     ys, xs = np.nonzero(inner)
     if len(ys) == 0:
         return None
     pick = int(rng.integers(len(ys)))
     cy, cx = float(ys[pick]), float(xs[pick])
-    radius = float(rng.uniform(5, 40))
+    radius = float(rng.uniform(5, 40)) * scale
     angle, aspect = rng.uniform(0, np.pi), rng.uniform(0.6, 1.4)
     yy, xx = np.mgrid[:rows, :cols]
     dy, dx = yy - cy, xx - cx
     u = (dy * np.cos(angle) + dx * np.sin(angle)) * aspect
     v = (-dy * np.sin(angle) + dx * np.cos(angle)) / aspect
     # Low-frequency noise on the radius gives irregular, lobulated outlines instead of ellipses.
-    noise = ndimage.gaussian_filter(rng.standard_normal((rows, cols)), 6)
+    noise = ndimage.gaussian_filter(rng.standard_normal((rows, cols)), 6 * scale)
     noise /= noise.std() + 1e-6
     field = 1.0 - np.sqrt(u**2 + v**2) / radius + 0.35 * noise
-    blob = ndimage.gaussian_filter((field > 0).astype(np.float32), rng.uniform(1, 4))
-    return blob * ndimage.binary_erosion(mask, iterations=4), (cy, cx, radius)
+    blob = ndimage.gaussian_filter((field > 0).astype(np.float32), rng.uniform(1, 4) * scale)
+    return blob * ndimage.binary_erosion(mask, iterations=_px(4, scale)), (cy, cx, radius)
 
 
 def mass_effect(image: np.ndarray, centre: tuple[float, float, float], strength: float) -> np.ndarray:
@@ -63,31 +69,32 @@ def mass_effect(image: np.ndarray, centre: tuple[float, float, float], strength:
 
 
 def synthetic_lesion(
-    image: np.ndarray, mask: np.ndarray, donor: np.ndarray, rng: np.random.Generator
+    image: np.ndarray, mask: np.ndarray, donor: np.ndarray, rng: np.random.Generator, scale: float = 1.0
 ) -> tuple[np.ndarray, np.ndarray] | None:
     """``image`` (S, S) in [0, 1] with one synthetic lesion, and the lesion's mask (S, S) bool; ``donor`` is another
-    normal image of the same size (foreign-patch lesions). None when the head is too small."""
-    drawn = lesion_blob(mask, rng)
-    if drawn is None or drawn[0].sum() < MIN_LESION_PIXELS:
+    normal image of the same size (foreign-patch lesions). Pixel sizes are for a 256-px image; ``scale`` (S / 256)
+    keeps the lesions' anatomy-relative size at another S. None when the head is too small."""
+    drawn = lesion_blob(mask, rng, scale)
+    if drawn is None or drawn[0].sum() < MIN_LESION_PIXELS * scale**2:
         return None
     blob, centre = drawn
     if rng.random() < MASS_EFFECT_PROBABILITY:
         strength = float(rng.uniform(0.2, 0.5))
         image, blob = mass_effect(image, centre, strength), mass_effect(blob, centre, strength) * mask
     kind = KINDS[int(rng.integers(len(KINDS)))]
-    texture = ndimage.gaussian_filter(rng.random(image.shape), 2)
+    texture = ndimage.gaussian_filter(rng.random(image.shape), 2 * scale)
     if kind == "hyperintense":
         level = rng.uniform(0.55, 1.0) * (0.85 + 0.3 * texture)
         out = image * (1 - blob) + blob * np.maximum(image, level)
     elif kind == "hypointense":
         out = image * (1 - blob * rng.uniform(0.4, 0.9))
     elif kind == "foreign_patch":
-        shift = tuple(int(s) for s in rng.integers(-60, 60, 2))
+        shift = tuple(int(s * scale) for s in rng.integers(-60, 60, 2))
         out = image * (1 - blob) + blob * np.roll(donor, shift, (0, 1))
     else:
         solid = blob > 0.5
-        core = ndimage.gaussian_filter(solid.astype(np.float32), 1) * ndimage.binary_erosion(
-            solid, iterations=int(rng.integers(2, 5))
+        core = ndimage.gaussian_filter(solid.astype(np.float32), scale) * ndimage.binary_erosion(
+            solid, iterations=_px(int(rng.integers(2, 5)), scale)
         )
         rim = np.clip(blob - core, 0, 1)
         out = image * (1 - blob) + rim * rng.uniform(0.7, 1.0) + core * image * rng.uniform(0.2, 0.6)

