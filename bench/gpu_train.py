@@ -13,6 +13,13 @@ with both, and time the shipped brain_mri detector per slice:
 
 Writes segmenter.safetensors, autoencoder.safetensors and gpu_train.json (training records, val AUROCs of each
 model alone, val scores for fusing here, ms per slice on the GPU).
+
+Step 3 (here): make a complete brain_mri model directory of the GPU-trained segmenter, thresholds from val/ normals
+as for every shipped model:
+
+    .venv/bin/python -m bench.gpu_train assemble --weights DIR/segmenter.safetensors --record DIR/gpu_train.json \
+        --base models/weights/brain_mri --out models/weights/brain_mri     # the default model (spade+segmenter)
+    .venv/bin/python -m bench.gpu_train assemble ... --out /tmp/brain_segmenter  # the segmenter alone
 """
 
 from __future__ import annotations
@@ -201,6 +208,45 @@ def _train_autoencoder(
     return {"epochs": config.extra["ae_epochs_trained"], "seconds": round(elapsed, 1), "scores": scores.tolist()}
 
 
+def assemble(weights: Path, record_file: Path, out: Path, version: str, base: Path | None) -> None:
+    """A brain_mri model directory from segmenter weights trained by ``train``: method ``segmenter`` alone, or
+    ``spade+segmenter`` when ``base`` is a fitted SPADE model directory."""
+    from safetensors.torch import load_file
+
+    from models.brain import BRAIN_CARD, TRAINING_COMMAND, BrainMRIDetector
+    from models.lesion_segmenter import STATE_PREFIX, load_segmenter
+    from models.training import calibrate_detector, new_detector
+
+    record = json.loads(record_file.read_text(encoding="utf-8"))
+    trained = record["segmenter"]
+    if base is not None:  # attach to a fitted SPADE model: the default method, spade+segmenter
+        detector = BrainMRIDetector.load(base, "cpu")
+        detector.config.method, detector.config.version = "spade+segmenter", version
+        detector.config.extra["segmenter"] = trained["settings"]
+        # The card's texts are the current defaults; the base's metrics were measured without the segmenter.
+        detector.card = {k: v for k, v in detector.card.items() if k not in BRAIN_CARD and k != "metrics"}
+    else:
+        detector = new_detector("brain_mri", "cpu", segmenter=trained["settings"], method="segmenter", version=version)
+    state = {k[len(STATE_PREFIX) :]: v for k, v in load_file(str(weights)).items()}
+    detector.segmenter = load_segmenter(state, detector.segmenter_settings(), detector.device)
+    detector.config.extra["segmenter_training"] = {
+        key: trained[key] for key in ("steps_trained", "seconds", "final_loss")
+    } | {"device": record["device"]}
+    if base is None:
+        detector.card["training_images"] = 1600
+        detector.card["training_folders"] = ["brain_kaggle/train/normal", "brain_lgg/train/normal"]
+        detector.card["training_command"] = (
+            "python -m bench.gpu_train prepare/train/assemble (bench/gpu_train.py); equivalent: "
+            + TRAINING_COMMAND.replace("--out models/weights/brain_mri", f"--out {out}")
+            + " --method segmenter"
+        )
+    folders = [DATA / "brain_kaggle/val/normal", DATA / "brain_lgg/val/normal"]
+    stats = calibrate_detector(detector, folders, 0.95, out)
+    detector.card["calibration_folders"] = ["brain_kaggle/val/normal", "brain_lgg/val/normal"]
+    detector.save(out)
+    print(f"wrote {out}: {stats}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -213,9 +259,17 @@ def main() -> None:
     t.add_argument("--segmenter-steps", type=int, default=6000)
     t.add_argument("--ae-seconds", type=float, default=90)
     t.add_argument("--no-detector-speed", action="store_true", help="skip timing the shipped detector")
+    a = sub.add_parser("assemble")
+    a.add_argument("--weights", type=Path, required=True)
+    a.add_argument("--record", type=Path, required=True)
+    a.add_argument("--out", type=Path, required=True)
+    a.add_argument("--version", default="2.2.0")
+    a.add_argument("--base", type=Path, default=None, help="fitted SPADE model to attach the segmenter to")
     args = parser.parse_args()
     if args.command == "prepare":
         prepare(args.out)
+    elif args.command == "assemble":
+        assemble(args.weights, args.record, args.out, args.version, args.base)
     else:
         train(
             args.data,

@@ -464,11 +464,11 @@ class ChestXrayDetector(ImageAnomalyDetector):
             maps[i] = up[0, 0].numpy() * p.mask
         return maps
 
-    def _raw(self, prepared: Sequence[Prepared]) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    def _raw(self, prepared: Sequence[Prepared], calibrating: bool = False) -> tuple[dict[str, np.ndarray], np.ndarray]:
         if self.config.method == "padim":
             components, maps = self._padim_raw(prepared)
         else:
-            components, maps = super()._raw(prepared)
+            components, maps = super()._raw(prepared, calibrating)
         if self._extra("map") == "atlas":
             maps = self._atlas_maps(prepared)
             components["atlas"] = maps.reshape(len(prepared), -1).max(axis=1).astype(np.float64)

@@ -56,6 +56,7 @@ class SegmenterSettings:
     second_lesion: float = 0.25  # probability of a second lesion in a painted sample
     top_pixels: int = 64  # image score: mean of this many highest probabilities (at SEGMENTER_SIZE)
     rim: int = 2  # image score: pixels at the head's edge (at SEGMENTER_SIZE) left out
+    score_weight: float = 2.0  # spade+segmenter: weight of the probability against the SPADE map in z units
     seed: int = 0
 
     @classmethod
@@ -203,6 +204,13 @@ def fit_segmenter(
     """Train on prepared normals ``images`` (N, S, S) with head ``masks``; stops after ``settings.steps`` steps or
     ``settings.seconds``, whichever comes first. Returns the network (eval mode) and a training record."""
     torch.manual_seed(settings.seed)
+    if device.type == "cpu" and settings.steps > 200:
+        logger.warning(
+            "training the lesion segmenter on the CPU: about 1.5 s per step on 2 cores, so %d steps take hours "
+            "(capped at %.0f s); a GPU does them in minutes (--device cuda)",
+            settings.steps,
+            settings.seconds,
+        )
     model = LesionUNet(settings.widths).to(device)
     data = SyntheticLesionSet(images, masks, settings.steps * settings.batch_size, settings, settings.seed)
     on_gpu = device.type == "cuda"

@@ -26,10 +26,15 @@ def image_files(directories: Sequence[Path]) -> list[Path]:
 
 
 def new_detector(
-    name: str, device: str = "cpu", spade: dict[str, Any] | None = None, **overrides: Any
+    name: str,
+    device: str = "cpu",
+    spade: dict[str, Any] | None = None,
+    segmenter: dict[str, Any] | None = None,
+    **overrides: Any,
 ) -> ImageAnomalyDetector:
-    """An unfitted detector of kind ``name`` with its default configuration, fields overridden by ``overrides`` and
-    SPADE settings (``config.extra["spade"]``) by ``spade`` (None values ignored in both)."""
+    """An unfitted detector of kind ``name`` with its default configuration, fields overridden by ``overrides``,
+    SPADE settings (``config.extra["spade"]``) by ``spade`` and lesion-segmenter settings
+    (``config.extra["segmenter"]``) by ``segmenter`` (None values ignored in all three)."""
     cls, config = detector_class(name)
     for key, value in overrides.items():
         if value is None:
@@ -37,9 +42,10 @@ def new_detector(
         if not hasattr(config, key):
             raise DetectorError(f"unknown option {key!r} for {name}")
         setattr(config, key, value)
-    settings = {key: value for key, value in (spade or {}).items() if value is not None}
-    if settings:
-        config.extra["spade"] = {**config.extra.get("spade", {}), **settings}
+    for section, given in (("spade", spade), ("segmenter", segmenter)):
+        settings = {key: value for key, value in (given or {}).items() if value is not None}
+        if settings:
+            config.extra[section] = {**config.extra.get(section, {}), **settings}
     return cls(config, device)
 
 
@@ -52,10 +58,11 @@ def fit_detector(
     device: str = "cpu",
     holdout_fraction: float = 0.1,
     spade: dict[str, Any] | None = None,
+    segmenter: dict[str, Any] | None = None,
     **overrides: Any,
 ) -> ImageAnomalyDetector:
     """Fit on the normals, calibrate on ``calibration_dirs`` (or a held-out share of the normals), save to ``out``."""
-    detector = new_detector(name, device, spade, **overrides)
+    detector = new_detector(name, device, spade, segmenter, **overrides)
     files = image_files(normal_dirs)
     if calibration_dirs:
         train_files, calibration_files = files, image_files(calibration_dirs)

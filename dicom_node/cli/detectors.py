@@ -34,7 +34,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     fit.add_argument("--out", type=Path, required=True, help="model directory to write")
     fit.add_argument("--specificity", type=float, default=0.95, help="image threshold specificity (default 0.95)")
     fit.add_argument(
-        "--method", default=None, help="spade, patchcore, msde, patchcore+msde, autoencoder; chest_xray: padim"
+        "--method",
+        default=None,
+        help="spade, patchcore, msde, patchcore+msde, autoencoder, segmenter; chest_xray: padim",
     )
     fit.add_argument("--backbone", default=None, help="efficientnet-lite0 or efficientnet-lite2")
     fit.add_argument("--image-size", type=int, default=None)
@@ -47,6 +49,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
         help="spade: synthetic-lesion copies per training image for the residual head (0: no head, plain distances)",
     )
     fit.add_argument("--head-weight", type=float, default=None, help="spade: weight of the residual head")
+    fit.add_argument(
+        "--segmenter-steps", type=int, default=None, help="segmenter: training steps (default 4000; slow on a CPU)"
+    )
+    fit.add_argument(
+        "--segmenter-seconds", type=float, default=None, help="segmenter: stop training after this long (default 600)"
+    )
     fit.set_defaults(func=run_fit)
 
     calibrate = subparsers.add_parser("calibrate", help="set a detector's thresholds on a site's normal images")
@@ -129,6 +137,7 @@ def run_fit(args: argparse.Namespace) -> int:
             coreset_size=args.coreset_size,
             version=args.version,
             spade={"synthetic_copies": args.synthetic_copies, "head_weight": args.head_weight},
+            segmenter={"steps": args.segmenter_steps, "seconds": args.segmenter_seconds},
         )
     except (DetectorError, ValueError) as err:
         print(f"dicom-node: {err}", file=sys.stderr)
