@@ -55,6 +55,7 @@ def small_set(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[
             "fit", "--detector", "brain_mri", "--device", "cpu",
             "--normal", str(folders["train"]), "--calibration-normal", str(folders["calibration"]),
             "--out", str(folders["model"]), "--coreset-size", "400", "--image-size", "192",
+            "--segmenter-steps", "8",
         ]
     )  # fmt: skip
     assert code == 0
@@ -68,8 +69,11 @@ def test_model_directory_has_weights_and_card(small_set: dict[str, Path]) -> Non
     assert card["thresholds"]["image"] > 0 and card["thresholds"]["pixel"] > 0
     assert "CC BY-NC-SA" in card["licence"] and card["citations"]
     assert "Training command" in (model / "MODEL_CARD.md").read_text()
-    # The default brain fit trains the residual head on synthetic lesions.
-    assert "spade.head.coef" in load_file(str(model / "weights.safetensors"))
+    # The default brain fit trains the residual head and the lesion segmenter on synthetic lesions.
+    tensors = load_file(str(model / "weights.safetensors"))
+    assert "spade.head.coef" in tensors and any(key.startswith("segmenter.") for key in tensors)
+    assert card["method"] == "spade+segmenter" and card["config"]["extra"]["segmenter_training"]["steps_trained"] == 8
+    assert card["config"]["score_stats"]["spade_map"][1] > 0  # the SPADE map's scale, set on the calibration normals
 
 
 def test_fit_without_synthetic_copies_has_no_head(small_set: dict[str, Path], tmp_path: Path) -> None:
@@ -77,7 +81,7 @@ def test_fit_without_synthetic_copies_has_no_head(small_set: dict[str, Path], tm
         [
             "fit", "--detector", "brain_mri", "--device", "cpu", "--normal", str(small_set["train"]),
             "--calibration-normal", str(small_set["calibration"]), "--out", str(tmp_path / "plain"),
-            "--image-size", "192", "--synthetic-copies", "0",
+            "--image-size", "192", "--synthetic-copies", "0", "--method", "spade",
         ]
     )  # fmt: skip
     assert code == 0

@@ -39,3 +39,19 @@ def test_same_seed_same_lesion_and_no_lesion_without_a_head() -> None:
     np.testing.assert_array_equal(a[0], b[0])
     empty = np.zeros_like(mask)
     assert synthetic_lesion(image, empty, image, np.random.default_rng(0)) is None
+
+
+def test_scale_keeps_lesions_the_same_share_of_the_head() -> None:
+    """At half the image size (scale 0.5) lesions cover about the same fraction of the head as at full size."""
+    shares = {}
+    for size, scale in ((256, 1.0), (128, 0.5)):
+        yy, xx = np.mgrid[:size, :size]
+        mask = (yy - size / 2) ** 2 / (0.4 * size) ** 2 + (xx - size / 2) ** 2 / (0.32 * size) ** 2 < 1
+        image = np.where(mask, 0.3, 0.0).astype(np.float32)
+        areas = []
+        for seed in range(30):
+            made = synthetic_lesion(image, mask, image, np.random.default_rng(seed), scale)
+            if made is not None:
+                areas.append(made[1].sum() / mask.sum())
+        shares[size] = float(np.median(areas))
+    assert 0.6 < shares[128] / shares[256] < 1.6

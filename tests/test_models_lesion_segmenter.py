@@ -1,0 +1,107 @@
+"""The lesion segmenter (models.lesion_segmenter) and the detector methods built on it: training samples, a short
+real training run on the CPU, persistence, and the fused method's calibration rule."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from models.base import DetectorError
+from models.image_detector import DetectorConfig, ImageAnomalyDetector, Prepared
+from models.lesion_segmenter import (
+    SEGMENTER_SIZE,
+    LesionUNet,
+    SegmenterSettings,
+    SyntheticLesionSet,
+    _learning_rate,
+    fit_segmenter,
+    image_scores,
+    lesion_probability,
+)
+from models.preprocessing import square_crop_box
+
+
+def _heads(count: int, size: int = 256) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[:size, :size]
+    images, masks = [], []
+    for _ in range(count):
+        a, b = rng.uniform(0.3, 0.42) * size, rng.uniform(0.25, 0.35) * size
+        mask = (yy - size / 2) ** 2 / a**2 + (xx - size / 2) ** 2 / b**2 < 1
+        texture = 0.35 + 0.1 * np.sin(xx / rng.uniform(4, 8)) * np.cos(yy / rng.uniform(4, 8))
+        images.append(np.where(mask, texture, 0.0).astype(np.float32))
+        masks.append(mask)
+    return np.stack(images), np.stack(masks)
+
+
+def test_samples_are_reproducible_and_at_the_segmenter_size() -> None:
+    images, masks = _heads(4)
+    settings = SegmenterSettings(clean_fraction=0.0)
+    data = SyntheticLesionSet(images, masks, 8, settings, seed=5)
+    image, lesion, head = data[3]
+    assert image.shape == lesion.shape == head.shape == (1, SEGMENTER_SIZE, SEGMENTER_SIZE)
+    assert lesion.sum() > 0 and not ((lesion > 0) & (head == 0)).any()
+    again = SyntheticLesionSet(images, masks, 8, settings, seed=5)[3]
+    torch.testing.assert_close(again[0], image)
+    clean = SyntheticLesionSet(images, masks, 8, SegmenterSettings(clean_fraction=1.0), seed=5)
+    assert all(clean[i][1].sum() == 0 for i in range(4))
+
+
+def test_learning_rate_warms_up_then_anneals() -> None:
+    assert _learning_rate(1.0, 0.0) < _learning_rate(1.0, 0.05) == pytest.approx(1.0)
+    assert _learning_rate(1.0, 1.0) == pytest.approx(0.01)
+    assert _learning_rate(1.0, 5.0) == pytest.approx(0.01)  # past the budget: stays at the floor
+
+
+def test_unet_keeps_the_input_size() -> None:
+    model = LesionUNet((4, 8, 8)).eval()
+    with torch.inference_mode():
+        assert model(torch.zeros(2, 1, 64, 64)).shape == (2, 1, 64, 64)
+
+
+def test_short_training_run_and_scores() -> None:
+    images, masks = _heads(6)
+    settings = SegmenterSettings(widths=(4, 8, 8), steps=3, batch_size=4, seconds=60)
+    model, record = fit_segmenter(images, masks, settings, torch.device("cpu"))
+    assert record["steps_trained"] == 3 and np.isfinite(record["final_loss"])
+    probability = lesion_probability(model, images, torch.device("cpu"))
+    assert probability.shape == (6, SEGMENTER_SIZE, SEGMENTER_SIZE)
+    assert probability.min() >= 0 and probability.max() <= 1
+    scores = image_scores(probability, masks, settings)
+    assert scores.shape == (6,) and np.all(scores >= 0)
+
+
+def _detector(method: str) -> ImageAnomalyDetector:
+    config = DetectorConfig(
+        detector="test",
+        method=method,
+        batch_size=4,
+        extra={"segmenter": {"widths": [4, 8, 8], "steps": 2, "batch_size": 4}},
+    )
+    return ImageAnomalyDetector(config, "cpu")
+
+
+def test_segmenter_method_saves_and_loads_the_same_scores(tmp_path: Path) -> None:
+    images, _ = _heads(5)
+    detector = _detector("segmenter")
+    detector.fit(list(images))
+    detector.calibrate(list(images[:3]))
+    assert detector.config.extra["segmenter_training"]["steps_trained"] == 2
+    scores, maps = detector.score_each(list(images[3:]))
+    detector.save(tmp_path / "model")
+    loaded = ImageAnomalyDetector.load(tmp_path / "model")
+    again, again_maps = loaded.score_each(list(images[3:]))
+    np.testing.assert_allclose(again, scores, rtol=1e-5)
+    np.testing.assert_allclose(np.stack(again_maps), np.stack(maps), rtol=1e-4, atol=1e-6)
+
+
+def test_fused_method_needs_calibration_before_scoring() -> None:
+    detector = _detector("spade+segmenter")
+    detector.segmenter = LesionUNet((4, 8, 8)).eval()
+    image, mask = _heads(1)
+    prepared = [Prepared(image=image[0], mask=mask[0], box=square_crop_box(mask[0]))]
+    with pytest.raises(DetectorError, match="calibrat"):
+        detector._fused_raw(prepared, calibrating=False)
