@@ -45,7 +45,7 @@ test: install test-deps services
 lint:
 	$(BIN)/ruff check dicom_node workers models tests bench
 	$(BIN)/ruff format --check dicom_node workers models tests bench
-	$(BIN)/mypy dicom_node workers models
+	$(BIN)/mypy dicom_node workers models bench
 
 bench: install
 	$(BIN)/python -m bench

@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +25,7 @@ BRAIN = DATA / "mr_brain_t1_siemens"
 CHEST = DATA / "cr" / "pydicom-data_RG1_J2KI_CR_chest.dcm"
 
 
-def synthetic(headers: list[Dataset], detector: str) -> SeriesResult:
+def synthetic(headers: Sequence[Dataset], detector: str) -> SeriesResult:
     rows, columns = int(headers[0].Rows), int(headers[0].Columns)
     rng = np.random.default_rng(0)
     maps = rng.random((len(headers), rows, columns), dtype=np.float32) * 0.3
