@@ -22,6 +22,8 @@ import torch.nn.functional as F
 from scipy import ndimage
 from torch import nn
 
+from models.metrics import top_mean
+
 if TYPE_CHECKING:
     from models.image_detector import DetectorConfig, Prepared
 
@@ -127,9 +129,6 @@ def score_autoencoder(
             smooth = ndimage.gaussian_filter(residual[i], sigma=config.smoothing_sigma / 2)
             full = F.interpolate(torch.from_numpy(smooth)[None, None], size=(size, size), mode="bilinear")[0, 0]
             amap = full.numpy() * p.mask
-            fg = amap[p.mask]
-            if fg.size:
-                k = max(1, int(round(config.topk_fraction * fg.size)))
-                scores[start + i] = float(np.sort(fg)[-k:].mean())
+            scores[start + i] = top_mean(amap[p.mask], config.topk_fraction)
             maps[start + i] = amap
     return scores, maps

@@ -25,6 +25,7 @@ import pydicom
 from models.base import DetectorError, SeriesResult
 from models.geometry import axial_reformat, plane_of, sort_slices
 from models.image_detector import DetectorConfig, ImageAnomalyDetector, Prepared
+from models.metrics import top_mean
 from models.preprocessing import (
     PreprocessingError,
     crop_square,
@@ -246,11 +247,7 @@ class BrainMRIDetector(ImageAnomalyDetector):
 
     def _map_score(self, source_map: np.ndarray) -> float:
         """A slice score from its map (for slices reformatted from another plane): mean of the top values."""
-        positive = source_map[source_map > 0]
-        if positive.size == 0:
-            return 0.0
-        k = max(1, int(round(self.config.topk_fraction * positive.size)))
-        return float(np.partition(positive, positive.size - k)[-k:].mean())
+        return top_mean(source_map[source_map > 0], self.config.topk_fraction)
 
     def _score_stack(
         self, images: list[np.ndarray], spacing_yx: tuple[float, float]

@@ -43,6 +43,7 @@ from models.lesion_segmenter import (
     STATE_PREFIX as SEGMENTER_PREFIX,
 )
 from models.lesion_segmenter import (
+    LesionUNet,
     SegmenterSettings,
     fit_segmenter,
     full_size,
@@ -52,7 +53,7 @@ from models.lesion_segmenter import (
     segmenter_state,
     to_model_size,
 )
-from models.metrics import threshold_at_specificity
+from models.metrics import threshold_at_specificity, top_mean
 from models.msde import MSDE
 from models.neighbour_bank import NeighbourPatchBank
 from models.patchcore import PatchMemoryBank
@@ -142,7 +143,7 @@ class ImageAnomalyDetector(Detector):
         self.msde: MSDE | None = None
         self.neighbour_bank: NeighbourPatchBank | None = None
         self.autoencoder: Any = None
-        self.segmenter: Any = None  # models.lesion_segmenter.LesionUNet, imported with the method
+        self.segmenter: LesionUNet | None = None
         self.weights_sha256 = ""
         self.card: dict[str, Any] = {}
 
@@ -406,12 +407,18 @@ class ImageAnomalyDetector(Detector):
 
     def _segmenter_raw(self, prepared: Sequence[Prepared]) -> tuple[dict[str, np.ndarray], np.ndarray]:
         """Score = mean of the top lesion probabilities in the head; map = the probability, at the model size."""
-        images = np.stack([p.image for p in prepared])
+        probability = self._lesion_probability(prepared)
         masks = np.stack([p.mask for p in prepared])
-        probability = lesion_probability(self.segmenter, images, self.device, self.config.batch_size)
         scores = image_scores(probability, masks, self.segmenter_settings())
         maps = full_size(probability, self.config.image_size) * masks
         return {"segmenter": scores}, maps.astype(np.float32)
+
+    def _lesion_probability(self, prepared: Sequence[Prepared]) -> np.ndarray:
+        """The segmenter's lesion probability (n, SEGMENTER_SIZE, SEGMENTER_SIZE) of prepared images."""
+        if self.segmenter is None:
+            raise DetectorError(f"{self.config.method}: the model has no lesion segmenter (fit one first)")
+        images = np.stack([p.image for p in prepared])
+        return lesion_probability(self.segmenter, images, self.device, self.config.batch_size)
 
     def _fused_raw(self, prepared: Sequence[Prepared], calibrating: bool) -> tuple[dict[str, np.ndarray], np.ndarray]:
         """SPADE and the lesion segmenter together. With z the SPADE map in standard deviations of the calibration
@@ -423,8 +430,8 @@ class ImageAnomalyDetector(Detector):
           lesion (the outline wants the agreement; on val this gave the best pixel AP and Dice).
         """
         _, spade_maps = self._feature_raw(prepared)
-        _, probability = self._segmenter_raw(prepared)
         masks = np.stack([p.mask for p in prepared])
+        probability = full_size(self._lesion_probability(prepared), self.config.image_size) * masks
         if calibrating:
             head = spade_maps[masks] if masks.any() else spade_maps.ravel()
             self.config.score_stats["spade_map"] = [float(head.mean()), float(head.std() + 1e-12)]
@@ -433,7 +440,7 @@ class ImageAnomalyDetector(Detector):
         mean, std = self.config.score_stats["spade_map"]
         z = (spade_maps - mean) / std
         evidence = (z + self.segmenter_settings().score_weight * probability) * masks
-        scores = np.array([_top_mean(e[m], self.config.topk_fraction) for e, m in zip(evidence, masks, strict=True)])
+        scores = np.array([top_mean(e[m], self.config.topk_fraction) for e, m in zip(evidence, masks, strict=True)])
         maps = np.sqrt(probability * np.clip(z, 0, None)) * masks
         return {"fused": scores}, maps.astype(np.float32)
 
@@ -638,14 +645,6 @@ class ImageAnomalyDetector(Detector):
 
 
 # ---------------------------------------------------------------------------------------------------- helpers
-def _top_mean(values: np.ndarray, fraction: float) -> float:
-    """Mean of the top ``fraction`` of ``values`` (at least one); 0 for none."""
-    if values.size == 0:
-        return 0.0
-    k = max(1, int(round(fraction * values.size)))
-    return float(np.partition(values, values.size - k)[-k:].mean())
-
-
 def _keep_reduced(items: Iterable[Prepared], store: list[tuple[np.ndarray, np.ndarray]]) -> Iterator[Prepared]:
     """Pass the prepared images on, keeping each at the lesion segmenter's size (4x less memory) in ``store``."""
     for item in items:

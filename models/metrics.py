@@ -62,6 +62,16 @@ def dice(prediction: np.ndarray, truth: np.ndarray) -> float:
     return float(2.0 * np.logical_and(a, b).sum() / total)
 
 
+def top_mean(values: np.ndarray, fraction: float) -> float:
+    """Mean of the highest ``fraction`` of ``values`` (at least one value); 0 when there are none. The image score
+    of a map: a lesion is a few high pixels, so the mean of all of them would drown it."""
+    values = np.asarray(values).ravel()
+    if values.size == 0:
+        return 0.0
+    k = max(1, int(round(fraction * values.size)))
+    return float(np.partition(values, values.size - k)[-k:].mean())
+
+
 def threshold_at_specificity(normal_scores: np.ndarray, specificity: float) -> float:
     """The ``specificity`` quantile of normal scores: that share of normals scores below it."""
     values = np.asarray(normal_scores, dtype=np.float64).ravel()

@@ -7,7 +7,14 @@ import math
 import numpy as np
 import pytest
 
-from models.metrics import auroc, average_precision, dice, sensitivity_specificity, threshold_at_specificity
+from models.metrics import (
+    auroc,
+    average_precision,
+    dice,
+    sensitivity_specificity,
+    threshold_at_specificity,
+    top_mean,
+)
 
 
 def test_auroc_hand_computed() -> None:
@@ -50,3 +57,10 @@ def test_threshold_at_specificity() -> None:
     assert threshold_at_specificity(normals, 0.95) == pytest.approx(95.0)
     with pytest.raises(ValueError):
         threshold_at_specificity(normals, 1.5)
+
+
+def test_top_mean_hand_computed() -> None:
+    values = np.array([1.0, 9.0, 3.0, 7.0, 5.0, 2.0, 8.0, 4.0, 6.0, 10.0])
+    assert top_mean(values, 0.2) == pytest.approx(9.5)  # the top 2 of 10
+    assert top_mean(values, 0.01) == 10.0  # at least one value
+    assert top_mean(np.zeros(0), 0.5) == 0.0

@@ -36,7 +36,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     fit.add_argument(
         "--method",
         default=None,
-        help="spade, patchcore, msde, patchcore+msde, autoencoder, segmenter; chest_xray: padim",
+        help="spade+segmenter, spade, segmenter, patchcore, msde, patchcore+msde, autoencoder; chest_xray: padim",
     )
     fit.add_argument("--backbone", default=None, help="efficientnet-lite0 or efficientnet-lite2")
     fit.add_argument("--image-size", type=int, default=None)
@@ -50,10 +50,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     )
     fit.add_argument("--head-weight", type=float, default=None, help="spade: weight of the residual head")
     fit.add_argument(
-        "--segmenter-steps", type=int, default=None, help="segmenter: training steps (default 4000; slow on a CPU)"
+        "--segmenter-steps",
+        type=int,
+        default=None,
+        help="segmenter: training steps (brain_mri default 6000; hours on a CPU, minutes on a GPU)",
     )
     fit.add_argument(
-        "--segmenter-seconds", type=float, default=None, help="segmenter: stop training after this long (default 600)"
+        "--segmenter-seconds",
+        type=float,
+        default=None,
+        help="segmenter: stop training after this long (brain_mri default 3600)",
     )
     fit.set_defaults(func=run_fit)
 
