@@ -34,7 +34,7 @@ from scipy import ndimage
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from models.synthetic import synthetic_lesion
+from models.synthetic import KINDS, synthetic_lesion
 
 logger = logging.getLogger(__name__)
 
@@ -57,6 +57,7 @@ class SegmenterSettings:
     top_pixels: int = 64  # image score: mean of this many highest probabilities (at SEGMENTER_SIZE)
     rim: int = 2  # image score: pixels at the head's edge (at SEGMENTER_SIZE) left out
     score_weight: float = 2.0  # spade+segmenter: weight of the probability against the SPADE map in z units
+    lesion_kinds: tuple[str, ...] = KINDS  # synthetic lesion appearances trained on (models.synthetic)
     seed: int = 0
 
     @classmethod
@@ -65,11 +66,14 @@ class SegmenterSettings:
         values = {k: v for k, v in data.items() if k in known}
         if "widths" in values:
             values["widths"] = tuple(int(w) for w in values["widths"])
+        if "lesion_kinds" in values:
+            values["lesion_kinds"] = tuple(str(k) for k in values["lesion_kinds"])
         return cls(**values)
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
         out["widths"] = list(self.widths)
+        out["lesion_kinds"] = list(self.lesion_kinds)
         return out
 
 
@@ -156,7 +160,8 @@ class SyntheticLesionSet(Dataset[tuple[torch.Tensor, torch.Tensor, torch.Tensor]
             lesions = 2 if rng.random() < self.settings.second_lesion else 1
             scale = SEGMENTER_SIZE / PAINT_SIZE
             for _ in range(lesions):
-                painted = synthetic_lesion(image, mask, self.images[int(rng.integers(count))], rng, scale)
+                donor = self.images[int(rng.integers(count))]
+                painted = synthetic_lesion(image, mask, donor, rng, scale, self.settings.lesion_kinds)
                 if painted is not None:
                     image, lesion = painted[0], lesion | painted[1]
         image = _appearance(image, rng) * mask
@@ -200,9 +205,11 @@ def fit_segmenter(
     settings: SegmenterSettings,
     device: torch.device,
     progress: Callable[[int, float], None] | None = None,
+    start: LesionUNet | None = None,
 ) -> tuple[LesionUNet, dict[str, Any]]:
     """Train on prepared normals ``images`` (N, S, S) with head ``masks``; stops after ``settings.steps`` steps or
-    ``settings.seconds``, whichever comes first. Returns the network (eval mode) and a training record."""
+    ``settings.seconds``, whichever comes first. ``start``: a trained network to go on training (fine-tuning, e.g.
+    on a changed lesion recipe) instead of a new one. Returns the network (eval mode) and a training record."""
     torch.manual_seed(settings.seed)
     if device.type == "cpu" and settings.steps > 200:
         logger.warning(
@@ -211,7 +218,7 @@ def fit_segmenter(
             settings.steps,
             settings.seconds,
         )
-    model = LesionUNet(settings.widths).to(device)
+    model = (start if start is not None else LesionUNet(settings.widths)).to(device)
     data = SyntheticLesionSet(images, masks, settings.steps * settings.batch_size, settings, settings.seed)
     on_gpu = device.type == "cuda"
     workers = max(1, (os.cpu_count() or 2) - 2) if on_gpu else 0

@@ -9,6 +9,9 @@ smooth random blob inside the head, with one of four appearances, and sometimes 
 - hypointense: the blob darkened (necrosis, cyst, T1-hypointense lesion);
 - foreign patch: the blob filled by the same place of another normal image, shifted (FPI);
 - ring: a bright rim around a dark core (ring-enhancing tumour);
+- faint hyperintense (not in the default ``KINDS``; chosen per model, e.g. by the lesion segmenter's
+  ``lesion_kinds``): the tissue made only 8-35% brighter, as the infiltrative FLAIR signal change of a low-grade
+  glioma often is, where the hyperintense kind would paint a much brighter blob;
 - mass effect (40%): the tissue around the blob pushed outwards, as an expanding lesion compresses ventricles.
 
 The images are the detector's prepared inputs ([0, 1], square, head mask), so the lesions look the same to every
@@ -17,10 +20,14 @@ backbone. Everything is drawn from the ``numpy`` generator passed in (reproducib
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 from scipy import ndimage
 
 KINDS = ("hyperintense", "hypointense", "foreign_patch", "ring")
+FAINT = "faint_hyperintense"
+ALL_KINDS = (*KINDS, FAINT)
 MASS_EFFECT_PROBABILITY = 0.4
 MIN_LESION_PIXELS = 30
 
@@ -69,11 +76,20 @@ def mass_effect(image: np.ndarray, centre: tuple[float, float, float], strength:
 
 
 def synthetic_lesion(
-    image: np.ndarray, mask: np.ndarray, donor: np.ndarray, rng: np.random.Generator, scale: float = 1.0
+    image: np.ndarray,
+    mask: np.ndarray,
+    donor: np.ndarray,
+    rng: np.random.Generator,
+    scale: float = 1.0,
+    kinds: Sequence[str] = KINDS,
 ) -> tuple[np.ndarray, np.ndarray] | None:
     """``image`` (S, S) in [0, 1] with one synthetic lesion, and the lesion's mask (S, S) bool; ``donor`` is another
     normal image of the same size (foreign-patch lesions). Pixel sizes are for a 256-px image; ``scale`` (S / 256)
-    keeps the lesions' anatomy-relative size at another S. None when the head is too small."""
+    keeps the lesions' anatomy-relative size at another S; ``kinds``: the appearances to draw from (equally likely).
+    None when the head is too small."""
+    unknown = set(kinds) - set(ALL_KINDS)
+    if unknown or not kinds:
+        raise ValueError(f"unknown lesion kinds {sorted(unknown)}; known: {', '.join(ALL_KINDS)}")
     drawn = lesion_blob(mask, rng, scale)
     if drawn is None or drawn[0].sum() < MIN_LESION_PIXELS * scale**2:
         return None
@@ -81,11 +97,13 @@ def synthetic_lesion(
     if rng.random() < MASS_EFFECT_PROBABILITY:
         strength = float(rng.uniform(0.2, 0.5))
         image, blob = mass_effect(image, centre, strength), mass_effect(blob, centre, strength) * mask
-    kind = KINDS[int(rng.integers(len(KINDS)))]
+    kind = kinds[int(rng.integers(len(kinds)))]
     texture = ndimage.gaussian_filter(rng.random(image.shape), 2 * scale)
     if kind == "hyperintense":
         level = rng.uniform(0.55, 1.0) * (0.85 + 0.3 * texture)
         out = image * (1 - blob) + blob * np.maximum(image, level)
+    elif kind == FAINT:
+        out = image * (1 + blob * rng.uniform(0.08, 0.35) * (0.85 + 0.3 * texture))
     elif kind == "hypointense":
         out = image * (1 - blob * rng.uniform(0.4, 0.9))
     elif kind == "foreign_patch":

@@ -22,6 +22,7 @@ from models.lesion_segmenter import (
     lesion_probability,
 )
 from models.preprocessing import square_crop_box
+from models.synthetic import ALL_KINDS, KINDS
 
 
 def _heads(count: int, size: int = 256) -> tuple[np.ndarray, np.ndarray]:
@@ -72,6 +73,20 @@ def test_short_training_run_and_scores() -> None:
     assert probability.min() >= 0 and probability.max() <= 1
     scores = image_scores(probability, masks, settings)
     assert scores.shape == (6,) and np.all(scores >= 0)
+
+
+def test_settings_round_trip_and_training_goes_on_from_a_given_network() -> None:
+    settings = SegmenterSettings(widths=(4, 8, 8), steps=2, batch_size=4, lesion_kinds=ALL_KINDS)
+    again = SegmenterSettings.from_dict(settings.to_dict())
+    assert again == settings and again.lesion_kinds == ALL_KINDS
+    assert SegmenterSettings.from_dict({}).lesion_kinds == KINDS  # models from before the faint kind
+    images, masks = _heads(4)
+    first, _ = fit_segmenter(images, masks, settings, torch.device("cpu"))
+    before = {k: v.clone() for k, v in first.state_dict().items()}
+    second, record = fit_segmenter(images, masks, settings, torch.device("cpu"), start=first)
+    assert second is first and record["steps_trained"] == 2
+    changed = [k for k, v in second.state_dict().items() if v.dtype.is_floating_point and not torch.equal(v, before[k])]
+    assert changed  # trained on from the given weights, not replaced
 
 
 def _detector(method: str) -> ImageAnomalyDetector:
