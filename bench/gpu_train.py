@@ -11,6 +11,13 @@ with both, and time the shipped brain_mri detector per slice:
 
     python3 -m bench.gpu_train train --data .gpu/brain.npz --out $OUT --segmenter-seconds 300 --ae-seconds 90
 
+To go on training the shipped segmenter on a changed lesion recipe (e.g. with the faint hyperintense kind, which
+session 5 could only try for 728 CPU steps) instead of from scratch:
+
+    python3 -m bench.gpu_train train --data .gpu/brain.npz --out $OUT --segmenter-seconds 300 --ae-seconds 0 \
+        --start models/weights/brain_mri/weights.safetensors --learning-rate 5e-4 \
+        --lesion-kinds hyperintense hypointense foreign_patch ring faint_hyperintense
+
 Writes segmenter.safetensors, autoencoder.safetensors and gpu_train.json (training records, val AUROCs of each
 model alone, val scores for fusing here, ms per slice on the GPU).
 
@@ -25,6 +32,7 @@ as for every shipped model:
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import time
@@ -33,13 +41,15 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from models.lesion_segmenter import (
+    STATE_PREFIX,
     SegmenterSettings,
     fit_segmenter,
     image_scores,
     lesion_probability,
+    load_segmenter,
     segmenter_state,
     to_model_size,
 )
@@ -133,7 +143,15 @@ def _time_detector(images: np.ndarray, masks: np.ndarray, device: torch.device, 
 
 
 def train(
-    data_file: Path, out: Path, segmenter_seconds: float, ae_seconds: float, steps: int, time_detector: bool = True
+    data_file: Path,
+    out: Path,
+    segmenter_seconds: float,
+    ae_seconds: float,
+    steps: int,
+    time_detector: bool = True,
+    lesion_kinds: tuple[str, ...] | None = None,
+    start: Path | None = None,
+    learning_rate: float | None = None,
 ) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -152,15 +170,35 @@ def train(
             report["detector_speed"] = {"error": repr(exc)}
     print(json.dumps(report), flush=True)
 
-    settings = SegmenterSettings(steps=steps, seconds=segmenter_seconds)
+    options: dict[str, Any] = {"steps": steps, "seconds": segmenter_seconds}
+    if lesion_kinds:
+        options["lesion_kinds"] = tuple(lesion_kinds)
+    if learning_rate:
+        options["learning_rate"] = learning_rate
+    if start is not None:
+        options["seed"] = 1  # new samples, not the ones the start network was trained on
+    settings = SegmenterSettings(**options)
+    initial = None
+    if start is not None:  # go on training a segmenter (a new lesion recipe) instead of starting from scratch
+        tensors = load_file(str(start))
+        state = {k[len(STATE_PREFIX) :]: v for k, v in tensors.items() if k.startswith(STATE_PREFIX)} or tensors
+        initial = load_segmenter(state, settings, device)
     model, record = fit_segmenter(
-        train_images, train_masks, settings, device, lambda s, loss: print(f"step {s} loss {loss:.4f}", flush=True)
+        train_images,
+        train_masks,
+        settings,
+        device,
+        lambda s, loss: print(f"step {s} loss {loss:.4f}", flush=True),
+        start=initial,
     )
     save_file(segmenter_state(model), str(out / "segmenter.safetensors"))
     val_float = val_images.astype(np.float32) / 255
     probability = lesion_probability(model, val_float, device)
     scores = image_scores(probability, val_masks, settings)
     report["segmenter"] = {**record, "settings": settings.to_dict(), "val_auroc": _val_aurocs(scores, labels, sources)}
+    if start is not None:
+        digest = hashlib.sha256(start.read_bytes()).hexdigest()
+        report["segmenter"]["started_from"] = {"file": start.name, "sha256": digest}
     lgg = sources == "lgg"
     lesions = _unpack(data, "val_lesions", size)[lgg]
     heads = val_masks[lgg]
@@ -259,6 +297,9 @@ def main() -> None:
     t.add_argument("--segmenter-steps", type=int, default=6000)
     t.add_argument("--ae-seconds", type=float, default=90)
     t.add_argument("--no-detector-speed", action="store_true", help="skip timing the shipped detector")
+    t.add_argument("--lesion-kinds", nargs="+", default=None, help="synthetic lesion kinds (models.synthetic)")
+    t.add_argument("--start", type=Path, default=None, help="weights file whose segmenter to go on training")
+    t.add_argument("--learning-rate", type=float, default=None, help="peak learning rate (default 2e-3)")
     a = sub.add_parser("assemble")
     a.add_argument("--weights", type=Path, required=True)
     a.add_argument("--record", type=Path, required=True)
@@ -278,6 +319,9 @@ def main() -> None:
             args.ae_seconds,
             args.segmenter_steps,
             not args.no_detector_speed,
+            tuple(args.lesion_kinds) if args.lesion_kinds else None,
+            args.start,
+            args.learning_rate,
         )
 
 

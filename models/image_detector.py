@@ -146,6 +146,8 @@ class ImageAnomalyDetector(Detector):
         self.segmenter: LesionUNet | None = None
         self.weights_sha256 = ""
         self.card: dict[str, Any] = {}
+        if "segmenter" in config.method:
+            self.segmenter_settings()  # a bad setting fails here, not after an hour of fitting
 
     # ----------------------------------------------------------------------------------------------- contract
     @property

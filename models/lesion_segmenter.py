@@ -34,7 +34,7 @@ from scipy import ndimage
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from models.synthetic import KINDS, synthetic_lesion
+from models.synthetic import ALL_KINDS, KINDS, synthetic_lesion
 
 logger = logging.getLogger(__name__)
 
@@ -59,6 +59,11 @@ class SegmenterSettings:
     score_weight: float = 2.0  # spade+segmenter: weight of the probability against the SPADE map in z units
     lesion_kinds: tuple[str, ...] = KINDS  # synthetic lesion appearances trained on (models.synthetic)
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        unknown = sorted(set(self.lesion_kinds) - set(ALL_KINDS))
+        if unknown or not self.lesion_kinds:
+            raise ValueError(f"unknown lesion kinds {unknown}; known: {', '.join(ALL_KINDS)}")
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> SegmenterSettings:

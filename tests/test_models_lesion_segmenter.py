@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from dicom_node.cli import main
 from models.base import DetectorError
 from models.image_detector import DetectorConfig, ImageAnomalyDetector, Prepared
 from models.lesion_segmenter import (
@@ -120,3 +121,18 @@ def test_fused_method_needs_calibration_before_scoring() -> None:
     prepared = [Prepared(image=image[0], mask=mask[0], box=square_crop_box(mask[0]))]
     with pytest.raises(DetectorError, match="calibrat"):
         detector._fused_raw(prepared, calibrating=False)
+
+
+def test_unknown_lesion_kind_is_refused_before_any_fitting(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(ValueError, match="unknown lesion kinds"):
+        ImageAnomalyDetector(
+            DetectorConfig(detector="test", method="segmenter", extra={"segmenter": {"lesion_kinds": ["sparkly"]}})
+        )
+    code = main(
+        [
+            "fit", "--detector", "brain_mri", "--normal", str(tmp_path), "--out", str(tmp_path / "model"),
+            "--segmenter-lesion-kinds", "hyperintense", "sparkly",
+        ]
+    )  # fmt: skip
+    assert code == 1 and "unknown lesion kinds ['sparkly']" in capsys.readouterr().err
+    assert not (tmp_path / "model").exists()

@@ -61,6 +61,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
         default=None,
         help="segmenter: stop training after this long (brain_mri default 3600)",
     )
+    fit.add_argument(
+        "--segmenter-lesion-kinds",
+        nargs="+",
+        default=None,
+        metavar="KIND",
+        help="segmenter: synthetic lesion appearances to train on (default hyperintense hypointense foreign_patch "
+        "ring; also faint_hyperintense)",
+    )
     fit.set_defaults(func=run_fit)
 
     calibrate = subparsers.add_parser("calibrate", help="set a detector's thresholds on a site's normal images")
@@ -143,7 +151,11 @@ def run_fit(args: argparse.Namespace) -> int:
             coreset_size=args.coreset_size,
             version=args.version,
             spade={"synthetic_copies": args.synthetic_copies, "head_weight": args.head_weight},
-            segmenter={"steps": args.segmenter_steps, "seconds": args.segmenter_seconds},
+            segmenter={
+                "steps": args.segmenter_steps,
+                "seconds": args.segmenter_seconds,
+                "lesion_kinds": args.segmenter_lesion_kinds,
+            },
         )
     except (DetectorError, ValueError) as err:
         print(f"dicom-node: {err}", file=sys.stderr)
