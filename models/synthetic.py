@@ -85,7 +85,8 @@ def synthetic_lesion(
 ) -> tuple[np.ndarray, np.ndarray] | None:
     """``image`` (S, S) in [0, 1] with one synthetic lesion, and the lesion's mask (S, S) bool; ``donor`` is another
     normal image of the same size (foreign-patch lesions). Pixel sizes are for a 256-px image; ``scale`` (S / 256)
-    keeps the lesions' anatomy-relative size at another S; ``kinds``: the appearances to draw from (equally likely).
+    keeps the lesions' anatomy-relative size at another S; ``kinds``: the appearances to draw from (each entry equally
+    likely, so a kind listed twice is drawn twice as often).
     None when the head is too small."""
     unknown = set(kinds) - set(ALL_KINDS)
     if unknown or not kinds:
