@@ -34,7 +34,7 @@ from scipy import ndimage
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from models.synthetic import ALL_KINDS, KINDS, synthetic_lesion
+from models.synthetic import KINDS, check_kinds, synthetic_lesion
 
 logger = logging.getLogger(__name__)
 
@@ -61,9 +61,7 @@ class SegmenterSettings:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        unknown = sorted(set(self.lesion_kinds) - set(ALL_KINDS))
-        if unknown or not self.lesion_kinds:
-            raise ValueError(f"unknown lesion kinds {unknown}; known: {', '.join(ALL_KINDS)}")
+        check_kinds(self.lesion_kinds)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> SegmenterSettings:

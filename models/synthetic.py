@@ -32,6 +32,13 @@ MASS_EFFECT_PROBABILITY = 0.4
 MIN_LESION_PIXELS = 30
 
 
+def check_kinds(kinds: Sequence[str]) -> None:
+    """ValueError unless ``kinds`` is a non-empty list of known lesion kinds."""
+    unknown = sorted(set(kinds) - set(ALL_KINDS))
+    if unknown or not kinds:
+        raise ValueError(f"unknown lesion kinds {unknown}; known: {', '.join(ALL_KINDS)}")
+
+
 def _px(value: float, scale: float) -> int:
     return max(1, int(round(value * scale)))
 
@@ -88,9 +95,7 @@ def synthetic_lesion(
     keeps the lesions' anatomy-relative size at another S; ``kinds``: the appearances to draw from (each entry equally
     likely, so a kind listed twice is drawn twice as often).
     None when the head is too small."""
-    unknown = set(kinds) - set(ALL_KINDS)
-    if unknown or not kinds:
-        raise ValueError(f"unknown lesion kinds {sorted(unknown)}; known: {', '.join(ALL_KINDS)}")
+    check_kinds(kinds)
     drawn = lesion_blob(mask, rng, scale)
     if drawn is None or drawn[0].sum() < MIN_LESION_PIXELS * scale**2:
         return None
