@@ -251,20 +251,23 @@ def assemble(weights: Path, record_file: Path, out: Path, version: str, base: Pa
     ``spade+segmenter`` when ``base`` is a fitted SPADE model directory."""
     from safetensors.torch import load_file
 
-    from models.brain import BRAIN_CARD, TRAINING_COMMAND, BrainMRIDetector
+    from models.brain import BRAIN_CARD, TRAINING_COMMAND, BrainMRIDetector, default_config
     from models.lesion_segmenter import STATE_PREFIX, load_segmenter
     from models.training import calibrate_detector, new_detector
 
     record = json.loads(record_file.read_text(encoding="utf-8"))
     trained = record["segmenter"]
+    # How the network is trained comes from the run; how it is scored (flip_average, since 2.2.1) from the defaults.
+    scoring = {"flip_average": default_config().extra["segmenter"].get("flip_average", False)}
+    settings = {**trained["settings"], **scoring}
     if base is not None:  # attach to a fitted SPADE model: the default method, spade+segmenter
         detector = BrainMRIDetector.load(base, "cpu")
         detector.config.method, detector.config.version = "spade+segmenter", version
-        detector.config.extra["segmenter"] = trained["settings"]
+        detector.config.extra["segmenter"] = settings
         # The card's texts are the current defaults; the base's metrics were measured without the segmenter.
         detector.card = {k: v for k, v in detector.card.items() if k not in BRAIN_CARD and k != "metrics"}
     else:
-        detector = new_detector("brain_mri", "cpu", segmenter=trained["settings"], method="segmenter", version=version)
+        detector = new_detector("brain_mri", "cpu", segmenter=settings, method="segmenter", version=version)
     state = {k[len(STATE_PREFIX) :]: v for k, v in load_file(str(weights)).items()}
     detector.segmenter = load_segmenter(state, detector.segmenter_settings(), detector.device)
     detector.config.extra["segmenter_training"] = {
@@ -304,7 +307,7 @@ def main() -> None:
     a.add_argument("--weights", type=Path, required=True)
     a.add_argument("--record", type=Path, required=True)
     a.add_argument("--out", type=Path, required=True)
-    a.add_argument("--version", default="2.2.0")
+    a.add_argument("--version", default="2.3.0")
     a.add_argument("--base", type=Path, default=None, help="fitted SPADE model to attach the segmenter to")
     args = parser.parse_args()
     if args.command == "prepare":

@@ -68,7 +68,9 @@ def score_files(
     return Scored(files=list(files), scores=np.asarray(scores), maps=maps, seconds=seconds)
 
 
-def _mask_for(masks_dirs: Sequence[Path], image_file: Path, shape: tuple[int, int]) -> np.ndarray:
+def mask_for(masks_dirs: Sequence[Path], image_file: Path, shape: tuple[int, int]) -> np.ndarray:
+    """The lesion mask of ``image_file`` (same file name, any extension, nonzero = lesion) from the first of
+    ``masks_dirs`` that has one; an all-false ``shape`` mask where none has (normal images may have none)."""
     candidates = [c for d in masks_dirs for c in (d / image_file.name, *sorted(d.glob(image_file.stem + ".*")))]
     for candidate in candidates:
         if candidate.is_file():
@@ -81,7 +83,7 @@ def _pixel_pairs(scored: Scored, masks_dirs: Sequence[Path]) -> tuple[np.ndarray
     """(truth, map values) over all pixels, at the mask resolution (capped at MAX_PIXELS_PER_IMAGE)."""
     truths, values = [], []
     for path, amap in zip(scored.files, scored.maps, strict=True):
-        truth = _mask_for(masks_dirs, path, amap.shape)
+        truth = mask_for(masks_dirs, path, amap.shape)
         if truth.shape != amap.shape:
             amap = resize(amap, truth.shape)
         if truth.size > MAX_PIXELS_PER_IMAGE:

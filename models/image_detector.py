@@ -420,7 +420,8 @@ class ImageAnomalyDetector(Detector):
         if self.segmenter is None:
             raise DetectorError(f"{self.config.method}: the model has no lesion segmenter (fit one first)")
         images = np.stack([p.image for p in prepared])
-        return lesion_probability(self.segmenter, images, self.device, self.config.batch_size)
+        flip = self.segmenter_settings().flip_average
+        return lesion_probability(self.segmenter, images, self.device, self.config.batch_size, flip_average=flip)
 
     def _fused_raw(self, prepared: Sequence[Prepared], calibrating: bool) -> tuple[dict[str, np.ndarray], np.ndarray]:
         """SPADE and the lesion segmenter together. With z the SPADE map in standard deviations of the calibration

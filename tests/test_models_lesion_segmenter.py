@@ -76,6 +76,23 @@ def test_short_training_run_and_scores() -> None:
     assert scores.shape == (6,) and np.all(scores >= 0)
 
 
+def test_flip_average_is_mirror_symmetric_and_the_mean_of_both_views() -> None:
+    torch.manual_seed(0)
+    model = LesionUNet((4, 8, 8)).eval()  # untrained: not mirror symmetric by itself
+    images, _ = _heads(2)
+    images[:, 100:130, 60:90] += 0.4  # a lesion on one side
+    cpu = torch.device("cpu")
+    plain = lesion_probability(model, images, cpu)
+    mirrored = lesion_probability(model, images[:, :, ::-1].copy(), cpu)
+    averaged = lesion_probability(model, images, cpu, flip_average=True)
+    np.testing.assert_allclose(averaged, 0.5 * (plain + mirrored[:, :, ::-1]), atol=1e-6)
+    # A mirrored slice gets the mirrored map: the lesion's side does not change how it is scored.
+    averaged_mirror = lesion_probability(model, images[:, :, ::-1].copy(), cpu, flip_average=True)
+    np.testing.assert_allclose(averaged_mirror, averaged[:, :, ::-1], atol=1e-6)
+    assert not np.allclose(plain, averaged)
+    assert SegmenterSettings.from_dict({}).flip_average is False  # cards from before 2.2.1 score as they did
+
+
 def test_settings_round_trip_and_training_goes_on_from_a_given_network() -> None:
     settings = SegmenterSettings(widths=(4, 8, 8), steps=2, batch_size=4, lesion_kinds=ALL_KINDS)
     again = SegmenterSettings.from_dict(settings.to_dict())
