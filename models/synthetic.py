@@ -12,6 +12,11 @@ smooth random blob inside the head, with one of four appearances, and sometimes 
 - faint hyperintense (not in the default ``KINDS``; chosen per model, e.g. by the lesion segmenter's
   ``lesion_kinds``): the tissue made only 8-35% brighter, as the infiltrative FLAIR signal change of a low-grade
   glioma often is, where the hyperintense kind would paint a much brighter blob;
+- moderate hyperintense (not in ``KINDS`` either): the blob filled up to a level 1.25-1.75 times the head's median
+  intensity. The hyperintense kind's level is absolute (0.55-1.0 of the prepared range); in prepared FLAIR slices
+  the head's median is about 0.3-0.4, so lesions 1.2-1.5 times as bright as the tissue around them (0.35-0.5, as
+  several LGG val tumours are) fell between that kind and the faint one, and the segmenter trained without them
+  gave them a probability of about 0.001;
 - mass effect (40%): the tissue around the blob pushed outwards, as an expanding lesion compresses ventricles.
 
 The images are the detector's prepared inputs ([0, 1], square, head mask), so the lesions look the same to every
@@ -27,7 +32,8 @@ from scipy import ndimage
 
 KINDS = ("hyperintense", "hypointense", "foreign_patch", "ring")
 FAINT = "faint_hyperintense"
-ALL_KINDS = (*KINDS, FAINT)
+MODERATE = "moderate_hyperintense"
+ALL_KINDS = (*KINDS, FAINT, MODERATE)
 MASS_EFFECT_PROBABILITY = 0.4
 MIN_LESION_PIXELS = 30
 
@@ -110,6 +116,9 @@ def synthetic_lesion(
         out = image * (1 - blob) + blob * np.maximum(image, level)
     elif kind == FAINT:
         out = image * (1 + blob * rng.uniform(0.08, 0.35) * (0.85 + 0.3 * texture))
+    elif kind == MODERATE:
+        level = float(np.median(image[mask])) * rng.uniform(1.25, 1.75) * (0.9 + 0.2 * texture)
+        out = image * (1 - blob) + blob * np.maximum(image, level)
     elif kind == "hypointense":
         out = image * (1 - blob * rng.uniform(0.4, 0.9))
     elif kind == "foreign_patch":

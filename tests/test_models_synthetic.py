@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from models.synthetic import ALL_KINDS, FAINT, KINDS, synthetic_lesion
+from models.synthetic import ALL_KINDS, FAINT, KINDS, MODERATE, synthetic_lesion
 
 
 def _head(size: int = 128) -> tuple[np.ndarray, np.ndarray]:
@@ -78,3 +78,23 @@ def test_faint_kind_brightens_the_lesion_by_a_fraction_and_unknown_kinds_are_ref
     with pytest.raises(ValueError, match="unknown lesion kinds"):
         synthetic_lesion(image, mask, image, np.random.default_rng(0), kinds=("sparkly",))
     assert set(KINDS) < set(ALL_KINDS) and FAINT not in KINDS
+
+
+def test_moderate_kind_fills_the_lesion_relative_to_the_head_not_to_a_fixed_level() -> None:
+    """The moderate hyperintense kind's level follows the head's own median: a dark head (prepared FLAIR, median
+    about 0.35) gets a lesion 1.25-1.75 times as bright as that median, below the hyperintense kind's fixed 0.55."""
+    image, mask = _head()
+    for gain in (1.0, 0.5):
+        dim = image * gain
+        median = float(np.median(dim[mask]))
+        levels = []
+        for seed in range(20):
+            made = synthetic_lesion(dim, mask, dim, np.random.default_rng(seed), kinds=(MODERATE,))
+            if made is None:
+                continue
+            painted, lesion = made
+            core = ndimage.binary_erosion(lesion, iterations=3) & (painted > dim + 1e-3)
+            if core.sum() >= 20:
+                levels.append(float(np.median(painted[core])) / median)
+        assert len(levels) >= 10
+        assert 1.1 < min(levels) and max(levels) < 1.95  # the same share of the median at either brightness
