@@ -82,12 +82,24 @@ class NetworkSettings(_Section):
     network_timeout: float = Field(300.0, gt=0)
     maximum_pdu_size: int = Field(0, ge=0, description="0 = unlimited")
     tls: TlsSettings = Field(default_factory=TlsSettings)
+    tls_handshake_timeout: float = Field(
+        15.0, gt=0, description="seconds a TLS client has to complete the handshake before its connection is closed"
+    )
 
 
 class StorageSettings(_Section):
     """Spool of received instances."""
 
     min_free_bytes: int = Field(1_000_000_000, ge=0, description="below this, C-STORE answers 0xA700")
+    max_inflated_bytes: int = Field(
+        256 * 1024 * 1024, ge=1, description="a Deflated Explicit VR data set inflating past this is refused (0xC210)"
+    )
+    record_deadline_seconds: float = Field(
+        20.0,
+        gt=0,
+        description="answer 0xC211 when the job database cannot record an instance within this time (keep it under "
+        "the senders' DIMSE timeout)",
+    )
 
 
 class DatabaseSettings(_Section):
@@ -113,6 +125,12 @@ class CompletionRule(_Section):
 class CompletionSettings(_Section):
     quiet_seconds: float = Field(30.0, gt=0)
     check_interval_seconds: float = Field(1.0, gt=0)
+    interrupted_grace_seconds: float = Field(
+        300.0,
+        gt=0,
+        description="a study whose association ended abnormally completes by quiet time only after this long "
+        "without a resend",
+    )
     rules: list[CompletionRule] = Field(default_factory=list)
 
 

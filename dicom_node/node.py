@@ -34,8 +34,14 @@ class Node:
     def __init__(self, settings: Settings, db: Database | None = None) -> None:
         self.settings = settings
         self.db = db or Database(settings.database_url)
-        self.spool = Spool(settings.spool_dir, settings.storage.min_free_bytes)
-        self.recorder = InstanceRecorder(self.db)
+        storage = settings.storage
+        self.spool = Spool(settings.spool_dir, storage.min_free_bytes, storage.max_inflated_bytes)
+        # The receive path's own engine: its lock waits end before the sender's DIMSE timeout, so a locked
+        # database gives the sender 0xC211 (retry later) instead of no answer.
+        self.receive_db = Database(
+            settings.database_url, upgrade=False, lock_timeout_seconds=storage.record_deadline_seconds
+        )
+        self.recorder = InstanceRecorder(self.receive_db, deadline_seconds=storage.record_deadline_seconds)
         self.receiver = InstanceReceiver(self.spool, self.recorder)
         self.scp = StorageSCP(settings.node, settings.network, self.receiver, self.recorder)
         self.study_complete_callbacks: list[StudyCompleteCallback] = []
@@ -59,6 +65,7 @@ class Node:
     def start(self) -> None:
         self.settings.node.data_dir.mkdir(parents=True, exist_ok=True)
         self.spool.prepare()
+        self.recorder.recover_open_associations()
         # pynetdicom's chunked receive writes each data set to a NamedTemporaryFile; placing those in the spool's
         # file system lets the spool publish them with a hard link instead of a copy. Process-wide, set once here.
         tempfile.tempdir = str(self.spool.incoming_dir)
@@ -74,6 +81,7 @@ class Node:
             except Exception:  # noqa: BLE001 - stop the rest regardless
                 log.exception("stopping %r failed", service)
         self.receiver.close()
+        self.receive_db.dispose()
         self.db.dispose()
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import json
 import logging
 import os
@@ -9,7 +10,7 @@ import signal
 import socket
 import subprocess
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -97,6 +98,26 @@ def run_worker(
     return 0
 
 
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def die_with_parent(parent_pid: int) -> Callable[[], None] | None:
+    """A ``preexec_fn`` that has Linux send the child SIGTERM (Celery's warm shutdown: the running job finishes,
+    nothing new starts) when the node dies, even by SIGKILL; without it the workers live on as orphans beside the
+    next node's. The signal follows the thread that started the child: ``serve`` starts services from its main
+    thread, which lives as long as the node. None where prctl does not exist."""
+    if not sys.platform.startswith("linux"):
+        return None
+    libc = ctypes.CDLL(None, use_errno=True)
+
+    def preexec() -> None:
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+        if os.getppid() != parent_pid:  # the node died before prctl took effect
+            os._exit(1)
+
+    return preexec
+
+
 class EmbeddedWorkers:
     """The workers of ``dicom-node serve``: a ``dicom-node worker`` child process, stopped with the node.
 
@@ -132,7 +153,9 @@ class EmbeddedWorkers:
         ]
 
     def start(self) -> None:
-        self.process = subprocess.Popen(self.command(), env=os.environ.copy())  # noqa: S603 - our own executable
+        self.process = subprocess.Popen(  # noqa: S603 - our own executable
+            self.command(), env=os.environ.copy(), preexec_fn=die_with_parent(os.getpid())
+        )
         log.info("embedded workers started (pid %d)", self.process.pid)
 
     def stop(self, timeout: float = 30.0) -> None:

@@ -75,6 +75,13 @@ class Study(Base):
     completion_count: Mapped[int] = mapped_column(Integer, default=0)
     needs_reprocessing: Mapped[bool] = mapped_column(Boolean, default=False)
     instance_count: Mapped[int] = mapped_column(Integer, default=0)
+    # Associations that delivered instances of this study and have not ended yet; still above zero when the node
+    # starts means the node stopped during them (kill -9, power cut).
+    open_associations: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    # Set when an association delivering the study ended abnormally (A-ABORT, reset, node stopped): the quiet
+    # timer alone does not complete it until completion.interrupted_grace_seconds, so a resend makes one job.
+    interrupted_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    interruption_reason: Mapped[str | None] = mapped_column(Text)
 
     series: Mapped[list[Series]] = relationship(back_populates="study", order_by="Series.id")
     jobs: Mapped[list[Job]] = relationship(back_populates="study", order_by="Job.id")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 
 from alembic import command
@@ -14,26 +15,34 @@ from sqlalchemy.orm import Session, sessionmaker
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
 
 
-def _sqlite_pragmas(dbapi_connection, _record) -> None:  # type: ignore[no-untyped-def]
+# How long a statement waits for a lock another connection holds before it fails, unless the caller says otherwise.
+DEFAULT_LOCK_TIMEOUT_SECONDS = 30.0
+
+
+def _sqlite_pragmas(lock_timeout_ms: int, dbapi_connection, _record) -> None:  # type: ignore[no-untyped-def]
     # WAL lets the SCP, the completion loop and the workers write concurrently; busy_timeout waits for locks
     # instead of failing; foreign keys are off by default in SQLite.
     cursor = dbapi_connection.cursor()
     cursor.execute("PRAGMA journal_mode=WAL")
     cursor.execute("PRAGMA synchronous=NORMAL")
-    cursor.execute("PRAGMA busy_timeout=30000")
+    cursor.execute(f"PRAGMA busy_timeout={lock_timeout_ms}")
     cursor.execute("PRAGMA foreign_keys=ON")
     cursor.close()
 
 
-def make_engine(url: str) -> Engine:
+def make_engine(url: str, lock_timeout_seconds: float = DEFAULT_LOCK_TIMEOUT_SECONDS) -> Engine:
+    """An engine whose statements wait at most ``lock_timeout_seconds`` for a lock (SQLite busy_timeout,
+    PostgreSQL lock_timeout) and then fail, so that a caller with a deadline can still answer."""
+    lock_timeout_ms = max(1, int(lock_timeout_seconds * 1000))
     if url.startswith("sqlite"):
         path = url.split("///", 1)[-1]
         if path and path != ":memory:":
             Path(path).parent.mkdir(parents=True, exist_ok=True)
-        engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False})
-        event.listen(engine, "connect", _sqlite_pragmas)
+        engine = create_engine(url, connect_args={"timeout": lock_timeout_seconds, "check_same_thread": False})
+        event.listen(engine, "connect", partial(_sqlite_pragmas, lock_timeout_ms))
         return engine
-    return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
+    connect_args = {"options": f"-c lock_timeout={lock_timeout_ms}"} if url.startswith("postgresql") else {}
+    return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20, connect_args=connect_args)
 
 
 def alembic_config(url: str) -> Config:
@@ -58,11 +67,13 @@ def migrate(url: str) -> None:
 class Database:
     """Owns one engine and hands out sessions; pass it to the layers that need the job database."""
 
-    def __init__(self, url: str, *, upgrade: bool = True) -> None:
+    def __init__(
+        self, url: str, *, upgrade: bool = True, lock_timeout_seconds: float = DEFAULT_LOCK_TIMEOUT_SECONDS
+    ) -> None:
         self.url = url
         if upgrade:
             migrate(url)
-        self.engine = make_engine(url)
+        self.engine = make_engine(url, lock_timeout_seconds)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
 
     @contextmanager

@@ -48,11 +48,14 @@ class InstanceReceiver:
                 affected_sop_instance_uid,
             )
             wait([data_synced])
+            self._record_refusal(peer, err.status, err.reason, affected_sop_instance_uid)
             return err.status
         except OSError as err:
             log.error("C-STORE from %s: cannot write the spool: %s", peer.calling_ae_title, err.strerror)
             wait([data_synced])
-            return 0xA700 if err.errno in (errno.ENOSPC, errno.EDQUOT) else STATUS_PROCESSING_FAILURE
+            status = 0xA700 if err.errno in (errno.ENOSPC, errno.EDQUOT) else STATUS_PROCESSING_FAILURE
+            self._record_refusal(peer, status, f"cannot write the spool: {err.strerror}", affected_sop_instance_uid)
+            return status
         dirs_synced = self._io.submit(self.spool.sync_dirs, placement)
         stored = StoredInstance(header, placement.path, placement.size_bytes, placement.already_on_disk)
         try:
@@ -81,3 +84,12 @@ class InstanceReceiver:
                 peer.calling_ae_title,
             )
         return STATUS_SUCCESS
+
+    def _record_refusal(self, peer: Peer, status: int, reason: str, sop_instance_uid: str | None) -> None:
+        """An ``instance_refused`` audit event, so the job database says what was refused and why."""
+        try:
+            self.recorder.audit(
+                "instance_refused", peer, None, f"0x{status:04X}: {reason} (SOP Instance {sop_instance_uid or '?'})"
+            )
+        except Exception:  # noqa: BLE001 - the refusal stands and is in the log; the database may be the cause
+            log.exception("cannot record the refusal of SOP Instance %s", sop_instance_uid)

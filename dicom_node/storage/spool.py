@@ -13,28 +13,30 @@ import errno
 import os
 import re
 import shutil
-import struct
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
-from pydicom import dcmread
 from pydicom.dataset import Dataset
-from pydicom.uid import DeflatedExplicitVRLittleEndian
+from pydicom.filereader import _at_pixel_data, _read_file_meta_info, read_dataset, read_preamble
+from pydicom.pixels.utils import get_expected_length
+from pydicom.tag import Tag
+from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian
 
-# PS3.5 9.1: UID components are digits separated by periods, at most 64 characters. Checking this also keeps a
-# received UID from naming a path outside the spool.
-_UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+from dicom_node.storage.encoding import EncodingError, PixelDataFound, encoding_of, inflated, walk_data_set
+
+# PS3.5 9.1: UID components are digits separated by periods, at most 64 characters, and a component of more than
+# one digit does not start with 0. Checking this also keeps a received UID from naming a path outside the spool.
+_UID = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
 
 # PS3.4 Table B.2-1 C-STORE status codes the spool can cause.
 STATUS_SUCCESS = 0x0000
 STATUS_OUT_OF_RESOURCES = 0xA700
 STATUS_CANNOT_UNDERSTAND = 0xC210
 
-_PIXEL_DATA_TAGS = {0x7FE00010, 0x7FE00008, 0x7FE00009}
-_ITEM, _SEQUENCE_DELIMITER = 0xFFFEE000, 0xFFFEE0DD
-_LONG_VRS = {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"}
+# A deflated data set may inflate to at most this many bytes unless configured (storage.max_inflated_bytes).
+DEFAULT_MAX_INFLATED_BYTES = 256 * 1024 * 1024
 
 # Header attributes the node keeps per instance; everything else stays on disk, unread.
 HEADER_KEYWORDS = (
@@ -53,6 +55,8 @@ HEADER_KEYWORDS = (
     "Rows",
     "Columns",
 )
+# Read only to check that an image's pixel data arrived in full.
+_IMAGE_KEYWORDS = ("BitsAllocated", "SamplesPerPixel", "NumberOfFrames", "PhotometricInterpretation")
 
 
 class RejectedInstance(Exception):
@@ -126,39 +130,105 @@ def _multi(ds: Dataset, keyword: str) -> str | None:
 
 
 def _uid(ds: Dataset, keyword: str) -> str:
-    value = _text(ds, keyword)
-    if value is None:
+    # pydicom already drops the trailing NULL (or space) padding PS3.5 9.1 allows; a leading space is not allowed.
+    value = ds.get(keyword)
+    if value is None or str(value) == "":
         raise RejectedInstance(STATUS_CANNOT_UNDERSTAND, f"{keyword} is missing")
+    return check_uid(str(value), keyword)
+
+
+def check_uid(value: str, keyword: str) -> str:
+    """``value`` when it is a valid UID (PS3.5 9.1), else RejectedInstance 0xC210 naming ``keyword``."""
     if len(value) > 64 or not _UID.match(value):
-        raise RejectedInstance(STATUS_CANNOT_UNDERSTAND, f"{keyword} is not a valid UID")
+        raise RejectedInstance(STATUS_CANNOT_UNDERSTAND, f"{keyword} is not a valid UID (PS3.5 9.1)")
     return value
 
 
-def read_header(path: Path) -> InstanceHeader:
-    """Parse the header attributes the node needs and check the data set is complete; the pixel data is neither
-    read nor decoded."""
+def read_header(path: Path, max_inflated_bytes: int = DEFAULT_MAX_INFLATED_BYTES) -> InstanceHeader:
+    """Parse the header attributes the node needs and check the whole data set arrived (every element's length
+    fits, sequences and encapsulated pixel data are closed, an image has all its pixel data); the pixel data is
+    neither read nor decoded. A deflated data set is inflated as a stream to a temporary file next to ``path``,
+    at most ``max_inflated_bytes``."""
     with path.open("rb") as fp:
+        file_meta = _file_meta(fp)
+        start = fp.tell()
+        transfer_syntax = str(file_meta.get("TransferSyntaxUID", "")).strip()
+        if not transfer_syntax:
+            raise RejectedInstance(STATUS_CANNOT_UNDERSTAND, "File Meta Information has no Transfer Syntax UID")
+        if transfer_syntax != DeflatedExplicitVRLittleEndian:
+            return _read_data_set(fp, start, transfer_syntax, transfer_syntax)
         try:
-            ds = dcmread(fp, stop_before_pixels=True, defer_size="2 KB", specific_tags=list(HEADER_KEYWORDS))
-            pixel_data_offset = fp.tell()  # pydicom stops in front of the Pixel Data element
-            header = _header(ds)
-        except RejectedInstance:
-            raise
-        except Exception as err:  # noqa: BLE001 - whatever pydicom cannot parse, the node cannot understand
-            reason = f"data set cannot be parsed: {type(err).__name__}"
-            raise RejectedInstance(STATUS_CANNOT_UNDERSTAND, reason) from err
-        if header.transfer_syntax_uid != DeflatedExplicitVRLittleEndian:
-            check_complete(fp, pixel_data_offset, header.transfer_syntax_uid)
+            with inflated(fp, start, max_inflated_bytes, path.parent) as body:
+                return _read_data_set(body, 0, ExplicitVRLittleEndian, transfer_syntax)
+        except EncodingError as err:
+            raise RejectedInstance(STATUS_CANNOT_UNDERSTAND, str(err)) from err
+
+
+def _file_meta(fp: BinaryIO) -> Dataset:
+    """The File Meta Information (PS3.10 7.1) that pynetdicom wrote in front of the received data set."""
+    try:
+        read_preamble(fp, False)
+        return _read_file_meta_info(fp)
+    except Exception as err:  # noqa: BLE001 - whatever pydicom cannot parse, the node cannot understand
+        reason = f"File Meta Information cannot be parsed: {type(err).__name__}"
+        raise RejectedInstance(STATUS_CANNOT_UNDERSTAND, reason) from err
+
+
+def _read_data_set(fp: BinaryIO, start: int, encoded_as: str, transfer_syntax: str) -> InstanceHeader:
+    """Walk the data set at ``start`` (encoded as ``encoded_as``), then parse the header attributes."""
+    encoding = encoding_of(encoded_as)
+    try:
+        pixel_data = walk_data_set(fp, start, encoding)
+    except EncodingError as err:
+        raise RejectedInstance(STATUS_CANNOT_UNDERSTAND, str(err)) from err
+    fp.seek(start)
+    try:
+        ds = read_dataset(
+            fp,
+            is_implicit_VR=encoding.implicit_vr,
+            is_little_endian=encoding.little_endian,
+            stop_when=_at_pixel_data,
+            defer_size="2 KB",
+            specific_tags=[Tag(k) for k in (*HEADER_KEYWORDS, *_IMAGE_KEYWORDS)],
+        )
+        header = _header(ds, transfer_syntax)
+    except RejectedInstance:
+        raise
+    except Exception as err:  # noqa: BLE001 - whatever pydicom cannot parse, the node cannot understand
+        raise RejectedInstance(STATUS_CANNOT_UNDERSTAND, f"data set cannot be parsed: {type(err).__name__}") from err
+    _check_pixel_data(ds, pixel_data)
     return header
 
 
-def _header(ds: Dataset) -> InstanceHeader:
+def _check_pixel_data(ds: Dataset, pixel_data: PixelDataFound | None) -> None:
+    """An image (Rows and Columns present) must carry its pixel data, native pixel data in full (PS3.5 8.1.1):
+    a data set cut at an element boundary parses cleanly but is no image."""
+    rows, columns = _int(ds, "Rows"), _int(ds, "Columns")
+    if not rows or not columns:
+        return
+    if pixel_data is None:
+        raise RejectedInstance(STATUS_CANNOT_UNDERSTAND, "image has Rows and Columns but no Pixel Data")
+    if pixel_data.length is None or pixel_data.tag != 0x7FE00010:
+        return  # encapsulated: the fragments were checked by the walk
+    try:
+        expected = int(get_expected_length(ds, unit="bytes"))
+    except Exception:  # noqa: BLE001 - attributes a reader needs are missing or odd: the worker will say so
+        return
+    if pixel_data.length < expected:
+        raise RejectedInstance(
+            STATUS_CANNOT_UNDERSTAND,
+            f"Pixel Data has {pixel_data.length} bytes where Rows, Columns, Samples per Pixel, Bits Allocated and "
+            f"Number of Frames need {expected}",
+        )
+
+
+def _header(ds: Dataset, transfer_syntax: str) -> InstanceHeader:
     return InstanceHeader(
         sop_class_uid=_uid(ds, "SOPClassUID"),
         sop_instance_uid=_uid(ds, "SOPInstanceUID"),
         study_instance_uid=_uid(ds, "StudyInstanceUID"),
         series_instance_uid=_uid(ds, "SeriesInstanceUID"),
-        transfer_syntax_uid=str(ds.file_meta.TransferSyntaxUID),
+        transfer_syntax_uid=transfer_syntax,
         accession_number=_text(ds, "AccessionNumber"),
         modality=_text(ds, "Modality"),
         series_number=_int(ds, "SeriesNumber"),
@@ -172,73 +242,6 @@ def _header(ds: Dataset) -> InstanceHeader:
     )
 
 
-def check_complete(fp: BinaryIO, position: int, transfer_syntax: str) -> None:
-    """Raise RejectedInstance when the data set ends before its last element does (a truncated transfer).
-
-    pydicom parsed the header up to the pixel data (``position``); from there the top-level elements are walked
-    without reading their values: each defined length must fit in the file, and encapsulated pixel data must end
-    with a Sequence Delimitation Item (PS3.5 7.1, A.4)."""
-    size = os.fstat(fp.fileno()).st_size
-    end = "<" if "BigEndian" not in _ts_name(transfer_syntax) else ">"
-    implicit = transfer_syntax == "1.2.840.10008.1.2"
-    current: int | None = position
-    while current is not None and current < size:
-        current = _skip_element(fp, current, size, end, implicit)
-
-
-def _skip_element(fp: BinaryIO, position: int, size: int, end: str, implicit: bool) -> int | None:
-    """Position after the element at ``position``; None when it cannot be checked cheaply (nested sequence)."""
-    fp.seek(position)
-    head = fp.read(8)
-    if len(head) < 8:
-        raise RejectedInstance(STATUS_CANNOT_UNDERSTAND, "data set is truncated")
-    group, element = struct.unpack(end + "HH", head[:4])
-    tag = group << 16 | element
-    if implicit or group == 0xFFFE:
-        (length,) = struct.unpack(end + "I", head[4:8])
-        position += 8
-    elif head[4:6] in _LONG_VRS:
-        extra = fp.read(4)
-        if len(extra) < 4:
-            raise RejectedInstance(STATUS_CANNOT_UNDERSTAND, "data set is truncated")
-        (length,) = struct.unpack(end + "I", extra)
-        position += 12
-    else:
-        (length,) = struct.unpack(end + "H", head[6:8])
-        position += 8
-    if length == 0xFFFFFFFF:
-        if tag in _PIXEL_DATA_TAGS:
-            return _check_fragments(fp, position, size, end)
-        return None
-    position += length
-    if position > size:
-        raise RejectedInstance(STATUS_CANNOT_UNDERSTAND, "data set is truncated")
-    return position
-
-
-def _check_fragments(fp: BinaryIO, position: int, size: int, end: str) -> int:
-    while True:
-        fp.seek(position)
-        item = fp.read(8)
-        if len(item) < 8:
-            raise RejectedInstance(STATUS_CANNOT_UNDERSTAND, "encapsulated pixel data is truncated")
-        group, element, length = struct.unpack(end + "HHI", item)
-        tag = group << 16 | element
-        if tag == _SEQUENCE_DELIMITER:
-            return position + 8
-        if tag != _ITEM:
-            raise RejectedInstance(STATUS_CANNOT_UNDERSTAND, "encapsulated pixel data is malformed")
-        position += 8 + length
-        if position > size:
-            raise RejectedInstance(STATUS_CANNOT_UNDERSTAND, "encapsulated pixel data is truncated")
-
-
-def _ts_name(transfer_syntax: str) -> str:
-    from pydicom.uid import UID
-
-    return str(UID(transfer_syntax).keyword or "")
-
-
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
@@ -250,9 +253,10 @@ def _fsync_dir(path: Path) -> None:
 class Spool:
     """Files received instances durably; one directory per study and series."""
 
-    def __init__(self, root: Path, min_free_bytes: int) -> None:
+    def __init__(self, root: Path, min_free_bytes: int, max_inflated_bytes: int = DEFAULT_MAX_INFLATED_BYTES) -> None:
         self.root = Path(root)
         self.min_free_bytes = min_free_bytes
+        self.max_inflated_bytes = max_inflated_bytes
         self.incoming_dir = self.root / ".incoming"
 
     def prepare(self) -> None:
@@ -277,8 +281,8 @@ class Spool:
         """Refuse (RejectedInstance) when disk space is short (0xA700) or the data set cannot be understood
         (0xC210); otherwise the header attributes the node records."""
         self.check_space()
-        header = read_header(received)
-        if affected_sop_instance_uid and affected_sop_instance_uid.strip("\0 ") != header.sop_instance_uid:
+        header = read_header(received, self.max_inflated_bytes)
+        if affected_sop_instance_uid and affected_sop_instance_uid.rstrip("\0 ") != header.sop_instance_uid:
             raise RejectedInstance(
                 STATUS_CANNOT_UNDERSTAND, "SOP Instance UID of the data set differs from the C-STORE request"
             )

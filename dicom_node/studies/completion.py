@@ -58,6 +58,7 @@ class StudySnapshot:
     series_descriptions: tuple[str, ...] = ()
     study_description: str | None = None
     needs_reprocessing: bool = False
+    interruption_reason: str | None = None  # an association delivering it ended abnormally (not resent since)
 
 
 def matching_rule(study: StudySnapshot, rules: Sequence[CompletionRule]) -> CompletionRule | None:
@@ -76,18 +77,24 @@ def completion_reason(study: StudySnapshot, settings: CompletionSettings, now: d
     """Why ``study`` is complete at ``now``, or None while it is not."""
     quiet_for = (now - as_utc(study.last_received_at)).total_seconds()
     age = (now - as_utc(study.first_received_at)).total_seconds()
-    quiet = quiet_for >= settings.quiet_seconds
+    # After an abnormal end the sender is expected to send again: waiting only the quiet time would run a job on
+    # the partial study and another on the resent one.
+    interrupted = study.interruption_reason is not None
+    grace = max(settings.quiet_seconds, settings.interrupted_grace_seconds)
+    quiet_seconds = grace if interrupted else settings.quiet_seconds
+    quiet = quiet_for >= quiet_seconds
     rule = matching_rule(study, settings.rules)
     reason: str | None = None
     if rule is None:
         if quiet:
-            reason = f"quiet for {settings.quiet_seconds:g} s"
+            reason = f"quiet for {quiet_seconds:g} s"
     else:
         missing = [
             rx for rx in rule.expected_series_regex if not any(re.search(rx, d) for d in study.series_descriptions)
         ]
         enough = study.instance_count >= rule.min_instances
-        if not missing and enough and quiet_for >= min(rule.settle_seconds, settings.quiet_seconds):
+        settle = grace if interrupted else min(rule.settle_seconds, settings.quiet_seconds)
+        if not missing and enough and quiet_for >= settle:
             reason = f"rule {rule.name}: expected series received"
         elif rule.force_complete_seconds is not None and age >= rule.force_complete_seconds:
             lacking = f"; missing {', '.join(missing)}" if missing else ""
@@ -96,7 +103,9 @@ def completion_reason(study: StudySnapshot, settings: CompletionSettings, now: d
             reason = f"rule {rule.name}: forced after {rule.force_complete_seconds:g} s{lacking}"
         elif quiet and rule.force_complete_seconds is None:
             lacking = f" (rule {rule.name}: missing {', '.join(missing)})" if missing else f" (rule {rule.name})"
-            reason = f"quiet for {settings.quiet_seconds:g} s{lacking}"
+            reason = f"quiet for {quiet_seconds:g} s{lacking}"
+    if reason and interrupted and "forced after" not in reason:
+        reason = f"{reason} after an interrupted transfer ({study.interruption_reason}) that was not sent again"
     if reason and study.needs_reprocessing:
         reason = f"re-completed after late instances: {reason}"
     return reason
@@ -175,6 +184,11 @@ class CompletionMonitor:
                         series_descriptions=descriptions,
                         study_description=study_description,
                         needs_reprocessing=study.needs_reprocessing,
+                        interruption_reason=(
+                            (study.interruption_reason or "association ended abnormally")
+                            if study.interrupted_at is not None
+                            else None
+                        ),
                     )
                 )
             return snapshots

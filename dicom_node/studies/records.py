@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import TypeVar, cast
 
-from sqlalchemy import Connection, Table, select, update
+from sqlalchemy import Connection, Table, case, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session
@@ -34,10 +34,11 @@ T = TypeVar("T")
 
 @dataclass(frozen=True)
 class Peer:
-    """The remote end of an association."""
+    """The remote end of an association; ``association`` names the association (unique while it lasts)."""
 
     calling_ae_title: str | None
     host: str | None
+    association: str | None = None
 
 
 @dataclass(frozen=True)
@@ -47,15 +48,17 @@ class Recorded:
     after_completion: bool
 
 
-def with_retry(db: Database, work: Callable[[Session], T], attempts: int = 8) -> T:
-    """Run ``work`` in a transaction, retrying when SQLite reports the database locked by another process."""
+def with_retry(db: Database, work: Callable[[Session], T], attempts: int = 8, deadline: float | None = None) -> T:
+    """Run ``work`` in a transaction, retrying when SQLite reports the database locked by another process; no new
+    attempt starts after ``deadline`` (time.monotonic())."""
     delay = 0.05
     for attempt in range(attempts):
         try:
             with db.session() as session:
                 return work(session)
         except OperationalError as err:
-            if "locked" not in str(err).lower() or attempt == attempts - 1:
+            late = deadline is not None and time.monotonic() + delay >= deadline
+            if "locked" not in str(err).lower() or attempt == attempts - 1 or late:
                 raise
             log.warning("job database busy, retrying (%s)", type(err.orig).__name__)
             time.sleep(delay)
@@ -72,10 +75,17 @@ class InstanceRecorder:
     """Records received instances and association audit events in the job database.
 
     The hot path (one more instance of a series already known) is four prepared Core statements; the study and
-    series ids are cached per series UID, which is safe because rows are never re-keyed."""
+    series ids are cached per series UID, which is safe because rows are never re-keyed.
 
-    def __init__(self, db: Database, cache_size: int = 4096) -> None:
+    It also counts, per study, the associations delivering it that have not ended (``studies.open_associations``),
+    and marks a study interrupted when one of them ends abnormally (:meth:`association_ended`) or was still open
+    when the node stopped (:meth:`recover_open_associations`). ``deadline_seconds`` bounds :meth:`record`'s
+    retries; the database's own lock timeout should not exceed it."""
+
+    def __init__(self, db: Database, cache_size: int = 4096, deadline_seconds: float | None = None) -> None:
         self.db = db
+        self.deadline_seconds = deadline_seconds
+        self._open: dict[str, set[int]] = {}  # per association: the studies it delivered (counted open)
         self._ids: OrderedDict[str, tuple[int, int]] = OrderedDict()
         self._image_types: dict[int, frozenset[str]] = {}  # per series id: Image Type values already recorded
         self._cache_size = cache_size
@@ -96,20 +106,89 @@ class InstanceRecorder:
         """Record one stored instance. ``before_commit`` (e.g. waiting for the spool's fsync) runs inside the
         transaction after its statements, so the row is committed only once the file is durable."""
 
+        deadline = None if self.deadline_seconds is None else time.monotonic() + self.deadline_seconds
+
         def work(session: Session) -> Recorded:
             recorded = self._record(session, stored, peer, now or utcnow())
+            if peer.association is not None and not self._counted(peer.association, recorded.study_id):
+                session.execute(
+                    update(_STUDIES)
+                    .where(_STUDIES.c.id == recorded.study_id)
+                    .values(open_associations=_STUDIES.c.open_associations + 1)
+                )
             if before_commit is not None:
                 before_commit()
             return recorded
 
         try:
-            return with_retry(self.db, work)
+            recorded = with_retry(self.db, work, deadline=deadline)
         except IntegrityError:
             # A cached id whose row was deleted meanwhile (e.g. an admin purge): forget the cache, try once more.
             with self._lock:
                 self._ids.clear()
                 self._image_types.clear()
-            return with_retry(self.db, work)
+            recorded = with_retry(self.db, work, deadline=deadline)
+        if peer.association is not None:
+            with self._lock:
+                self._open.setdefault(peer.association, set()).add(recorded.study_id)
+        return recorded
+
+    def _counted(self, association: str, study_id: int) -> bool:
+        with self._lock:
+            return study_id in self._open.get(association, ())
+
+    def association_ended(self, association: str, reason: str | None, now: datetime | None = None) -> list[int]:
+        """The association ended: normally (``reason`` None: an A-RELEASE), which clears an earlier interruption
+        of its studies (the resend arrived in full), or abnormally with ``reason`` (A-ABORT, connection lost,
+        node stopping), which marks them interrupted. Returns the ids of the studies it delivered."""
+        with self._lock:
+            studies = sorted(self._open.pop(association, ()))
+        if not studies:
+            return []
+        when = now or utcnow()
+        values = (
+            {"interrupted_at": None, "interruption_reason": None}
+            if reason is None
+            else {"interrupted_at": when, "interruption_reason": reason}
+        )
+
+        def work(session: Session) -> None:
+            session.execute(
+                update(_STUDIES)
+                .where(_STUDIES.c.id.in_(studies))
+                .values(
+                    open_associations=case(
+                        (_STUDIES.c.open_associations > 0, _STUDIES.c.open_associations - 1), else_=0
+                    ),
+                    **values,
+                )
+            )
+
+        with_retry(self.db, work)
+        return studies
+
+    def recover_open_associations(self, now: datetime | None = None) -> int:
+        """At start-up: associations still counted open were cut by the node stopping (kill -9, power cut); their
+        studies are interrupted. Returns how many studies."""
+        when = now or utcnow()
+
+        def work(session: Session) -> int:
+            return int(
+                session.execute(
+                    update(_STUDIES)
+                    .where(_STUDIES.c.open_associations > 0)
+                    .values(
+                        open_associations=0,
+                        interrupted_at=when,
+                        interruption_reason="the node stopped while an association was delivering the study",
+                    )
+                ).rowcount  # type: ignore[attr-defined]
+            )
+
+        count = with_retry(self.db, work)
+        if count:
+            log.warning("%d study(ies) were being received when the node stopped: marked interrupted", count)
+        return count
 
     def _cached(self, series_uid: str) -> tuple[int, int] | None:
         with self._lock:
@@ -251,6 +330,8 @@ class InstanceRecorder:
         return int(study_id), int(series_id)
 
     def audit(self, event: str, peer: Peer, called_ae_title: str | None, reason: str | None) -> None:
+        deadline = None if self.deadline_seconds is None else time.monotonic() + self.deadline_seconds
+
         def work(session: Session) -> None:
             session.add(
                 AuditEvent(
@@ -262,7 +343,7 @@ class InstanceRecorder:
                 )
             )
 
-        with_retry(self.db, work)
+        with_retry(self.db, work, deadline=deadline)
 
 
 def _merge_modalities(current: str | None, modality: str | None) -> str | None:
