@@ -139,8 +139,12 @@ def test_jobs_filters(client: TestClient, filled: Rows) -> None:
     reasons = {j["id"]: j["error"] for j in failed["items"]}
     assert reasons[filled.jobs["brain_failed"]] == DETECTION_ERROR
     assert reasons[filled.jobs["chest_delivery_failed"]] == DELIVERY_ERROR
-    repeated = client.get("/api/jobs", params=[("state", "failed"), ("state", "queued")]).json()
-    assert {j["id"] for j in repeated["items"]} == {filled.jobs["brain_failed"], filled.jobs["chest_queued"]}
+    repeated = client.get("/api/jobs", params=[("state", "delivered"), ("state", "queued")]).json()
+    assert {j["id"] for j in repeated["items"]} == {
+        filled.jobs["brain_normal"],
+        filled.jobs["chest_abnormal"],
+        filled.jobs["chest_queued"],
+    }
 
     chest = client.get("/api/jobs", params={"detector": "chest_xray"}).json()
     assert chest["total"] == 3 and {j["detector"] for j in chest["items"]} == {"chest_xray"}
@@ -165,6 +169,74 @@ def test_jobs_filters(client: TestClient, filled: Rows) -> None:
     assert [j["id"] for j in window["items"]] == [filled.jobs["brain_failed"]]
     combined = client.get("/api/jobs", params={"state": "delivered", "detector": "chest_xray"}).json()
     assert [j["id"] for j in combined["items"]] == [filled.jobs["chest_abnormal"]]
+
+
+def test_failed_filter_means_every_failure(client: TestClient, filled: Rows) -> None:
+    """``state=failed`` lists the detection failures and the delivery failures; each job's state says which."""
+    failures = {filled.jobs["brain_failed"]: "failed", filled.jobs["chest_delivery_failed"]: "delivery_failed"}
+    failed = client.get("/api/jobs", params={"state": "failed"}).json()
+    assert failed["total"] == 2
+    assert {j["id"]: j["state"] for j in failed["items"]} == failures
+    with_queued = client.get("/api/jobs", params={"state": "failed,queued"}).json()
+    assert {j["id"] for j in with_queued["items"]} == {*failures, filled.jobs["chest_queued"]}
+    only_delivery = client.get("/api/jobs", params={"state": "delivery_failed"}).json()
+    assert [j["id"] for j in only_delivery["items"]] == [filled.jobs["chest_delivery_failed"]]
+
+
+def test_out_of_range_parameters_are_422_with_a_message(client: TestClient, filled: Rows) -> None:
+    """What an admin typed that the database cannot take: a 422 naming the problem, never a 500."""
+    huge = 2**63
+    for path in (f"/api/jobs/{huge}", f"/api/jobs/{huge}/timeline", "/api/jobs/0"):
+        response = client.get(path)
+        assert response.status_code == 422, path
+        assert response.json()["detail"][0]["loc"] == ["path", "job_id"]
+    admin = {"Authorization": f"Bearer {ADMIN}"}
+    for action in ("retry", "redeliver"):
+        assert client.post(f"/api/jobs/{huge}/{action}", headers=admin).status_code == 422
+    for path in ("/api/jobs", "/api/studies", "/api/series"):
+        assert client.get(path, params={"offset": huge}).status_code == 422, path
+        last = client.get(path, params={"offset": huge - 1})
+        assert last.status_code == 200 and last.json()["items"] == [], path
+    assert client.get("/api/jobs/9223372036854775807").status_code == 404
+
+    for path in ("/api/jobs", "/api/studies", "/api/stats", "/api/stats/throughput"):
+        response = client.get(path, params={"since": "99999999999d"})
+        assert response.status_code == 422, path
+        assert response.json()["detail"] == "'99999999999d' is too long a duration: at most 36500d"
+    before_utc = client.get("/api/jobs", params={"until": "0001-01-01T00:00:00+01:00"})
+    assert before_utc.status_code == 422 and "out of the range" in before_utc.json()["detail"]
+    too_many = client.get("/api/stats/throughput", params={"since": "30d", "bucket": "1m"})
+    assert too_many.status_code == 422 and "at most 10000" in too_many.json()["detail"]
+    assert (
+        client.get("/api/stats/throughput", params={"since": "1h", "bucket": "x"})
+        .json()["detail"]
+        .startswith("bucket: 'x' is not a duration")
+    )
+
+
+def test_empty_parameters_are_absent(client: TestClient) -> None:
+    """``since=`` (a form left empty) is the default period, not an error on the server."""
+    default = client.get("/api/stats").json()
+    empty = client.get("/api/stats", params={"since": "", "until": ""})
+    assert empty.status_code == 200
+    assert empty.json()["jobs"] == default["jobs"] == 5
+    plot = client.get("/api/stats/throughput", params={"since": "", "bucket": ""})
+    assert plot.status_code == 200
+    assert len(plot.json()["buckets"]) == 24 and plot.json()["bucket_seconds"] == 3600
+    assert client.get("/api/jobs", params={"since": "", "until": "", "state": ""}).json()["total"] == 5
+
+
+def test_control_characters_in_parameters_are_422(client: TestClient, filled: Rows) -> None:
+    """PostgreSQL refuses NUL in text: refused up front, on every database, with the parameter named."""
+    response = client.get("/api/jobs", params={"detector": "brain\x00mri"})
+    assert (
+        response.status_code == 422
+        and response.json()["detail"] == "query parameter 'detector' contains a control character"
+    )
+    assert client.get("/api/series", params={"modality": "MR\n"}).status_code == 422
+    assert client.get(f"/api/studies/{filled.studies['brain_normal']}%00").status_code == 422
+    # Without a token the answer stays 401, whatever the parameters.
+    assert client.get("/api/jobs", params={"detector": "\x00"}, headers={"Authorization": ""}).status_code == 401
 
 
 def test_bad_filters_are_422(client: TestClient) -> None:

@@ -9,15 +9,16 @@ Access: ``/healthz`` and ``/readyz`` need no token; the web page's static files 
 from __future__ import annotations
 
 import logging
+import re
 import secrets
 from collections.abc import Callable, Iterator
 from datetime import datetime, timedelta
 from enum import Enum
-from pathlib import Path
+from pathlib import Path as FilePath
 from typing import Annotated, Any
 
 import swagger_ui
-from fastapi import Depends, FastAPI, HTTPException, Query, Request, Response, status
+from fastapi import Depends, FastAPI, HTTPException, Path, Query, Request, Response, status
 from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
@@ -48,8 +49,8 @@ from dicom_node.db import Database, JobState, StudyState
 
 log = logging.getLogger(__name__)
 
-STATIC_DIR = Path(__file__).parent / "static"
-SWAGGER_UI_DIR = Path(swagger_ui.__file__).parent / "static"
+STATIC_DIR = FilePath(__file__).parent / "static"
+SWAGGER_UI_DIR = FilePath(swagger_ui.__file__).parent / "static"
 
 
 HTTP_422 = 422  # Unprocessable Content (RFC 9110 15.5.21); starlette renamed its constant between versions.
@@ -101,11 +102,26 @@ def _session(request: Request) -> Iterator[Session]:
 # Module level (not inside create_app) so FastAPI can resolve the postponed annotations.
 SessionDep = Annotated[Session, Depends(_session)]
 Limit = Annotated[int, Query(ge=1, le=queries.MAX_LIMIT, description="page size")]
-Offset = Annotated[int, Query(ge=0, description="items to skip")]
-Since = Annotated[str | None, Query(description="24h, 7d, or ISO 8601 time (UTC when no offset)")]
+Offset = Annotated[int, Query(ge=0, le=queries.MAX_OFFSET, description="items to skip")]
+JobId = Annotated[int, Path(ge=1, le=queries.MAX_ID, description="job id")]
+Since = Annotated[str | None, Query(description="24h, 7d, or ISO 8601 time (UTC when no offset); empty: not given")]
+DEFAULT_PERIOD = "24h"
+Period = Annotated[str, Query(description="24h, 7d, or ISO 8601 time (UTC when no offset); empty: the default, 24h")]
+
+_CONTROL_CHARACTER = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def _printable_parameters(request: Request) -> None:
+    """Every query and path parameter is text without control characters: none has a use for them, and PostgreSQL
+    refuses NUL in a text value (a 500 otherwise)."""
+    for where, items in (("query", request.query_params.multi_items()), ("path", request.path_params.items())):
+        for name, value in items:
+            if isinstance(value, str) and _CONTROL_CHARACTER.search(value):
+                raise HTTPException(HTTP_422, f"{where} parameter {name!r} contains a control character")
 
 
 def _times(since: str | None, until: str | None) -> tuple[datetime | None, datetime | None]:
+    """``since``/``until`` parsed (empty or absent: None); a 422 naming the problem otherwise."""
     try:
         return (parse_time(since) if since else None, parse_time(until) if until else None)
     except ValueError as err:
@@ -138,8 +154,10 @@ def create_app(settings: Settings, db: Database, actions: AdminActions | None = 
             {"name": "operations", "description": "health, readiness, statistics, Prometheus metrics"},
         ],
     )
-    read = Depends(_token_checker(settings, Access.READ))
-    admin = Depends(_token_checker(settings, Access.ADMIN))
+    printable = Depends(_printable_parameters)
+    # The token first (an unauthenticated request learns nothing about its parameters), then the parameters.
+    read = [Depends(_token_checker(settings, Access.READ)), printable]
+    admin = [Depends(_token_checker(settings, Access.ADMIN)), printable]
     registry = make_registry(db)
 
     app.state.db = db
@@ -166,7 +184,7 @@ def create_app(settings: Settings, db: Database, actions: AdminActions | None = 
 
     # --- studies and series -------------------------------------------------------------------------------------
 
-    @app.get("/api/studies", response_model=StudyPage, tags=["studies"], dependencies=[read])
+    @app.get("/api/studies", response_model=StudyPage, tags=["studies"], dependencies=read)
     def studies(
         s: SessionDep,
         state: Annotated[list[str] | None, Query(description="receiving, complete")] = None,
@@ -192,12 +210,12 @@ def create_app(settings: Settings, db: Database, actions: AdminActions | None = 
         )
         return queries.list_studies(s, flt, limit, offset)
 
-    @app.get("/api/studies/{study_uid}", response_model=StudyDetail, tags=["studies"], dependencies=[read])
+    @app.get("/api/studies/{study_uid}", response_model=StudyDetail, tags=["studies"], dependencies=read)
     def study(s: SessionDep, study_uid: str) -> StudyDetail:
         """One study: its series with their routing decision, and its jobs."""
         return queries.get_study(s, study_uid)
 
-    @app.get("/api/series", response_model=SeriesPage, tags=["studies"], dependencies=[read])
+    @app.get("/api/series", response_model=SeriesPage, tags=["studies"], dependencies=read)
     def series(
         s: SessionDep,
         study_uid: str | None = None,
@@ -211,11 +229,15 @@ def create_app(settings: Settings, db: Database, actions: AdminActions | None = 
 
     # --- jobs ---------------------------------------------------------------------------------------------------
 
-    @app.get("/api/jobs", response_model=JobPage, tags=["jobs"], dependencies=[read])
+    @app.get("/api/jobs", response_model=JobPage, tags=["jobs"], dependencies=read)
     def jobs(
         s: SessionDep,
         state: Annotated[
-            list[str] | None, Query(description="queued, running, succeeded, failed, delivered, delivery_failed, ...")
+            list[str] | None,
+            Query(
+                description="queued, running, succeeded, failed, delivered, delivery_failed, ...; repeatable or "
+                "comma-separated; failed means every failure (detection and delivery_failed)"
+            ),
         ] = None,
         detector: str | None = None,
         abnormal: bool | None = None,
@@ -239,40 +261,45 @@ def create_app(settings: Settings, db: Database, actions: AdminActions | None = 
         )
         return queries.list_jobs(s, flt, limit, offset)
 
-    @app.get("/api/jobs/{job_id}", response_model=JobSummary, tags=["jobs"], dependencies=[read])
-    def job(s: SessionDep, job_id: int) -> JobSummary:
+    @app.get("/api/jobs/{job_id}", response_model=JobSummary, tags=["jobs"], dependencies=read)
+    def job(s: SessionDep, job_id: JobId) -> JobSummary:
         return queries.get_job(s, job_id)
 
-    @app.get("/api/jobs/{job_id}/timeline", response_model=JobTimeline, tags=["jobs"], dependencies=[read])
-    def timeline(s: SessionDep, job_id: int) -> JobTimeline:
+    @app.get("/api/jobs/{job_id}/timeline", response_model=JobTimeline, tags=["jobs"], dependencies=read)
+    def timeline(s: SessionDep, job_id: JobId) -> JobTimeline:
         """received → complete → queued → started → finished → each delivery attempt, with durations."""
         return queries.job_timeline(s, job_id)
 
     # --- statistics and metrics ---------------------------------------------------------------------------------
 
-    @app.get("/api/stats", response_model=Stats, tags=["operations"], dependencies=[read])
-    def stats(s: SessionDep, since: str = "24h", until: Since = None) -> Stats:
+    @app.get("/api/stats", response_model=Stats, tags=["operations"], dependencies=read)
+    def stats(s: SessionDep, since: Period = DEFAULT_PERIOD, until: Since = None) -> Stats:
         """Counts, abnormal rate, p50/p95 latency per detector (same as ``dicom-node stats``)."""
-        start, end = _times(since, until)
-        assert start is not None
+        start, end = _times(since or DEFAULT_PERIOD, until)
+        assert start is not None  # parsed from a non-empty text
         return queries.stats(s, start, end)
 
-    @app.get("/api/stats/throughput", response_model=Throughput, tags=["operations"], dependencies=[read])
+    @app.get("/api/stats/throughput", response_model=Throughput, tags=["operations"], dependencies=read)
     def throughput(
-        s: SessionDep, since: str = "24h", bucket: Annotated[str, Query(description="bucket width, e.g. 1h")] = "1h"
+        s: SessionDep,
+        since: Period = DEFAULT_PERIOD,
+        bucket: Annotated[str, Query(description="bucket width, e.g. 1h (at least 1m); empty: 1h")] = "1h",
     ) -> Throughput:
         """Jobs finished and median latency per detector and time bucket (the web page's plot)."""
-        start, _ = _times(since, None)
-        assert start is not None
+        start, _ = _times(since or DEFAULT_PERIOD, None)
+        assert start is not None  # parsed from a non-empty text
         try:
-            width = parse_duration(bucket)
+            width = parse_duration(bucket or "1h")
         except ValueError as err:
-            raise HTTPException(HTTP_422, str(err)) from None
+            raise HTTPException(HTTP_422, f"bucket: {err}") from None
         if width < timedelta(minutes=1):
             raise HTTPException(HTTP_422, "bucket must be at least 1m")
-        return queries.throughput(s, start, bucket=width)
+        try:
+            return queries.throughput(s, start, bucket=width)
+        except ValueError as err:  # too many buckets for the period
+            raise HTTPException(HTTP_422, str(err)) from None
 
-    @app.get("/metrics", tags=["operations"], dependencies=[read], response_class=Response)
+    @app.get("/metrics", tags=["operations"], dependencies=read, response_class=Response)
     def metrics() -> Response:
         """Prometheus text exposition, computed from the job database at scrape time."""
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
@@ -291,17 +318,17 @@ def create_app(settings: Settings, db: Database, actions: AdminActions | None = 
         log.info("admin action %s queued jobs %s", name, job_ids)
         return ActionResult(action=name, job_ids=job_ids)
 
-    @app.post("/api/jobs/{job_id}/retry", response_model=ActionResult, tags=["actions"], dependencies=[admin])
-    def retry(job_id: int) -> ActionResult:
+    @app.post("/api/jobs/{job_id}/retry", response_model=ActionResult, tags=["actions"], dependencies=admin)
+    def retry(job_id: JobId) -> ActionResult:
         """Queue a failed job again (detection failure: runs again; delivery failure: delivers again)."""
         return run_action("retry", lambda a: a.retry_job(job_id))
 
-    @app.post("/api/jobs/{job_id}/redeliver", response_model=ActionResult, tags=["actions"], dependencies=[admin])
-    def redeliver(job_id: int) -> ActionResult:
+    @app.post("/api/jobs/{job_id}/redeliver", response_model=ActionResult, tags=["actions"], dependencies=admin)
+    def redeliver(job_id: JobId) -> ActionResult:
         """Send a job's results to the configured destinations again."""
         return run_action("redeliver", lambda a: a.redeliver_job(job_id))
 
-    @app.post("/api/studies/{study_uid}/rerun", response_model=ActionResult, tags=["actions"], dependencies=[admin])
+    @app.post("/api/studies/{study_uid}/rerun", response_model=ActionResult, tags=["actions"], dependencies=admin)
     def rerun(study_uid: str) -> ActionResult:
         """Run the detectors on every selected series of the study again."""
         return run_action("rerun", lambda a: a.rerun_study(study_uid))

@@ -50,7 +50,23 @@ from dicom_node.db.models import (
 )
 
 MAX_LIMIT = 1000
+# Ids and offsets are compared in the database as signed 64-bit integers (SQLite INTEGER, PostgreSQL bigint): a
+# larger number cannot name a row, and SQLite refuses to bind it.
+MAX_ID = 2**63 - 1
+MAX_OFFSET = 2**63 - 1
+MAX_BUCKETS = 10_000  # throughput buckets in one answer
 FAILED_STATES = (JobState.FAILED.value, JobState.DELIVERY_FAILED.value)
+
+
+def job_states_filter(states: Sequence[str]) -> list[JobState]:
+    """The job states a state filter means: ``failed`` is every failure, in detection (``failed``) and in delivery
+    (``delivery_failed``); the jobs' own ``state`` still says which. Other names are the state itself."""
+    expanded: list[JobState] = []
+    for name in states:
+        for state in FAILED_STATES if name == JobState.FAILED.value else (name,):
+            if JobState(state) not in expanded:
+                expanded.append(JobState(state))
+    return expanded
 
 
 class NotFound(LookupError):
@@ -59,7 +75,8 @@ class NotFound(LookupError):
 
 @dataclass(frozen=True)
 class JobFilter:
-    """Filters of the job list; every given condition must hold. Times are compared with ``Job.created_at``."""
+    """Filters of the job list; every given condition must hold. Times are compared with ``Job.created_at``.
+    ``states``: any of them (``failed`` includes ``delivery_failed``, see ``job_states_filter``)."""
 
     states: Sequence[str] = ()
     detector: str | None = None
@@ -129,7 +146,7 @@ def _job_select() -> Select:
 
 def _apply_job_filter(query: Select, flt: JobFilter) -> Select:
     if flt.states:
-        query = query.where(Job.state.in_([JobState(s) for s in flt.states]))
+        query = query.where(Job.state.in_(job_states_filter(flt.states)))
     if flt.detector:
         query = query.where(Job.detector == flt.detector)
     if flt.abnormal is not None:
@@ -580,13 +597,18 @@ def stats(session: Session, since: datetime, until: datetime | None = None) -> S
 def throughput(
     session: Session, since: datetime, until: datetime | None = None, bucket: timedelta = timedelta(hours=1)
 ) -> Throughput:
-    """Per detector and time bucket: jobs that finished detection, and their median study complete → results."""
+    """Per detector and time bucket: jobs that finished detection, and their median study complete → results.
+    ValueError when the period holds more than ``MAX_BUCKETS`` buckets."""
     until = utc(until or datetime.now(UTC))
     since = utc(since)
     width = max(bucket.total_seconds(), 1.0)
     # Rounded, so "24h" in 1 h buckets is 24 buckets although ``until`` is read a moment after ``since``; the last
     # bucket runs to ``until``.
     n_buckets = max(1, round((until - since).total_seconds() / width))
+    if n_buckets > MAX_BUCKETS:
+        raise ValueError(
+            f"{n_buckets} buckets of {int(width)} s in this period; at most {MAX_BUCKETS}: use a wider bucket"
+        )
     starts = [since + timedelta(seconds=i * width) for i in range(n_buckets)]
     finished: dict[str, list[int]] = defaultdict(lambda: [0] * n_buckets)
     latencies: dict[str, list[list[float]]] = defaultdict(lambda: [[] for _ in range(n_buckets)])

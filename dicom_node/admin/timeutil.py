@@ -27,24 +27,38 @@ def seconds(later: datetime | None, earlier: datetime | None) -> float | None:
     return (utc(later) - utc(earlier)).total_seconds()
 
 
+def _shown(text: str) -> str:
+    """The given text for an error message, cut short (it may be anything a client sent)."""
+    return repr(text if len(text) <= 40 else text[:40] + "...")
+
+
+MAX_DURATION = timedelta(days=36500)  # a hundred years back is "since the beginning" for a job database
+
+
 def parse_duration(text: str) -> timedelta:
-    """``90s``, ``15m``, ``24h``, ``7d``, ``2w`` → timedelta; ValueError otherwise."""
+    """``90s``, ``15m``, ``24h``, ``7d``, ``2w`` (at most ``MAX_DURATION``) → timedelta; ValueError otherwise."""
     match = _DURATION.match(text)
     if not match:
-        raise ValueError(f"{text!r} is not a duration such as 90s, 15m, 24h, 7d")
-    return timedelta(seconds=float(match.group(1)) * _UNIT_SECONDS[match.group(2).lower()])
+        raise ValueError(f"{_shown(text)} is not a duration such as 90s, 15m, 24h, 7d")
+    value = float(match.group(1)) * _UNIT_SECONDS[match.group(2).lower()]
+    if not value <= MAX_DURATION.total_seconds():  # also a number too long for a float (inf)
+        raise ValueError(f"{_shown(text)} is too long a duration: at most {MAX_DURATION.days}d")
+    return timedelta(seconds=value)
 
 
 def parse_time(text: str, now: datetime | None = None) -> datetime:
-    """A point in time: a duration back from now (``24h``) or an ISO 8601 date/time (UTC when no offset)."""
-    try:
+    """A point in time: a duration back from now (``24h``) or an ISO 8601 date/time (UTC when no offset).
+    ValueError with a message for anything else, including times that cannot be represented in UTC."""
+    if _DURATION.match(text):
         return (now or datetime.now(UTC)) - parse_duration(text)
-    except ValueError:
-        pass
     try:
         return utc(datetime.fromisoformat(text.strip()))
+    except OverflowError:  # e.g. 0001-01-01T00:00+01:00 is before the first representable UTC time
+        raise ValueError(f"{_shown(text)} is out of the range of UTC times (years 1 to 9999)") from None
     except ValueError:
-        raise ValueError(f"{text!r} is neither a duration (24h) nor an ISO 8601 time (2026-01-31T08:00:00Z)") from None
+        raise ValueError(
+            f"{_shown(text)} is neither a duration (24h) nor an ISO 8601 time (2026-01-31T08:00:00Z)"
+        ) from None
 
 
 def percentile(values: list[float], fraction: float) -> float | None:
