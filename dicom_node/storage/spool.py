@@ -130,11 +130,16 @@ def _multi(ds: Dataset, keyword: str) -> str | None:
 
 
 def _uid(ds: Dataset, keyword: str) -> str:
-    # pydicom already drops the trailing NULL (or space) padding PS3.5 9.1 allows; a leading space is not allowed.
-    value = ds.get(keyword)
-    if value is None or str(value) == "":
+    # Checked as encoded: pydicom's UID type strips leading spaces too, which PS3.5 9.1 does not allow, and a
+    # PACS would keep the value as sent. Only the trailing NULL (or space) padding to an even length is dropped.
+    element = ds.get_item(keyword)
+    value = element.value if element is not None else None
+    if isinstance(value, bytes):
+        value = value.decode("ascii", "replace")
+    value = str(value or "").rstrip("\0 ")
+    if not value:
         raise RejectedInstance(STATUS_CANNOT_UNDERSTAND, f"{keyword} is missing")
-    return check_uid(str(value), keyword)
+    return check_uid(value, keyword)
 
 
 def check_uid(value: str, keyword: str) -> str:
