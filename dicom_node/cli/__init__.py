@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -17,13 +17,58 @@ COMMAND_MODULES: tuple[str, ...] = ("serve", "jobs", "studies", "worker", "stats
 
 EXIT_CONFIG_ERROR = 2
 
+DESCRIPTION = """\
+A DICOM worker node: receives studies over C-STORE, runs anomaly detectors on brain MRI and frontal chest X-rays,
+and sends the results (DICOM SEG and SR) back to the PACS. Not for primary diagnosis.
+
+Start the node with `dicom-node serve` (and `dicom-node worker` on other hosts). See what it did with the admin
+commands `jobs list`, `jobs show ID`, `jobs retry ID`, `studies show STUDY_UID` and `stats`, which all take
+--config FILE, --data-dir DIR and --json. `fit`, `calibrate` and `evaluate` train and measure a detector.
+`dicom-node COMMAND --help` describes each command."""
+
 
 def add_config_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", type=Path, default=None, help="YAML configuration file (see config/)")
 
 
+def add_data_dir_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--data-dir",
+        type=Path,
+        default=None,
+        help="the node's data directory (node.data_dir), where the SQLite job database is unless database.url is set",
+    )
+
+
+def add_admin_arguments(parser: argparse.ArgumentParser, json_help: str = "JSON instead of text") -> None:
+    """The options of every admin command that reads the job database: --config, --data-dir and --json."""
+    add_config_argument(parser)
+    add_data_dir_argument(parser)
+    parser.add_argument("--json", action="store_true", help=json_help)
+
+
+def bounded_int(low: int, high: int) -> Callable[[str], int]:
+    """An argparse type for an integer in [low, high] (job ids and limits the job database can compare)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text[:40]!r} is not a whole number") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"{value} is out of range ({low} to {high})")
+        return value
+
+    return parse
+
+
 def settings_from(args: argparse.Namespace, overrides: dict[str, Any] | None = None) -> Settings:
-    """Load settings for a command; an invalid configuration prints one line and exits with status 2."""
+    """Load settings for a command (``--config``, then ``--data-dir`` when the command has it, then ``overrides``);
+    an invalid configuration prints one line and exits with status 2."""
+    data_dir = getattr(args, "data_dir", None)
+    if data_dir is not None:
+        node = {"data_dir": str(data_dir), **(overrides or {}).get("node", {})}
+        overrides = {**(overrides or {}), "node": node}
     try:
         return load_settings(getattr(args, "config", None), overrides)
     except ConfigError as err:
@@ -32,7 +77,9 @@ def settings_from(args: argparse.Namespace, overrides: dict[str, Any] | None = N
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="dicom-node", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="dicom-node", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--version", action="version", version=f"dicom-node {__version__}")
     subparsers = parser.add_subparsers(dest="command", required=True)
     for name in COMMAND_MODULES:

@@ -3,21 +3,16 @@
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*$", re.IGNORECASE)
-_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+from dicom_node.admin import timeutil
 
 
 def parse_duration(text: str) -> timedelta:
-    """``30m``, ``2h``, ``1d`` (s, m, h, d, w)."""
-    match = _DURATION.match(text)
-    if not match:
-        raise ValueError(f"{text!r} is not a duration like 30m, 2h or 1d")
-    return timedelta(seconds=float(match.group(1)) * _UNITS[match.group(2).lower()])
+    """``30m``, ``2h``, ``1d`` (s, m, h, d, w): the admin API's durations, with the same bounds."""
+    return timeutil.parse_duration(text)
 
 
 def iso(value: datetime | None) -> str | None:

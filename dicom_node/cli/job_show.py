@@ -9,7 +9,7 @@ from typing import Any
 from dicom_node.admin import queries
 from dicom_node.admin.schemas import JobTimeline
 from dicom_node.admin.timeutil import format_seconds
-from dicom_node.cli import add_config_argument, settings_from
+from dicom_node.cli import add_admin_arguments, bounded_int, settings_from
 from dicom_node.cli._table import short_time, table
 from dicom_node.db import Database
 
@@ -19,10 +19,14 @@ EXIT_NOT_FOUND = 1
 def add_show_command(commands: Any) -> None:
     """Adds ``show`` to the ``jobs`` command group (cli/jobs.py)."""
     show = commands.add_parser("show", help="one job: state, score, reason, and its timeline with durations")
-    add_config_argument(show)
-    show.add_argument("job_id", type=int, metavar="JOB_ID")
-    show.add_argument("--json", action="store_true", help="JSON (the same document as the REST API)")
+    add_admin_arguments(show, "JSON (the same document as the REST API)")
+    job_id_argument(show)
     show.set_defaults(func=show_job)
+
+
+def job_id_argument(parser: argparse.ArgumentParser) -> None:
+    """JOB_ID, a whole number the job database can compare (1 to 2^63 - 1)."""
+    parser.add_argument("job_id", type=bounded_int(1, queries.MAX_ID), metavar="JOB_ID")
 
 
 def show_job(args: argparse.Namespace) -> int:

@@ -1,4 +1,4 @@
-"""``dicom-node jobs list``: the job database's detection jobs, newest first."""
+"""``dicom-node jobs list | show | retry``: the job database's detection jobs, newest first; retry a failed one."""
 
 from __future__ import annotations
 
@@ -9,39 +9,56 @@ from typing import Any
 
 from sqlalchemy import select
 
-from dicom_node.cli import add_config_argument, settings_from
-from dicom_node.cli._table import dump_json, iso, parse_duration, table
-from dicom_node.cli.job_show import add_show_command
+from dicom_node.admin import queries
+from dicom_node.admin.timeutil import parse_time
+from dicom_node.cli import add_admin_arguments, bounded_int, settings_from
+from dicom_node.cli._table import dump_json, iso, table
+from dicom_node.cli.job_show import add_show_command, job_id_argument
 from dicom_node.db import Database, Job, JobState, Series, Study
-from dicom_node.db.models import utcnow
+
+EXIT_REFUSED = 1
+QUOTES = "'\""  # str(KeyError) quotes its message
 
 
 def register(subparsers: Any) -> None:
     jobs = subparsers.add_parser("jobs", help="query detection jobs")
     commands = jobs.add_subparsers(dest="jobs_command", required=True)
     listing = commands.add_parser("list", help="list jobs, newest first")
-    add_config_argument(listing)
-    listing.add_argument("--status", choices=[s.value for s in JobState], help="only jobs in this state")
-    listing.add_argument("--since", type=_duration, help="only jobs created within this duration (30m, 2h, 1d)")
-    listing.add_argument("--limit", type=int, default=200, help="at most this many rows (default 200)")
-    listing.add_argument("--json", action="store_true", help="JSON instead of a table")
+    add_admin_arguments(listing, "JSON instead of a table")
+    listing.add_argument(
+        "--status",
+        choices=[s.value for s in JobState],
+        help="only jobs in this state; failed: every failure (failed in detection, and delivery_failed)",
+    )
+    listing.add_argument(
+        "--since", type=_since, help="only jobs created since: a duration back from now (30m, 2h, 1d) or an ISO time"
+    )
+    listing.add_argument(
+        "--limit", type=bounded_int(1, 1_000_000), default=200, help="at most this many rows (default 200)"
+    )
     listing.set_defaults(func=list_jobs)
     add_show_command(commands)
-    retry = commands.add_parser("retry", help="queue a failed job again")
-    add_config_argument(retry)
-    retry.add_argument("job_id", type=int, metavar="JOB_ID")
+    retry = commands.add_parser(
+        "retry",
+        help="queue a failed job again (detection failed: run again; delivery failed: deliver again)",
+        description="Do again what failed, as POST /api/jobs/ID/retry and the web page do: a job whose detection "
+        "failed is queued for detection again; a delivery_failed job's results are delivered again.",
+    )
+    add_admin_arguments(retry, "JSON (the same document as POST /api/jobs/ID/retry)")
+    job_id_argument(retry)
     retry.add_argument("--broker", default=None, help="broker URL (default: broker.url, or the embedded broker)")
     retry.set_defaults(func=retry_job_command)
 
 
-def _duration(text: str) -> Any:
+def _since(text: str) -> Any:
     try:
-        return parse_duration(text)
+        return parse_time(text)
     except ValueError as err:
         raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def job_rows(db: Database, status: str | None, since: datetime | None, limit: int) -> list[dict[str, Any]]:
+    """Jobs newest first; ``status`` as the API's state filter (``failed`` includes ``delivery_failed``)."""
     query = (
         select(Job, Study.study_instance_uid, Series.series_instance_uid)
         .join(Study, Job.study_id == Study.id)
@@ -50,7 +67,7 @@ def job_rows(db: Database, status: str | None, since: datetime | None, limit: in
         .limit(limit)
     )
     if status:
-        query = query.where(Job.state == JobState(status))
+        query = query.where(Job.state.in_(queries.job_states_filter([status])))
     if since is not None:
         query = query.where(Job.created_at >= since)
     with db.session() as session:
@@ -77,8 +94,7 @@ def list_jobs(args: argparse.Namespace) -> int:
     settings = settings_from(args)
     db = Database(settings.database_url)
     try:
-        since = utcnow() - args.since if args.since else None
-        rows = job_rows(db, args.status, since, args.limit)
+        rows = job_rows(db, args.status, args.since, args.limit)
     finally:
         db.dispose()
     if args.json:
@@ -110,21 +126,37 @@ def list_jobs(args: argparse.Namespace) -> int:
 
 
 def retry_job_command(args: argparse.Namespace) -> int:
-    """``dicom-node jobs retry JOB_ID``: failed → queued, and a message to the workers; exit 1 when not allowed."""
+    """``dicom-node jobs retry JOB_ID``: the API's retry action (``JobActions.retry_job``) over the configured
+    broker; exit 1 when the job does not exist or is not in a state that can be retried."""
     settings = settings_from(args, {"broker": {"url": args.broker}} if args.broker else None)
-    from dicom_node.jobs import JobStateError, retry_job
+    from dicom_node.admin.actions import ActionError, JobActions
+    from dicom_node.admin.schemas import ActionResult
     from workers.app import CeleryDispatcher, create_app
 
     db = Database(settings.database_url)
     app = create_app(settings)
     try:
-        job = retry_job(db, CeleryDispatcher(app, settings), args.job_id)
-    except JobStateError as err:
-        print(f"dicom-node: {err}", file=sys.stderr)
-        return 1
+        with db.session() as session:
+            before = session.scalar(select(Job.state).where(Job.id == args.job_id))
+        try:
+            JobActions(db, settings, CeleryDispatcher(app, settings)).retry_job(args.job_id)
+        except (ActionError, LookupError) as err:
+            print(f"dicom-node: {str(err).strip(QUOTES)}", file=sys.stderr)
+            return EXIT_REFUSED
+        with db.session() as session:
+            job = session.get(Job, args.job_id)
+            assert job is not None  # retry_job raised LookupError otherwise
+            attempts, sent = job.attempts, bool(job.broker_task_id)
     finally:
         app.close()
         db.dispose()
-    sent = "sent to the workers" if job.broker_task_id else "the broker is unreachable; the sweeper will send it"
-    print(f"job {job.id} queued again (attempt {job.attempts + 1}); {sent}")
+    if before == JobState.DELIVERY_FAILED:
+        message = f"job {args.job_id}: delivery queued again (it was delivery_failed)"
+    else:
+        delivery = "sent to the workers" if sent else "the broker is unreachable; the sweeper will send it"
+        message = f"job {args.job_id} queued again (attempt {attempts + 1}); {delivery}"
+    if args.json:
+        print(ActionResult(action="retry", job_ids=[args.job_id], detail=message).model_dump_json(indent=2))
+    else:
+        print(message)
     return 0

@@ -8,16 +8,15 @@ from typing import Any
 from dicom_node.admin import queries
 from dicom_node.admin.schemas import Stats
 from dicom_node.admin.timeutil import format_seconds, parse_time
-from dicom_node.cli import add_config_argument, settings_from
+from dicom_node.cli import add_admin_arguments, settings_from
 from dicom_node.cli._table import short_time, table
 from dicom_node.db import Database
 
 
 def register(subparsers: Any) -> None:
     parser = subparsers.add_parser("stats", help="jobs, abnormal rate and latency per detector over a period")
-    add_config_argument(parser)
+    add_admin_arguments(parser, "JSON (the same document as the REST API)")
     parser.add_argument("--since", default="24h", type=_since, help="24h, 7d, or an ISO 8601 time (default 24h)")
-    parser.add_argument("--json", action="store_true", help="JSON (the same document as the REST API)")
     parser.set_defaults(func=show_stats)
 
 

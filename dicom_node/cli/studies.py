@@ -8,7 +8,7 @@ from typing import Any
 
 from sqlalchemy import func, select
 
-from dicom_node.cli import add_config_argument, settings_from
+from dicom_node.cli import add_admin_arguments, settings_from
 from dicom_node.cli._table import dump_json, iso, table
 from dicom_node.db import Database, Instance, Job, Series, Study
 
@@ -19,9 +19,8 @@ def register(subparsers: Any) -> None:
     studies = subparsers.add_parser("studies", help="inspect received studies")
     commands = studies.add_subparsers(dest="studies_command", required=True)
     show = commands.add_parser("show", help="a study's series, routing decisions, completion and jobs")
-    add_config_argument(show)
+    add_admin_arguments(show)
     show.add_argument("study_uid", metavar="STUDY_UID")
-    show.add_argument("--json", action="store_true", help="JSON instead of text")
     show.set_defaults(func=show_study)
 
 
