@@ -276,7 +276,11 @@ class Destination(_Section):
         if not match:
             raise ValueError(f"{text!r} is not AET@host:port")
         ae_title, host, port = match.groups()
-        return cls(name=f"{ae_title}@{host}:{port}", ae_title=ae_title, host=host, port=int(port))
+        try:
+            return cls(name=f"{ae_title}@{host}:{port}", ae_title=ae_title, host=host, port=int(port))
+        except ValidationError as err:  # one line (``port: Input should be ...``), not pydantic's report
+            problem = _format_error(err).removeprefix("invalid configuration: ")
+            raise ValueError(problem.removeprefix("(top level): ")) from None
 
 
 class Webhook(_Section):

@@ -4,6 +4,20 @@ from __future__ import annotations
 
 import logging
 import sys
+import warnings
+
+# Libraries that log at INFO per PDU or per object written; their chatter (which can include identifiers) stays at
+# WARNING: pynetdicom (every PDU), highdicom (lines per SEG/SR it builds).
+QUIET_LIBRARIES = ("pynetdicom", "highdicom")
+
+# Celery's warning when a worker runs as root (containers do): the workers accept JSON messages only, so the
+# pickle risk it warns about does not apply (with pickle accepted Celery refuses to start as root instead).
+CELERY_ROOT_WARNING = r"You're running the worker with superuser privileges"
+
+
+def quiet_libraries() -> None:
+    for name in QUIET_LIBRARIES:
+        logging.getLogger(name).setLevel(logging.WARNING)
 
 
 def configure_logging(level: str = "INFO") -> None:
@@ -12,5 +26,13 @@ def configure_logging(level: str = "INFO") -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
-    # pynetdicom logs every PDU at INFO; keep its chatter (which can include identifiers) at WARNING.
-    logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+    quiet_libraries()
+
+
+def prepare_worker_logging() -> None:
+    """For a Celery worker process (``dicom-node worker``, also the one ``serve`` embeds), whose logging Celery sets
+    up: the same quiet libraries, and no superuser-privileges warning at start (see ``CELERY_ROOT_WARNING``)."""
+    from celery.exceptions import SecurityWarning
+
+    quiet_libraries()
+    warnings.filterwarnings("ignore", message=CELERY_ROOT_WARNING, category=SecurityWarning)

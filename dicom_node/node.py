@@ -8,6 +8,7 @@ the node add theirs (workers, HTTP API) with :meth:`Node.add_service`, and subsc
 
 from __future__ import annotations
 
+import errno
 import logging
 import tempfile
 from collections.abc import Sequence
@@ -22,6 +23,10 @@ from dicom_node.studies.completion import CompletionMonitor, StudyCompleteCallba
 from dicom_node.studies.records import InstanceRecorder
 
 log = logging.getLogger(__name__)
+
+# Errors of binding the listening socket (in use, not an address of this host, privileged port), as opposed to, say,
+# a TLS certificate file that cannot be read.
+_LISTEN_ERRNOS = (errno.EADDRINUSE, errno.EADDRNOTAVAIL, errno.EACCES)
 
 
 class Service(Protocol):
@@ -70,7 +75,13 @@ class Node:
         # file system lets the spool publish them with a hard link instead of a copy. Process-wide, set once here.
         tempfile.tempdir = str(self.spool.incoming_dir)
         for service in self.services:
-            service.start()
+            try:
+                service.start()
+            except OSError as err:
+                if service is self.scp and err.errno in _LISTEN_ERRNOS and err.filename is None:
+                    where = f"{self.settings.node.bind_address}:{self.settings.node.port}"
+                    raise OSError(err.errno, f"DICOM service could not listen on {where}: {err.strerror}") from err
+                raise
             self._started.append(service)
 
     def stop(self) -> None:

@@ -85,7 +85,9 @@ def run(args: argparse.Namespace) -> int:
     try:
         node.start()
     except OSError as err:
-        log.error("cannot start: %s", err)
+        # One line naming what could not start (the DICOM or the HTTP port: address, port and why), no traceback.
+        reason = err.strerror if err.strerror and err.filename is None else str(err)
+        print(f"dicom-node: cannot start: {reason}", file=sys.stderr)
         node.stop()
         return 1
     log.info(

@@ -6,7 +6,7 @@ import argparse
 import sys
 from typing import Any
 
-from dicom_node.cli import EXIT_CONFIG_ERROR, add_config_argument, settings_from
+from dicom_node.cli import EXIT_CONFIG_ERROR, add_config_argument, add_data_dir_argument, settings_from
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -17,6 +17,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "under the data directory otherwise). CUDA when available (one process per GPU), CPU otherwise.",
     )
     add_config_argument(parser)
+    add_data_dir_argument(parser)
     parser.add_argument(
         "--queues",
         default=None,
@@ -43,6 +44,7 @@ def run(args: argparse.Namespace) -> int:
             raise SystemExit("dicom-node: --concurrency must be at least 1")
         overrides.setdefault("workers", {})["concurrency"] = args.concurrency
     settings = settings_from(args, overrides)
+    from dicom_node.logconfig import prepare_worker_logging
     from workers.worker import run_worker  # lazy: `dicom-node jobs list` must not import Celery workers or torch
 
     queues = [name.strip() for name in args.queues.split(",") if name.strip()] if args.queues else None
@@ -50,6 +52,7 @@ def run(args: argparse.Namespace) -> int:
     if problem:
         print(f"dicom-node: --queues: {problem}", file=sys.stderr)
         return EXIT_CONFIG_ERROR
+    prepare_worker_logging()
     return run_worker(
         settings,
         queues=queues,
