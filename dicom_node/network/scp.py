@@ -23,6 +23,7 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
 
 from dicom_node.config import NetworkSettings, NodeSettings, TlsSettings
+from dicom_node.network.server import start_server
 from dicom_node.storage.receiver import InstanceReceiver
 from dicom_node.studies.records import InstanceRecorder, Peer
 
@@ -127,11 +128,14 @@ class StorageSCP:
             (evt.EVT_C_STORE, self._on_c_store),
         ]
         ssl_context = server_ssl_context(self.network.tls) if self.network.tls.enabled else None
-        self._server = self.ae.start_server(
+        # Our server class: the TLS handshake off the accept thread, with a timeout; a C-STORE the chunked receive
+        # cannot take (full disk, no Affected SOP Instance UID) still answered (dicom_node/network/server.py).
+        self._server = start_server(
+            self.ae,
             (self.node.bind_address, self.node.port),
-            block=False,
             evt_handlers=handlers,  # type: ignore[arg-type]
             ssl_context=ssl_context,
+            handshake_timeout=self.network.tls_handshake_timeout,
         )
         log.info(
             "listening as %s on %s:%d (TLS %s)",
