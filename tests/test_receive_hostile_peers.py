@@ -5,6 +5,7 @@ file system under the spool. Real sockets, ``dicom-node serve`` as a subprocess,
 from __future__ import annotations
 
 import errno
+import shutil
 import socket
 import ssl
 import subprocess
@@ -245,6 +246,8 @@ def small_spool(tmp_path: Path) -> Iterator[Path]:
     stay outside, on the ordinary file system."""
     spool = tmp_path / "node" / "spool"
     spool.mkdir(parents=True)
+    if shutil.which("mount") is None:
+        pytest.skip("cannot mount a small tmpfs: no mount command")
     mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(spool)], capture_output=True)
     if mounted.returncode != 0:
         pytest.skip(f"cannot mount a small tmpfs (needs root or CAP_SYS_ADMIN): {mounted.stderr.decode().strip()}")
