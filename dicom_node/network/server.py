@@ -108,7 +108,11 @@ class ReceiveGuard:
         try:
             self._receive(primitive)
         except Exception as err:  # noqa: BLE001 - pynetdicom would stop the reactor and leave the peer waiting
-            self._on_error(primitive, err)
+            try:
+                self._on_error(primitive, err)
+            except Exception:  # noqa: BLE001 - whatever happens, the peer is not left waiting
+                log.exception("cannot handle a receive error from %s, aborting the association", self._peer())
+                self._abort()
 
     def _peer(self) -> str:
         requestor = self.assoc.requestor
