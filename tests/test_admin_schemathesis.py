@@ -74,7 +74,10 @@ def test_schema_is_the_apps(admin_app: Any) -> None:
     }
 
 
+# The parametrization also gives each operation its own test id (``...[GET /api/jobs][admin]``): without one,
+# schemathesis's items all share the function's id on pytest 9.
 @schema.parametrize()
+@pytest.mark.parametrize("token", [ADMIN], ids=["admin"])
 @hypothesis.settings(
     max_examples=MAX_EXAMPLES,
     deadline=None,
@@ -82,5 +85,5 @@ def test_schema_is_the_apps(admin_app: Any) -> None:
     database=None,
     suppress_health_check=list(hypothesis.HealthCheck),
 )
-def test_admin_api_never_answers_5xx(case: Any, admin_app: Any) -> None:
-    case.call_and_validate(app=admin_app, headers={"Authorization": f"Bearer {ADMIN}"}, checks=[not_a_server_error])
+def test_admin_api_never_answers_5xx(case: Any, token: str, admin_app: Any) -> None:
+    case.call_and_validate(app=admin_app, headers={"Authorization": f"Bearer {token}"}, checks=[not_a_server_error])
