@@ -7,8 +7,9 @@ import sys
 import warnings
 
 # Libraries that log at INFO per PDU or per object written; their chatter (which can include identifiers) stays at
-# WARNING: pynetdicom (every PDU), highdicom (lines per SEG/SR it builds).
-QUIET_LIBRARIES = ("pynetdicom", "highdicom")
+# WARNING: pynetdicom (every PDU), highdicom (lines per SEG/SR it builds), Alembic (two lines per process start
+# about its context, even when the schema is already current).
+QUIET_LIBRARIES = ("pynetdicom", "highdicom", "alembic")
 
 # Celery's warning when a worker runs as root (containers do): the workers accept JSON messages only, so the
 # pickle risk it warns about does not apply (with pickle accepted Celery refuses to start as root instead).
