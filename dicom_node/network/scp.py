@@ -126,6 +126,8 @@ class StorageSCP:
             (evt.EVT_ACCEPTED, self._on_accepted),
             (evt.EVT_REJECTED, self._on_rejected),
             (evt.EVT_C_STORE, self._on_c_store),
+            (evt.EVT_RELEASED, self._on_released),
+            (evt.EVT_ABORTED, self._on_aborted),
         ]
         ssl_context = server_ssl_context(self.network.tls) if self.network.tls.enabled else None
         # Our server class: the TLS handshake off the accept thread, with a timeout; a C-STORE the chunked receive
@@ -212,6 +214,31 @@ class StorageSCP:
     # Services ---------------------------------------------------------------------------------------------------
 
     def _on_c_store(self, event: evt.Event) -> int:
-        peer = Peer(_text(event.assoc.requestor.ae_title), event.assoc.requestor.address)
+        peer = Peer(_text(event.assoc.requestor.ae_title), event.assoc.requestor.address, _association_key(event))
         affected = _text(getattr(event.request, "AffectedSOPInstanceUID", "")) or None
         return self.receiver.receive(event.dataset_path, peer, affected)
+
+    # How associations end ------------------------------------------------------------------------------------------
+    # A-RELEASE (PS3.8 7.2) is the only normal end; an A-ABORT from either side, a reset connection, a timeout or
+    # the node stopping leave the studies it was sending interrupted (docs/receive.md, "Interrupted transfers").
+
+    def _on_released(self, event: evt.Event) -> None:
+        self._ended(event, None)
+
+    def _on_aborted(self, event: evt.Event) -> None:
+        calling = _text(event.assoc.requestor.ae_title)
+        self._ended(event, f"association from {calling} ({event.assoc.requestor.address}) ended without A-RELEASE")
+
+    def _ended(self, event: evt.Event, reason: str | None) -> None:
+        try:
+            studies = self.recorder.association_ended(_association_key(event), reason)
+        except Exception:  # noqa: BLE001 - the next start-up marks the studies interrupted instead
+            log.exception("cannot record the end of an association")
+            return
+        if studies and reason is not None:
+            log.warning("%s; %d study(ies) wait for a resend", reason, len(studies))
+
+
+def _association_key(event: evt.Event) -> str:
+    """Names the association while it lasts (the recorder forgets it when the association ends)."""
+    return f"assoc-{id(event.assoc):x}"
