@@ -3,6 +3,7 @@ quiet timer alone does not complete it, so the resend gives one job and one resu
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import time
@@ -15,7 +16,7 @@ from conftest import DICOM_DATA
 from orthanc_server import Orthanc, running_orthanc
 from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage
 from pynetdicom import AE
-from receive_support import AE_TITLE, NodeProcess, storescu, wait_for
+from receive_support import AE_TITLE, DICOM_NODE, NodeProcess, storescu, wait_for
 from sqlalchemy import func, select
 
 from dicom_node.db import Database, Instance, Job, JobState, Study, StudyState
@@ -59,6 +60,13 @@ def test_aborted_study_waits_for_the_resend_and_completes_once(
         _send_then_abort(node.port, siemens[:10])
         study = wait_for(lambda: (s := _study(db, study_uid)) and s.interrupted_at and s, timeout=10)
         assert "without A-RELEASE" in (study.interruption_reason or "")
+        shown = subprocess.run(
+            [str(DICOM_NODE), "studies", "show", study_uid, "--config", str(node.config_path), "--json"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert json.loads(shown.stdout)["interruption_reason"] == study.interruption_reason  # what an admin sees
         time.sleep(3)  # three times the quiet time: an uninterrupted study would be complete by now
         study = _study(db, study_uid)
         assert study is not None and study.state == StudyState.RECEIVING

@@ -344,6 +344,8 @@ def _study_summary(
         completed_at=utc_or_none(study.completed_at),
         completion_reason=study.completion_reason,
         needs_reprocessing=bool(study.needs_reprocessing),
+        interrupted_at=utc_or_none(study.interrupted_at),
+        interruption_reason=study.interruption_reason,
         instance_count=study.instance_count or 0,
         series_count=int(n_series or 0),
         job_count=len(jobs),

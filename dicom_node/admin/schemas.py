@@ -91,6 +91,8 @@ class StudySummary(BaseModel):
     completed_at: datetime | None = None
     completion_reason: str | None = None
     needs_reprocessing: bool = False
+    interrupted_at: datetime | None = None  # an association delivering it ended without A-RELEASE (no resend since)
+    interruption_reason: str | None = None
     instance_count: int = 0
     series_count: int = 0
     job_count: int = 0

@@ -51,6 +51,8 @@ def study_report(db: Database, study_uid: str) -> dict[str, Any] | None:
             "completion_reason": study.completion_reason,
             "completion_count": study.completion_count,
             "needs_reprocessing": study.needs_reprocessing,
+            "interrupted_at": iso(study.interrupted_at),
+            "interruption_reason": study.interruption_reason,
             "series": [
                 {
                     "series_instance_uid": s.series_instance_uid,
@@ -107,6 +109,8 @@ def show_study(args: argparse.Namespace) -> int:
         ("completion reason", "completion_reason"),
         ("times completed", "completion_count"),
         ("needs reprocessing", "needs_reprocessing"),
+        ("interrupted", "interrupted_at"),
+        ("interruption", "interruption_reason"),
     ]:
         value = report[key]
         print(f"  {label + ':':<21}{'-' if value is None else value}")
