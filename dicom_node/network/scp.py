@@ -154,11 +154,16 @@ class StorageSCP:
             self._server.shutdown()
             self._server = None
         deadline = time.monotonic() + grace_seconds
-        while self.ae.active_associations and time.monotonic() < deadline:
+        # Only established associations can still deliver instances; a connection that never sent an
+        # A-ASSOCIATE-RQ (a port probe, a health check) has nothing to finish.
+        while self._established() and time.monotonic() < deadline:
             time.sleep(0.1)
-        if self.ae.active_associations:
-            log.warning("aborting %d association(s) still running", len(self.ae.active_associations))
+        if self._established():
+            log.warning("aborting %d association(s) still running", self._established())
         self.ae.shutdown()
+
+    def _established(self) -> int:
+        return sum(1 for assoc in self.ae.active_associations if assoc.is_established)
 
     # Association policy ------------------------------------------------------------------------------------------
 
