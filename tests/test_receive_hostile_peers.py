@@ -25,6 +25,9 @@ from pynetdicom.dsutils import encode
 from pynetdicom.pdu_primitives import P_DATA
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from receive_support import AE_TITLE, NodeProcess, echoscu, wait_for
+from sqlalchemy import select
+
+from dicom_node.db import AuditEvent, Database
 
 pytestmark = pytest.mark.slow
 
@@ -91,6 +94,11 @@ def test_c_store_without_affected_sop_instance_uid_is_refused_at_once(tmp_path: 
         assert "no Affected SOP Instance UID" in node.log()
         assert _incoming(node) == []
         assert node.alive()
+        db = Database(sqlite_url, upgrade=False)
+        with db.session() as session:  # the job database says why
+            reasons = session.scalars(select(AuditEvent.reason).where(AuditEvent.event == "instance_refused")).all()
+        db.dispose()
+        assert len(reasons) == 1 and reasons[0].startswith("0xC210: the C-STORE request has no Affected SOP Instance")
         # A good instance on a new association afterwards is stored.
         status, _ = _store(node.port, _instance())
         assert status == 0x0000, node.log()[-3000:]

@@ -138,6 +138,7 @@ class StorageSCP:
             evt_handlers=handlers,  # type: ignore[arg-type]
             ssl_context=ssl_context,
             handshake_timeout=self.network.tls_handshake_timeout,
+            on_refused=self._on_refused_in_transit,
         )
         log.info(
             "listening as %s on %s:%d (TLS %s)",
@@ -222,6 +223,13 @@ class StorageSCP:
         peer = Peer(_text(event.assoc.requestor.ae_title), event.assoc.requestor.address, _association_key(event))
         affected = _text(getattr(event.request, "AffectedSOPInstanceUID", "")) or None
         return self.receiver.receive(event.dataset_path, peer, affected)
+
+    def _on_refused_in_transit(
+        self, calling: str | None, host: str | None, status: int, reason: str, sop_instance_uid: str | None
+    ) -> None:
+        # The receive could not even take the data set (full disk, no Affected SOP Instance UID): recorded like
+        # every other refusal, so the job database says why.
+        self.receiver.record_refusal(Peer(calling, host), status, reason, sop_instance_uid)
 
     # How associations end ------------------------------------------------------------------------------------------
     # A-RELEASE (PS3.8 7.2) is the only normal end; an A-ABORT from either side, a reset connection, a timeout or

@@ -24,6 +24,7 @@ import os
 import socket
 import ssl
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
@@ -50,6 +51,10 @@ STATUS_CANNOT_UNDERSTAND = 0xC210
 STATUS_PROCESSING_FAILURE = 0xC211
 
 _DATA_SET_LAST_FRAGMENT = 0b10  # message control header (PS3.8 E.2): bit 0 clear = data set, bit 1 set = last
+
+
+# Told of every C-STORE the guard refuses: (calling AE title, peer host, status, reason, SOP Instance UID).
+RefusalCallback = Callable[[str | None, str | None, int, str, str | None], None]
 
 
 @dataclass
@@ -90,15 +95,17 @@ class ReceiveGuard:
     """Stands in for one association's ``DIMSEServiceProvider.receive_primitive`` (called by the DUL reactor with
     each P-DATA primitive) and turns an exception there into a C-STORE status or an A-ABORT."""
 
-    def __init__(self, assoc: Association) -> None:
+    def __init__(self, assoc: Association, on_refused: RefusalCallback | None = None) -> None:
         self.assoc = assoc
         self.dimse: DIMSEServiceProvider = assoc.dimse
         self._receive = assoc.dimse.receive_primitive
         self._failed: _FailedStore | None = None
+        self._on_refused = on_refused
 
     @classmethod
-    def install(cls, assoc: Association) -> None:
-        setattr(assoc.dimse, "receive_primitive", cls(assoc))  # noqa: B010 - an instance attribute over the method
+    def install(cls, assoc: Association, on_refused: RefusalCallback | None = None) -> None:
+        # An instance attribute over the method.
+        setattr(assoc.dimse, "receive_primitive", cls(assoc, on_refused))  # noqa: B010
 
     def __call__(self, primitive: P_DATA) -> None:
         if self._failed is not None:  # the rest of a data set that is not kept
@@ -126,13 +133,12 @@ class ReceiveGuard:
         if isinstance(message, C_STORE_RQ) and context_id is not None:
             command = message.command_set
             status, reason = _store_failure(err, command)
-            log.warning(
-                "C-STORE from %s refused with 0x%04X: %s (SOP Instance %s)",
-                self._peer(),
-                status,
-                reason,
-                _text(command.get("AffectedSOPInstanceUID")) or None,
-            )
+            sop_instance_uid = _text(command.get("AffectedSOPInstanceUID")) or None
+            peer, uid = self._peer(), sop_instance_uid
+            log.warning("C-STORE from %s refused with 0x%04X: %s (SOP Instance %s)", peer, status, reason, uid)
+            if self._on_refused is not None:
+                requestor = self.assoc.requestor
+                self._on_refused(_text(requestor.ae_title) or None, requestor.address, status, reason, sop_instance_uid)
             self._failed = _FailedStore(int(context_id), command, status)
             if _ends_data_set(primitive):
                 self._answer()
@@ -183,9 +189,11 @@ class ReceiveGuard:
 
 
 class GuardedRequestHandler(RequestHandler):
+    server: AssociationServer
+
     def _create_association(self) -> Association:
         assoc = super()._create_association()
-        ReceiveGuard.install(assoc)
+        ReceiveGuard.install(assoc, self.server.on_refused)
         return assoc
 
 
@@ -204,8 +212,10 @@ class AssociationServer(ThreadedAssociationServer):
         ssl_context: ssl.SSLContext | None = None,
         evt_handlers: list[EventHandlerType] | None = None,
         handshake_timeout: float = 15.0,
+        on_refused: RefusalCallback | None = None,
     ) -> None:
         self.handshake_timeout = handshake_timeout
+        self.on_refused = on_refused
         self._closing = False
         super().__init__(ae, address, ae_title, contexts, ssl_context, evt_handlers, GuardedRequestHandler)
 
@@ -260,6 +270,7 @@ def start_server(
     evt_handlers: list[EventHandlerType],
     ssl_context: ssl.SSLContext | None,
     handshake_timeout: float,
+    on_refused: RefusalCallback | None = None,
 ) -> AssociationServer:
     """``ae.start_server(address, block=False, ...)`` with :class:`AssociationServer` (pynetdicom's non-blocking
     ``start_server`` always uses its own server class)."""
@@ -269,6 +280,7 @@ def start_server(
         evt_handlers=evt_handlers,
         server_class=AssociationServer,
         handshake_timeout=handshake_timeout,
+        on_refused=on_refused,
     )
     assert isinstance(server, AssociationServer)
     name = f"AcceptorServer@{datetime.now():%Y%m%d%H%M%S}"

@@ -48,13 +48,13 @@ class InstanceReceiver:
                 affected_sop_instance_uid,
             )
             wait([data_synced])
-            self._record_refusal(peer, err.status, err.reason, affected_sop_instance_uid)
+            self.record_refusal(peer, err.status, err.reason, affected_sop_instance_uid)
             return err.status
         except OSError as err:
             log.error("C-STORE from %s: cannot write the spool: %s", peer.calling_ae_title, err.strerror)
             wait([data_synced])
             status = 0xA700 if err.errno in (errno.ENOSPC, errno.EDQUOT) else STATUS_PROCESSING_FAILURE
-            self._record_refusal(peer, status, f"cannot write the spool: {err.strerror}", affected_sop_instance_uid)
+            self.record_refusal(peer, status, f"cannot write the spool: {err.strerror}", affected_sop_instance_uid)
             return status
         dirs_synced = self._io.submit(self.spool.sync_dirs, placement)
         stored = StoredInstance(header, placement.path, placement.size_bytes, placement.already_on_disk)
@@ -85,7 +85,7 @@ class InstanceReceiver:
             )
         return STATUS_SUCCESS
 
-    def _record_refusal(self, peer: Peer, status: int, reason: str, sop_instance_uid: str | None) -> None:
+    def record_refusal(self, peer: Peer, status: int, reason: str, sop_instance_uid: str | None) -> None:
         """An ``instance_refused`` audit event, so the job database says what was refused and why."""
         try:
             self.recorder.audit(
