@@ -135,9 +135,11 @@ def test_brain_sr_is_tid1500_with_segment_references(brain: BuiltObjects) -> Non
     groups = [
         i for i in items if i.get("ValueType") == "CONTAINER" and i.ConceptNameCodeSequence[0].CodeValue == "125007"
     ]
-    assert len(groups) == 1 + len(brain.findings.findings)
+    # The series verdict, then per region a planar group (outline on its peak slice) and a volumetric group
+    # (Referenced Segment), both with the region's tracking UID.
+    assert len(groups) == 1 + 2 * len(brain.findings.findings)
     templates = [g.ContentTemplateSequence[0].TemplateIdentifier for g in groups if "ContentTemplateSequence" in g]
-    assert templates.count("1411") == 2
+    assert templates.count("1411") == 2 and templates.count("1410") == 3
     segment_refs = [
         i.ReferencedSOPSequence[0]
         for i in items
@@ -166,32 +168,36 @@ def test_chest_sr_has_planar_polygon_in_source_pixels(chest: BuiltObjects) -> No
     sr = chest.objects["SR"]
     items = _content_items(sr)
     polygons = [i for i in items if i.get("ValueType") == "SCOORD"]
-    assert len(polygons) == len(chest.findings.findings) == 2
+    # The series verdict's field outline, then one outline per region.
+    assert len(polygons) == 1 + len(chest.findings.findings) == 3
     assert all(p.GraphicType == "POLYLINE" for p in polygons)  # 2-D polygon: closed POLYLINE
-    first = np.asarray(polygons[0].GraphicData, dtype=float).reshape(-1, 2)
+    first = np.asarray(polygons[1].GraphicData, dtype=float).reshape(-1, 2)
     rows, columns = int(chest.source.datasets[0].Rows), int(chest.source.datasets[0].Columns)
     # The strongest blob: rows R/3..R/2, columns C/5..C/2 (x = column, y = row, pixel edges).
-    assert first[0].tolist() == [columns // 5, rows // 3]
-    assert first[2].tolist() == [columns // 2, rows // 2]
+    assert first[:, 0].min() == columns // 5 and first[:, 0].max() == columns // 2
+    assert first[:, 1].min() == rows // 3 and first[:, 1].max() == rows // 2
     assert first[0].tolist() == first[-1].tolist()
-    image_ref = polygons[0].ContentSequence[0].ReferencedSOPSequence[0]
-    assert image_ref.ReferencedSOPInstanceUID == chest.source.datasets[0].SOPInstanceUID
+    for polygon in polygons:
+        image_ref = polygon.ContentSequence[0].ReferencedSOPSequence[0]
+        assert image_ref.ReferencedSOPInstanceUID == chest.source.datasets[0].SOPInstanceUID
     seg = chest.objects["SEG-all-frames"]
     assert int(seg.NumberOfFrames) == 2  # one frame, two segments
 
 
-def test_parametric_map_holds_the_float_scores(brain: BuiltObjects) -> None:
+def test_parametric_map_holds_the_scores_as_integers_with_a_real_world_value_mapping(brain: BuiltObjects) -> None:
     pm = brain.objects["PM"]
     assert pm.SOPClassUID == "1.2.840.10008.5.1.4.1.1.30"
     mapping = pm.SharedFunctionalGroupsSequence[0].RealWorldValueMappingSequence[0]
     assert mapping.MeasurementUnitsCodeSequence[0].CodeValue == "1"
-    assert "FloatPixelData" in pm
-    pixels = np.frombuffer(pm.FloatPixelData, dtype="<f4").reshape(len(brain.source.datasets), 256, 256)
-    # Each frame holds the map of the source instance it references (highdicom orders frames by position).
+    assert "FloatPixelData" not in pm and int(pm.BitsAllocated) == 16 and int(pm.PixelRepresentation) == 0
+    slope, intercept = float(mapping.RealWorldValueSlope), float(mapping.RealWorldValueIntercept)
+    pixels = pm.pixel_array.reshape(int(pm.NumberOfFrames), 256, 256).astype(np.float64) * slope + intercept
+    # Each frame holds the map of the source instance it references (highdicom orders frames by position), to
+    # within one integer step.
     index = {str(ds.SOPInstanceUID): i for i, ds in enumerate(brain.source.datasets)}
     for frame, item in zip(pixels, pm.PerFrameFunctionalGroupsSequence, strict=True):
         uid = item.DerivationImageSequence[0].SourceImageSequence[0].ReferencedSOPInstanceUID
-        np.testing.assert_array_equal(frame, brain.source.maps[index[uid]])
+        np.testing.assert_allclose(frame, brain.source.maps[index[uid]], atol=slope)
 
 
 def test_secondary_capture_is_rgb_with_burned_in_warning(chest: BuiltObjects) -> None:

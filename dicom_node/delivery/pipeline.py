@@ -274,11 +274,16 @@ def deliver_job(db: Database, settings: Settings, job_id: int, *, force: bool = 
         report.objects = {key: str(path) for key, path in files_by_key.items()}
         if built.findings.findings and result.is_abnormal:
             strongest = built.findings.findings[0]
+            where = (
+                "above the pixel threshold"
+                if strongest.above_threshold
+                else "around the evidence of the score (no pixel above the pixel threshold)"
+            )
             triage = replace(
                 triage,
-                finding=f"{len(built.findings.findings)} region(s) above the pixel threshold; strongest "
+                finding=f"{len(built.findings.findings)} region(s) {where}; strongest "
                 f"'{strongest.label}' score {strongest.max_score:.4g}, {strongest.size} "
-                f"{'voxels' if built.source.is_volume else 'pixels'}",
+                f"{'voxels' if built.source.is_volume else 'pixels'}, {strongest.size_mm:.0f} mm across",
             )
 
     for target in pending:

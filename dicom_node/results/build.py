@@ -5,15 +5,15 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-import numpy as np
 from pydicom.dataset import Dataset
 
 from dicom_node.results.common import Findings, SourceSeries, align, find_findings, result_uids
 from dicom_node.results.pm import build_pm
 from dicom_node.results.sc import build_sc
 from dicom_node.results.seg import build_seg, seg_variant
-from dicom_node.results.sr import build_sr
+from dicom_node.results.sr import build_sr, key_frame
 from models.base import SeriesResult
+from models.regions import RegionRules
 
 
 @dataclass(frozen=True)
@@ -35,13 +35,6 @@ class BuiltObjects:
     objects: dict[str, Dataset]  # ObjectRequest.key → dataset
 
 
-def key_frame(source: SourceSeries, findings: Findings) -> int:
-    """The image a key image shows: where the strongest finding peaks, else the highest-scoring image."""
-    if findings.findings:
-        return findings.findings[0].peak_frame
-    return int(np.argmax(source.image_scores)) if source.image_scores.size else 0
-
-
 def build_results(
     datasets: Sequence[Dataset],
     result: SeriesResult,
@@ -49,13 +42,18 @@ def build_results(
     *,
     read_pixels: Callable[[Dataset], Dataset],
     predecessors: Sequence[Dataset] = (),
+    rules: RegionRules | None = None,
 ) -> BuiltObjects:
     """Build every requested object once. ``datasets`` may be headers only; ``read_pixels`` returns the full
     instance for the key image. The SR references the SEG that keeps empty frames when one is built (all SEG
-    variants share segment numbers and tracking UIDs)."""
+    variants share segment numbers and tracking UIDs).
+
+    The series verdict drives every object: a Normal result has no region (no SEG, no region group in the SR), an
+    Abnormal one at least one, chosen by ``rules`` (models.regions.RegionRules; its defaults when None). A re-run
+    applies the same rules."""
     source = align(datasets, result)
     seed = result_uids(source.series_instance_uid, source.sop_instance_uids, result.model, "findings").sop_instance_uid
-    findings = find_findings(source, result.pixel_threshold, seed)
+    findings = find_findings(source, result.pixel_threshold, seed, abnormal=result.is_abnormal, rules=rules)
     objects: dict[str, Dataset] = {}
     wanted = {request.key: request for request in requests}
     for key, request in wanted.items():

@@ -28,10 +28,10 @@ from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence as DicomSequence
 from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
-from scipy import ndimage
 
 from dicom_node import __version__
 from models.base import ModelIdentity, SeriesResult
+from models.regions import RegionRules, polygon_of, select_regions
 
 MANUFACTURER = "dicom-node"
 
@@ -57,19 +57,41 @@ RESULT_SERIES: dict[str, ResultSeries] = {
 }
 
 # Private coding scheme (PS3.16 8.2: designators starting with "99") for concepts no standard terminology has.
+# Code values are at most 16 characters (Code Value is SH; longer ones become Long Code Value, which some readers,
+# highdicom's srread among them, do not follow). Every object identifies the scheme in its Coding Scheme
+# Identification Sequence (CODING_SCHEMES).
 CODING_SCHEME = "99DCMNODE"
 ANOMALY_SCORE = Code("ANOMALY-SCORE", CODING_SCHEME, "Anomaly score")
-ANOMALY_ASSESSMENT = Code("ANOMALY-ASSESSMENT", CODING_SCHEME, "Anomaly assessment")
+ANOMALY_ASSESSMENT = Code("ANOMALY-ASSESS", CODING_SCHEME, "Anomaly assessment")
+# A one-class detector says "unlike the normal training images", never what the finding is: the finding is an
+# anomaly, not a lesion or any other diagnosis.
+ANOMALY = Code("ANOMALY", CODING_SCHEME, "Anomaly")
 UNITLESS = Code("1", "UCUM", "no units")
 NORMAL: Code = codes.SCT.Normal  # SCT 17621005
 ABNORMAL: Code = codes.SCT.Abnormal  # SCT 263654008
-# CID 7150 / CID 7151: a one-class detector says "not like the normals", not what the finding is.
+# CID 7150 Segmentation Property Categories: the broadest category that fits "unlike the normals".
 FINDING_CATEGORY: Code = codes.cid7150.MorphologicallyAbnormalStructure  # SCT 49755003
-FINDING_TYPE: Code = codes.SCT.Lesion  # SCT 52988006
+FINDING_TYPE: Code = ANOMALY
+VOLUME: Code = Code("118565006", "SCT", "Volume")
+CUBIC_MM = Code("mm3", "UCUM", "cubic millimeter")
 # IHE AIR: Purpose of Reference of the Contributing Equipment item that describes the algorithm.
 PROCESSING_ALGORITHM = Code("Newcode1", "99IHE", "Processing Algorithm")
 
-ANATOMY: dict[str, Code] = {"brain_mri": codes.SCT.Brain, "chest_xray": Code("51185008", "SCT", "Thorax")}
+# Coding Scheme Identification Sequence (PS3.3 C.12.1.1.2.1) items of the private schemes the objects use.
+CODING_SCHEMES: dict[str, tuple[str, str]] = {
+    CODING_SCHEME: ("dicom-node anomaly detection codes", "dicom-node project"),
+    "99IHE": ("IHE private codes", "IHE"),
+}
+# Person Name of the creator of a SEG or Parametric Map (Content Identification Macro, PS3.3 C.10.9): the node.
+CONTENT_CREATOR = "dicom-node^AI"
+# Recommended Display CIELab Value per segment (PS3.3 C.8.20.2): red, yellow, magenta, then repeating.
+SEGMENT_COLOURS: tuple[tuple[float, float, float], ...] = ((53.2, 80.1, 67.2), (97.1, -21.6, 94.5), (60.3, 98.2, -60.8))
+
+# Where the regions lie: the head foreground the brain detector reads (it has no brain mask), the thorax.
+ANATOMY: dict[str, Code] = {
+    "brain_mri": Code("69536005", "SCT", "Head"),
+    "chest_xray": Code("51185008", "SCT", "Thorax"),
+}
 PROCEDURE: dict[str, Code] = {
     "brain_mri": Code("24590-2", "LN", "MR Brain"),
     "chest_xray": Code("36554-4", "LN", "XR Chest Single view"),
@@ -165,9 +187,26 @@ def add_processing_algorithm(dataset: Dataset, model: ModelIdentity) -> Dataset:
     return dataset
 
 
+def coding_scheme_identification(dataset: Dataset) -> Dataset:
+    """Identify every private coding scheme the object uses (PS3.3 C.12.1.1.2: Coding Scheme Identification
+    Sequence, one item per designator; standard schemes are known to readers and need none)."""
+    items = []
+    for designator, (name, organisation) in CODING_SCHEMES.items():
+        item = Dataset()
+        item.CodingSchemeDesignator = designator
+        item.CodingSchemeName = name
+        item.CodingSchemeResponsibleOrganization = organisation
+        items.append(item)
+    dataset.CodingSchemeIdentificationSequence = DicomSequence(items)
+    return dataset
+
+
 def finish(dataset: Dataset, kind: str, model: ModelIdentity) -> Dataset:
-    """Common last touches: series description, IHE AIR equipment item."""
+    """Common last touches: series description, IHE AIR equipment item, coding schemes, content creator."""
     dataset.SeriesDescription = RESULT_SERIES[kind].description
+    coding_scheme_identification(dataset)
+    if kind in ("SEG", "PM"):
+        dataset.ContentCreatorName = CONTENT_CREATOR
     # highdicom takes one Software Versions value; the attribute is multi-valued (node version, model version).
     dataset.SoftwareVersions = list(software_versions(model))
     if kind in ("PM", "SC") and "Laterality" not in dataset:
@@ -257,16 +296,25 @@ def align(datasets: Sequence[Dataset], result: SeriesResult) -> SourceSeries:
 
 @dataclass(frozen=True)
 class Finding:
-    """One connected region above the pixel threshold; ``number`` is its segment number (1-based)."""
+    """One region of an Abnormal result; ``number`` is its segment number (1-based, strongest evidence first).
+
+    ``above_threshold`` is False for the region cut below the pixel threshold around the evidence of an Abnormal
+    score that no pixel above the threshold explains (models.regions.select_regions)."""
 
     number: int
     tracking_uid: str
     size: int  # pixels (2-D) or voxels (3-D)
     max_score: float
     mean_score: float
+    evidence: float  # sum of the map above the level the region was cut at: what ranks the regions
+    size_mm: float  # equivalent diameter
+    extent: float  # mm² (one image) or mm³ (a volume)
+    above_threshold: bool
     frames: tuple[int, ...]  # indices into SourceSeries.datasets that the region touches
     bbox: tuple[int, int, int, int]  # row_min, col_min, row_max, col_max (inclusive) over all its frames
     peak_frame: int  # frame with the highest score inside the region
+    outline: np.ndarray  # closed polygon (k, 2) of the region on its peak frame, (column, row) in DICOM image
+    # coordinates: (0, 0) is the top left corner of the top left pixel (PS3.3 C.18.6.1.1)
 
     @property
     def label(self) -> str:
@@ -275,15 +323,40 @@ class Finding:
 
 @dataclass(frozen=True)
 class Findings:
-    labels: np.ndarray  # (n, rows, cols) uint8/uint16, 0 = background, k = Finding k
+    labels: np.ndarray  # (n, rows, cols) uint8, 0 = background, k = Finding k
     findings: list[Finding]
 
 
-def default_min_size(shape: tuple[int, ...]) -> int:
-    """Smallest region kept: 27 voxels in a volume, 0.05 % of the image (at least 16 pixels) in a radiograph."""
-    if shape[0] > 1:
-        return 27
-    return max(16, int(0.0005 * shape[1] * shape[2]))
+def _positive_pair(value: object) -> tuple[float, float] | None:
+    try:
+        pair = (float(value[0]), float(value[1]))  # type: ignore[index]
+    except (TypeError, ValueError, IndexError):
+        return None
+    return pair if pair[0] > 0 and pair[1] > 0 else None
+
+
+# A radiograph that states no pixel spacing: assume its long side spans a 43 cm detector.
+ASSUMED_DETECTOR_MM = 430.0
+
+
+def source_spacing(source: SourceSeries) -> tuple[float, float, float]:
+    """(slice, row, column) spacing in mm: Pixel Spacing (or Imager Pixel Spacing), slice distance from the
+    positions (Spacing Between Slices, Slice Thickness, 1 mm as fallbacks)."""
+    first = source.datasets[0]
+    pair = _positive_pair(first.get("PixelSpacing")) or _positive_pair(first.get("ImagerPixelSpacing"))
+    if pair is None:
+        side = ASSUMED_DETECTOR_MM / max(int(first.Rows), int(first.Columns))
+        pair = (side, side)
+    dz = 1.0
+    if source.is_volume:
+        positions = np.array([_slice_position(ds) for ds in source.datasets])
+        steps = np.abs(np.diff(positions))
+        steps = steps[steps > 1e-6]
+        if steps.size:
+            dz = float(np.median(steps))
+        else:
+            dz = float(first.get("SpacingBetweenSlices") or first.get("SliceThickness") or 1.0) or 1.0
+    return dz, pair[0], pair[1]
 
 
 def find_findings(
@@ -291,55 +364,41 @@ def find_findings(
     pixel_threshold: float,
     tracking_seed: str,
     *,
-    min_size: int | None = None,
-    max_findings: int = 20,
+    abnormal: bool,
+    rules: RegionRules | None = None,
 ) -> Findings:
-    """Threshold the maps at the calibrated pixel threshold and label connected regions (3-D in a volume).
-
-    Regions below ``min_size`` are dropped as noise; the ``max_findings`` highest-scoring are kept (a SEG with
-    hundreds of segments helps nobody). Tracking UIDs are deterministic from ``tracking_seed`` and the number."""
+    """The regions of the result by the shared rules (models.regions.select_regions): none when ``abnormal`` is
+    False; otherwise at least one, inside the detector's field, at least ``rules.min_size_mm`` across, strongest
+    evidence first, at most ``rules.max_regions``. Tracking UIDs are deterministic from ``tracking_seed`` and the
+    number."""
     maps = source.maps
-    mask = maps >= pixel_threshold
-    structure = ndimage.generate_binary_structure(3 if source.is_volume else 2, 1)
-    if source.is_volume:
-        raw, count = ndimage.label(mask, structure=structure)
-    else:
-        raw2d, count = ndimage.label(mask[0], structure=structure)
-        raw = raw2d[np.newaxis]
-    if count == 0:
-        return Findings(np.zeros(maps.shape, np.uint8), [])
-    # bincount and per-box maxima: ndimage.maximum over a whole volume is seconds, this is tens of milliseconds.
-    sizes = np.bincount(raw.ravel(), minlength=count + 1)
-    limit = default_min_size(maps.shape) if min_size is None else min_size
-    objects = ndimage.find_objects(raw)
-    maxima: dict[int, float] = {}
-    for label in np.nonzero(sizes >= limit)[0]:
-        if label == 0:
-            continue
-        box = objects[label - 1]
-        assert box is not None
-        maxima[int(label)] = float(maps[box][raw[box] == label].max())
-    keep = sorted(maxima, key=lambda label: maxima[label], reverse=True)[:max_findings]
-    labels = np.zeros(maps.shape, dtype=np.uint8 if len(keep) < 256 else np.uint16)
+    chosen = select_regions(maps, pixel_threshold, source_spacing(source), abnormal=abnormal, rules=rules)
+    labels = np.zeros(maps.shape, dtype=np.uint8)
     findings: list[Finding] = []
-    for number, old in enumerate(keep, start=1):
-        box = objects[old - 1]
-        assert box is not None
-        region = raw[box] == old
-        labels[box][region] = number
-        values = maps[box][region]
-        frame_hits = np.nonzero(region.any(axis=(1, 2)))[0] + box[0].start
-        peak_offsets = np.unravel_index(np.argmax(np.where(region, maps[box], -np.inf)), region.shape)
+    for number, region in enumerate(chosen, start=1):
+        mask = region.mask
+        labels[mask & (labels == 0)] = number
+        frames = np.nonzero(mask.any(axis=(1, 2)))[0]
+        rows = np.nonzero(mask.any(axis=(0, 2)))[0]
+        cols = np.nonzero(mask.any(axis=(0, 1)))[0]
+        peak_frame = region.peak[0]
+        outline = polygon_of(mask[peak_frame]) + 0.5
+        values = maps[mask]
         findings.append(
             Finding(
                 number=number,
                 tracking_uid=derived_uid("finding", tracking_seed, number),
-                size=int(region.sum()),
-                max_score=float(values.max()),
+                size=int(mask.sum()),
+                max_score=region.score,
                 mean_score=float(values.mean()),
-                frames=tuple(int(f) for f in frame_hits),
-                bbox=(box[1].start, box[2].start, box[1].stop - 1, box[2].stop - 1),
-                peak_frame=int(peak_offsets[0] + box[0].start),
+                evidence=region.evidence,
+                size_mm=region.size_mm,
+                extent=region.extent,
+                above_threshold=region.above_threshold,
+                frames=tuple(int(f) for f in frames),
+                bbox=(int(rows[0]), int(cols[0]), int(rows[-1]), int(cols[-1])),
+                peak_frame=peak_frame,
+                outline=outline.astype(np.float32),
             )
         )
     return Findings(labels, findings)

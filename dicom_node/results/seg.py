@@ -1,8 +1,11 @@
-"""Segmentation IOD (PS3.3 A.51): BINARY anomaly regions at the calibrated pixel threshold.
+"""Segmentation IOD (PS3.3 A.51): BINARY anomaly regions of an Abnormal result.
 
-One segment per connected finding (PS3.3 C.8.20.4 Segment Description Macro): Segment Algorithm Type AUTOMATIC,
-algorithm identification (family DCM 123110 Artificial Intelligence), Segmented Property Category and Type (SCT), a
-Tracking ID and UID per segment. The SEG shares the source's Frame of Reference and references its source instance
+Only an Abnormal result has regions (models.regions.select_regions: inside the detector's field, a minimum size
+in mm, strongest evidence first, at most three by default); a Normal result gets no SEG. One segment per region
+(PS3.3 C.8.20.4 Segment Description Macro): Segment Algorithm Type AUTOMATIC, algorithm identification (family
+DCM 123110 Artificial Intelligence), Segmented Property Category (SCT) and Type (99DCMNODE ANOMALY), a Tracking
+ID and UID per segment (the SR's region groups carry the same), a Recommended Display CIELab Value per segment.
+The SEG shares the source's Frame of Reference and references its source instance
 per frame (Derivation Image / Source Image Sequence in the Per-frame Functional Groups, PS3.3 C.7.6.16.2.6).
 
 A brain series gives a multi-frame SEG over the source slices; a radiograph gives one frame. Empty frames are kept
@@ -16,9 +19,11 @@ from pydicom.dataset import Dataset
 
 from dicom_node.results.common import (
     ANATOMY,
+    CONTENT_CREATOR,
     FINDING_CATEGORY,
     FINDING_TYPE,
     RESULT_SERIES,
+    SEGMENT_COLOURS,
     Findings,
     SourceSeries,
     algorithm_identification,
@@ -61,6 +66,7 @@ def build_seg(
             tracking_uid=finding.tracking_uid,
             tracking_id=finding.label,
             anatomic_regions=[anatomy] if anatomy is not None else None,
+            display_color=hd.color.CIELabColor(*SEGMENT_COLOURS[(finding.number - 1) % len(SEGMENT_COLOURS)]),
         )
         for finding in findings.findings
     ]
@@ -76,7 +82,8 @@ def build_seg(
         instance_number=1,
         **enhanced_equipment(model),
         content_label="ANOMALY",
-        content_description="Regions above the calibrated anomaly threshold"[:64],
+        content_description="Regions that drive the anomaly score",
+        content_creator_name=CONTENT_CREATOR,
         omit_empty_frames=not keep_empty_frames,
     )
     projection_geometry(seg, source.datasets[0])

@@ -34,6 +34,7 @@ from dicom_node.results.common import (
     ANATOMY,
     ANOMALY_ASSESSMENT,
     ANOMALY_SCORE,
+    CUBIC_MM,
     FINDING_CATEGORY,
     FINDING_TYPE,
     GENERIC_PROCEDURE,
@@ -42,6 +43,7 @@ from dicom_node.results.common import (
     PROCEDURE,
     RESULT_SERIES,
     UNITLESS,
+    VOLUME,
     Finding,
     Findings,
     SourceSeries,
@@ -52,6 +54,12 @@ from dicom_node.results.common import (
     result_uids,
 )
 from models.base import ModelIdentity
+
+Group = (
+    hd.sr.MeasurementsAndQualitativeEvaluations
+    | hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations
+    | hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations
+)
 
 
 def _algorithm(model: ModelIdentity, image_threshold: float, pixel_threshold: float) -> hd.sr.AlgorithmIdentification:
@@ -71,33 +79,52 @@ def _finding_sites(model: ModelIdentity) -> list[hd.sr.FindingSite] | None:
     return [hd.sr.FindingSite(anatomic_location=anatomy)] if anatomy is not None else None
 
 
-def _box_polygon(finding: Finding) -> np.ndarray:
-    """Closed polygon (2-D SCOORD POLYLINE, first point = last) around the finding in image coordinates (column,
-    row), where (0, 0) is the top left corner of the top left pixel (PS3.3 C.18.6.1.1): the box covers whole
-    pixels."""
-    row_min, col_min, row_max, col_max = finding.bbox
+def _closed_box(row_min: int, col_min: int, row_max: int, col_max: int) -> np.ndarray:
+    """Closed polygon (2-D SCOORD POLYLINE, first point = last) around whole pixels, in image coordinates (column,
+    row) where (0, 0) is the top left corner of the top left pixel (PS3.3 C.18.6.1.1)."""
     left, top, right, bottom = float(col_min), float(row_min), float(col_max + 1), float(row_max + 1)
     return np.array([[left, top], [right, top], [right, bottom], [left, bottom], [left, top]], dtype=np.float32)
 
 
-def _finding_group(
+def _region(points: np.ndarray, image: Dataset) -> hd.sr.ImageRegion:
+    """A 2-D SCOORD with its image reference (SELECTED FROM IMAGE): what OHIF needs to show a measurement group."""
+    return hd.sr.ImageRegion(
+        graphic_type=hd.sr.GraphicTypeValues.POLYLINE,
+        graphic_data=np.asarray(points, dtype=np.float32),
+        source_image=hd.sr.SourceImageForRegion.from_source_image(image),
+    )
+
+
+def _region_groups(
     finding: Finding,
     source: SourceSeries,
     seg: Dataset | None,
     model: ModelIdentity,
     algorithm: hd.sr.AlgorithmIdentification,
-) -> hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations | hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations:
+) -> list[Group]:
+    """The groups of one region, all with the region's Tracking Identifier and UID (the SEG segment's):
+
+    * TID 1410: the region's outline on the image where it peaks (SCOORD + image reference), its anomaly score
+      (maximum over the region) and assessment Abnormal: what OHIF draws and lists;
+    * TID 1411 (volume with a SEG): Referenced Segment → the SEG segment, and the region's volume (mm³): what
+      highdicom, dcmqi and Slicer follow to the segment. OHIF merges groups that share a Tracking UID."""
+    tracking = hd.sr.TrackingIdentifier(uid=finding.tracking_uid, identifier=finding.label)
     common: dict[str, Any] = {
-        "tracking_identifier": hd.sr.TrackingIdentifier(uid=finding.tracking_uid, identifier=finding.label),
+        "tracking_identifier": tracking,
         "finding_type": FINDING_TYPE,
         "finding_category": FINDING_CATEGORY,
         "algorithm_id": algorithm,
         "finding_sites": _finding_sites(model),
-        "measurements": [
-            hd.sr.Measurement(name=ANOMALY_SCORE, value=finding.max_score, unit=UNITLESS, derivation=codes.SCT.Maximum)
-        ],
-        "qualitative_evaluations": [_assessment(True)],
     }
+    score = hd.sr.Measurement(name=ANOMALY_SCORE, value=finding.max_score, unit=UNITLESS, derivation=codes.SCT.Maximum)
+    groups: list[Group] = [
+        hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
+            referenced_region=_region(finding.outline, source.datasets[finding.peak_frame]),
+            measurements=[score],
+            qualitative_evaluations=[_assessment(True)],
+            **common,
+        )
+    ]
     if source.is_volume and seg is not None:
         referenced = hd.sr.ReferencedSegment(
             sop_class_uid=str(seg.SOPClassUID),
@@ -105,14 +132,54 @@ def _finding_group(
             segment_number=finding.number,
             source_series=hd.sr.SourceSeriesForSegmentation(source.series_instance_uid),
         )
-        return hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(referenced_segment=referenced, **common)
-    image = source.datasets[finding.peak_frame]
-    region = hd.sr.ImageRegion(
-        graphic_type=hd.sr.GraphicTypeValues.POLYLINE,
-        graphic_data=_box_polygon(finding),
-        source_image=hd.sr.SourceImageForRegion.from_source_image(image),
+        volume = hd.sr.Measurement(name=VOLUME, value=round(finding.extent, 1), unit=CUBIC_MM)
+        groups.append(
+            hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
+                referenced_segment=referenced, measurements=[volume], **common
+            )
+        )
+    return groups
+
+
+def _series_group(
+    source: SourceSeries,
+    findings: Findings,
+    model: ModelIdentity,
+    algorithm: hd.sr.AlgorithmIdentification,
+    *,
+    series_score: float,
+    abnormal: bool,
+    tracking_uid: str,
+) -> hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations:
+    """The verdict of the whole series: score and Normal/Abnormal (TID 1410). Its image region is the field the
+    detector read (the box around the non-zero map) on the key image (where the strongest region peaks, else the
+    highest-scoring image): OHIF shows only groups with a SCOORD and an image reference, and drops the whole report
+    when one group has none. It is not a finding region: its Tracking Identifier is "Series verdict"."""
+    frame = key_frame(source, findings)
+    field = source.maps[frame] > 0
+    if field.any():
+        rows, cols = np.nonzero(field.any(axis=1))[0], np.nonzero(field.any(axis=0))[0]
+        box = _closed_box(int(rows[0]), int(cols[0]), int(rows[-1]), int(cols[-1]))
+    else:
+        first = source.datasets[frame]
+        box = _closed_box(0, 0, int(first.Rows) - 1, int(first.Columns) - 1)
+    verdict = "Abnormal" if abnormal else "Normal"
+    return hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
+        tracking_identifier=hd.sr.TrackingIdentifier(uid=tracking_uid, identifier=f"Series verdict: {verdict}"),
+        referenced_region=_region(box, source.datasets[frame]),
+        finding_type=FINDING_TYPE if abnormal else NORMAL,
+        algorithm_id=algorithm,
+        finding_sites=_finding_sites(model),
+        measurements=[hd.sr.Measurement(name=ANOMALY_SCORE, value=float(series_score), unit=UNITLESS)],
+        qualitative_evaluations=[_assessment(abnormal)],
     )
-    return hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(referenced_region=region, **common)
+
+
+def key_frame(source: SourceSeries, findings: Findings) -> int:
+    """The image a result shows first: where the strongest region peaks, else the highest-scoring image."""
+    if findings.findings:
+        return findings.findings[0].peak_frame
+    return int(np.argmax(source.image_scores)) if source.image_scores.size else 0
 
 
 def _library_images(source: SourceSeries, findings: Findings) -> list[Dataset]:
@@ -121,8 +188,7 @@ def _library_images(source: SourceSeries, findings: Findings) -> list[Dataset]:
     Listing every slice of a 176-slice series costs seconds in highdicom and tells a reader nothing; the evidence
     sequence still names every source instance analysed."""
     frames = {finding.peak_frame for finding in findings.findings}
-    if source.image_scores.size:
-        frames.add(int(np.argmax(source.image_scores)))
+    frames.add(key_frame(source, findings))
     images = [source.datasets[frame] for frame in sorted(frames)]
     # TID 1603 descriptors of a radiograph need Patient Orientation and Imager Pixel Spacing; an image without
     # them is left out of the (optional) library rather than described with invented values.
@@ -161,22 +227,19 @@ def build_sr(
             model_name=model_name(model),
         ),
     )
-    whole = hd.sr.MeasurementsAndQualitativeEvaluations(
-        tracking_identifier=hd.sr.TrackingIdentifier(
-            uid=derived_uid("study-finding", uids.sop_instance_uid), identifier="Whole series"
-        ),
-        finding_type=FINDING_TYPE if abnormal else NORMAL,
-        algorithm_id=algorithm,
-        finding_sites=_finding_sites(model),
-        measurements=[hd.sr.Measurement(name=ANOMALY_SCORE, value=float(series_score), unit=UNITLESS)],
-        qualitative_evaluations=[_assessment(abnormal)],
-    )
-    groups: list[
-        hd.sr.MeasurementsAndQualitativeEvaluations
-        | hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations
-        | hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations
-    ] = [whole]
-    groups += [_finding_group(finding, source, seg, model, algorithm) for finding in findings.findings]
+    groups: list[Group] = [
+        _series_group(
+            source,
+            findings,
+            model,
+            algorithm,
+            series_score=series_score,
+            abnormal=abnormal,
+            tracking_uid=derived_uid("study-finding", uids.sop_instance_uid),
+        )
+    ]
+    for finding in findings.findings:
+        groups += _region_groups(finding, source, seg, model, algorithm)
     report = hd.sr.MeasurementReport(
         observation_context=hd.sr.ObservationContext(observer_device_context=observer),
         procedure_reported=PROCEDURE.get(model.detector, GENERIC_PROCEDURE),
