@@ -121,12 +121,15 @@ class RegionRules:
     (where its map is non-zero: the head foreground in MR, the lung fields in a radiograph) is shrunk by this much
     so that edge artefacts at the skin or the field border are not regions. ``evidence_percentiles``: when a series
     is Abnormal but no region passes the pixel threshold, the region around the map maximum at the first of these
-    percentiles (of the map inside the field) whose region reaches the minimum size."""
+    percentiles (of the map inside the field) whose region reaches the minimum size. ``cranial_extent_mm``: in a
+    head volume with patient coordinates, the field ends this far below its top (the vertex), which keeps the brain,
+    brainstem and cerebellum and leaves out the neck (None: no limit)."""
 
     max_regions: int = 3
     min_size_mm: float = 5.0
     margin_mm: float = 3.0
     evidence_percentiles: tuple[float, ...] = (99.0, 98.0, 95.0, 90.0, 75.0)
+    cranial_extent_mm: float | None = 140.0
 
     def __post_init__(self) -> None:
         if self.max_regions < 1:
@@ -160,12 +163,26 @@ def equivalent_diameter(count: int, spacing: tuple[float, float, float], volume:
     return float(np.sqrt(4.0 * count * dy * dx / np.pi))
 
 
-def detector_field(maps: np.ndarray, spacing: tuple[float, float, float], margin_mm: float) -> np.ndarray:
+def detector_field(
+    maps: np.ndarray,
+    spacing: tuple[float, float, float],
+    margin_mm: float,
+    *,
+    superior: np.ndarray | None = None,
+    cranial_extent_mm: float | None = None,
+) -> np.ndarray:
     """Where the detector looked: its map is non-zero (maps are masked to the head or lung field), shrunk in-plane
-    by ``margin_mm``. All True when the map is nowhere zero-masked (a detector without a field mask)."""
+    by ``margin_mm``; with ``superior`` (the patient's head-ward coordinate of every pixel, mm) and
+    ``cranial_extent_mm``, only the part within that distance of the field's top. All True when the map is nowhere
+    zero-masked (a detector without a field mask)."""
     field = maps > 0
     if not field.any():
         return np.ones(maps.shape, dtype=bool)
+    if superior is not None and cranial_extent_mm is not None:
+        top = float(superior[field].max())
+        cranial = field & (superior >= top - cranial_extent_mm)
+        if cranial.any():
+            field = cranial
     _, dy, dx = spacing
     steps = int(round(margin_mm / max(min(dy, dx), 1e-6)))
     if steps > 0:
@@ -209,6 +226,7 @@ def select_regions(
     *,
     abnormal: bool,
     rules: RegionRules | None = None,
+    superior: np.ndarray | None = None,
 ) -> list[MapRegion]:
     """The regions of a scored series (``maps`` (n, rows, cols), one image when n = 1), by the rules above.
 
@@ -216,7 +234,8 @@ def select_regions(
     (3-D, 6-connected, in a stack; 2-D, 4-connected, in one image) of at least ``min_size_mm``, ranked by evidence
     and capped; when none qualifies, the one region around the field's maximum at the highest evidence percentile
     that gives a region of the minimum size (else the largest of those tried), so every Abnormal result shows where
-    its score came from. ``spacing`` is (slice, row, column) in mm."""
+    its score came from. ``spacing`` is (slice, row, column) in mm; ``superior`` (optional, the maps' shape) the
+    patient's head-ward coordinate of each pixel in mm, for ``rules.cranial_extent_mm``."""
     rules = rules or RegionRules()
     if not abnormal:
         return []
@@ -224,7 +243,7 @@ def select_regions(
     if maps.ndim != 3 or maps.size == 0:
         raise ValueError(f"maps must be (n, rows, cols), got shape {maps.shape}")
     volume = maps.shape[0] > 1
-    field = detector_field(maps, spacing, rules.margin_mm)
+    field = detector_field(maps, spacing, rules.margin_mm, superior=superior, cranial_extent_mm=rules.cranial_extent_mm)
     labels, count = _components((maps >= pixel_threshold) & field, volume)
     chosen: list[MapRegion] = []
     if count:

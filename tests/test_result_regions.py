@@ -76,6 +76,20 @@ def test_regions_stay_inside_the_detectors_field() -> None:
     assert not (regions[0].mask & ~field).any()
 
 
+def test_head_regions_end_at_the_cranial_extent() -> None:
+    maps = _field_map((3, 200, 100))
+    superior = np.broadcast_to(-np.arange(200, dtype=np.float32)[None, :, None], maps.shape)  # rows go foot-ward
+    maps[:, 30:40, 40:50] = 1.5  # 20 mm below the field's top (row 10)
+    maps[:, 170:180, 40:50] = 3.0  # 160 mm below: the neck
+    regions = select_regions(maps, 1.0, SPACING, abnormal=True, superior=superior)
+    assert [r.score for r in regions] == [1.5]
+    unlimited = RegionRules(cranial_extent_mm=None)
+    assert [r.score for r in select_regions(maps, 1.0, SPACING, abnormal=True, rules=unlimited, superior=superior)] == [
+        3.0,
+        1.5,
+    ]
+
+
 def test_an_abnormal_verdict_without_pixels_above_the_threshold_still_shows_its_evidence() -> None:
     maps = _field_map((1, 100, 100))
     rows, cols = np.mgrid[0:100, 0:100]
@@ -222,6 +236,15 @@ def test_regions_are_capped_on_a_real_series(data_dir: Path) -> None:
     assert len(one.objects["SEG-all-frames"].SegmentSequence) == 1
     # Evidence ranks: the large 0.9 blob first.
     assert built.findings.findings[0].max_score == pytest.approx(0.9)
+
+
+def test_no_region_in_the_neck_of_a_real_head_series(data_dir: Path) -> None:
+    files = brain_files()
+    result = synthetic_result(files, "brain_mri")
+    maps = np.array(result.anomaly_maps)
+    maps[60:80, 200:215, 100:130] = 0.99  # hottest of all, but about 200 mm below the top of the head
+    built = _build(files, dataclasses.replace(result, anomaly_maps=maps), [ObjectRequest("SEG", True)])
+    assert [round(f.max_score, 2) for f in built.findings.findings] == [0.9, 0.7]
 
 
 def test_abnormal_radiograph_without_pixels_above_threshold_shows_where_the_score_came_from(

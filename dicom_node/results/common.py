@@ -359,6 +359,24 @@ def source_spacing(source: SourceSeries) -> tuple[float, float, float]:
     return dz, pair[0], pair[1]
 
 
+def superior_coordinates(source: SourceSeries) -> np.ndarray | None:
+    """The patient's head-ward (+Z, PS3.3 C.7.6.2.1.1) coordinate in mm of every pixel of a volume, from Image
+    Position and Orientation (Patient) and Pixel Spacing; None for a single image or without that geometry."""
+    if not source.is_volume:
+        return None
+    first = source.datasets[0]
+    orientation, spacing = first.get("ImageOrientationPatient"), _positive_pair(first.get("PixelSpacing"))
+    if orientation is None or spacing is None or any("ImagePositionPatient" not in ds for ds in source.datasets):
+        return None
+    row_cosine_z, column_cosine_z = float(orientation[2]), float(orientation[5])
+    origin_z = np.array([float(ds.ImagePositionPatient[2]) for ds in source.datasets], dtype=np.float32)
+    _, rows, columns = source.maps.shape
+    # Pixel (r, c): position + c * column spacing * row direction + r * row spacing * column direction.
+    along_columns = np.arange(columns, dtype=np.float32) * spacing[1] * row_cosine_z
+    along_rows = np.arange(rows, dtype=np.float32) * spacing[0] * column_cosine_z
+    return origin_z[:, None, None] + along_rows[None, :, None] + along_columns[None, None, :]
+
+
 def find_findings(
     source: SourceSeries,
     pixel_threshold: float,
@@ -372,7 +390,14 @@ def find_findings(
     evidence first, at most ``rules.max_regions``. Tracking UIDs are deterministic from ``tracking_seed`` and the
     number."""
     maps = source.maps
-    chosen = select_regions(maps, pixel_threshold, source_spacing(source), abnormal=abnormal, rules=rules)
+    chosen = select_regions(
+        maps,
+        pixel_threshold,
+        source_spacing(source),
+        abnormal=abnormal,
+        rules=rules,
+        superior=superior_coordinates(source) if abnormal else None,
+    )
     labels = np.zeros(maps.shape, dtype=np.uint8)
     findings: list[Finding] = []
     for number, region in enumerate(chosen, start=1):
