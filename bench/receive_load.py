@@ -97,12 +97,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--senders", type=int, default=10)
     parser.add_argument("--instances", type=int, default=300, help="per sender")
     parser.add_argument("--per-study", type=int, default=10)
+    parser.add_argument("--receivers", nargs="+", choices=["dicom-node", "orthanc"], default=["dicom-node", "orthanc"])
     args = parser.parse_args(argv)
 
     work = Path(tempfile.mkdtemp(prefix="bench-receive-load-"))
     try:
         rows = {}
-        for make in (dicom_node, orthanc):
+        makers = {"dicom-node": dicom_node, "orthanc": orthanc}
+        for make in (makers[name] for name in args.receivers):
             # New UIDs for every receiver, so neither sees the other's studies as duplicates.
             inputs = work / f"inputs-{make.__name__}"
             batches = [make_sender_files(inputs, s, args.instances, args.per_study) for s in range(args.senders)]
@@ -121,8 +123,8 @@ def main(argv: list[str] | None = None) -> int:
                 f"{name:<12} {row['instances']:7.0f} {row['failures']:7.0f} {row['inst_per_s']:8.1f} "
                 f"{row['p50_ms']:8.1f} {row['p99_ms']:8.1f} {row['peak_rss_mib']:7.0f} MiB"
             )
-        node, pacs = rows["dicom-node"], rows["Orthanc"]
-        print(f"node / Orthanc: {node['inst_per_s'] / pacs['inst_per_s']:.2f}x")
+        if len(rows) == 2:
+            print(f"node / Orthanc: {rows['dicom-node']['inst_per_s'] / rows['Orthanc']['inst_per_s']:.2f}x")
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return 0
