@@ -204,9 +204,10 @@ def _components(mask: np.ndarray, volume: bool) -> tuple[np.ndarray, int]:
 def _region(
     maps: np.ndarray, mask: np.ndarray, level: float, spacing: tuple[float, float, float], above: bool, volume: bool
 ) -> MapRegion:
-    values = maps[mask]
-    peak_index = np.unravel_index(int(np.argmax(np.where(mask, maps, -np.inf))), maps.shape)
-    count = int(mask.sum())
+    where = np.flatnonzero(mask)
+    values = maps.ravel()[where]
+    peak_index = np.unravel_index(int(where[int(np.argmax(values))]), maps.shape)
+    count = int(where.size)
     dz, dy, dx = spacing
     return MapRegion(
         mask=mask,
@@ -244,23 +245,19 @@ def select_regions(
         raise ValueError(f"maps must be (n, rows, cols), got shape {maps.shape}")
     volume = maps.shape[0] > 1
     field = detector_field(maps, spacing, rules.margin_mm, superior=superior, cranial_extent_mm=rules.cranial_extent_mm)
-    labels, count = _components((maps >= pixel_threshold) & field, volume)
+    above = (maps >= pixel_threshold) & field
+    labels, count = _components(above, volume)
     chosen: list[MapRegion] = []
     if count:
-        flat = labels.ravel()
-        sizes = np.bincount(flat, minlength=count + 1)
-        weights = np.clip(maps.ravel() - pixel_threshold, 0.0, None)
-        evidence = np.bincount(flat, weights=weights, minlength=count + 1)
+        # Per-component size and evidence over the voxels above the threshold only (a small share of the volume).
+        inside = labels[above]
+        sizes = np.bincount(inside, minlength=count + 1)
+        evidence = np.bincount(inside, weights=maps[above] - pixel_threshold, minlength=count + 1)
         evidence[0] = -1.0
         evidence[sizes < max(_min_count(rules.min_size_mm, spacing, volume), 1)] = -1.0
         order = [int(label) for label in np.argsort(-evidence, kind="stable") if evidence[label] >= 0]
-        boxes = ndimage.find_objects(labels)
         for label in order[: rules.max_regions]:
-            box = boxes[label - 1]
-            assert box is not None
-            mask = np.zeros(maps.shape, dtype=bool)
-            mask[box] = labels[box] == label
-            chosen.append(_region(maps, mask, pixel_threshold, spacing, True, volume))
+            chosen.append(_region(maps, labels == label, pixel_threshold, spacing, True, volume))
     if chosen:
         return chosen
     return [_evidence_region(maps, field, spacing, rules, volume)]
