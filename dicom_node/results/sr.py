@@ -5,15 +5,19 @@ Content tree::
     Imaging Measurement Report (TID 1500)
       Language, Observer Context: Device observer = the algorithm (TID 1001/1004, Device UID = IHE AIR Device UID)
       Procedure Reported (LOINC)
-      Image Library (TID 1600): the images the findings are on and the highest-scoring image
+      Image Library (TID 1600): the images the regions peak on and the key image
       Imaging Measurements
-        Measurement Group (TID 1501): the whole series
-          Tracking Identifier/UID, Finding, Algorithm Identification (TID 4019: name, version, pixel threshold),
-          Anomaly score (NUM, UCUM "1"), Anomaly assessment = Normal | Abnormal at the calibrated image threshold
-        Measurement Group per finding (TID 1411 volumetric ROI → SEG segment, brain;
-                                      TID 1410 planar ROI → closed SCOORD POLYLINE box, radiograph)
-          Tracking Identifier/UID (= the SEG segment's), Finding, Algorithm Identification,
-          Anomaly score (NUM, maximum over the region), Anomaly assessment = Abnormal
+        Measurement Group (TID 1410): the series verdict, Tracking Identifier "Series verdict: Normal|Abnormal"
+          Image Region: box around the detector's field on the key image; Finding Normal | Anomaly; Algorithm
+          Identification (TID 4019: name, version, thresholds); Anomaly score (NUM, UCUM "1"); Anomaly assessment =
+          Normal | Abnormal at the calibrated image threshold
+        per region (Abnormal only; Tracking Identifier "Anomaly <n>", Tracking UID = the SEG segment's):
+          Measurement Group (TID 1410): Image Region = the region's outline on the image where it peaks; Finding
+            Anomaly; Anomaly score (NUM, maximum over the region); Anomaly assessment = Abnormal
+          Measurement Group (TID 1411, volume with a SEG): Referenced Segment → the SEG segment; Volume (mm3)
+
+Every group has a SCOORD with its image reference: OHIF (3.13, cornerstone-dicom-sr) shows only measurement groups
+that have one (merging groups that share a Tracking UID) and its SR viewport failed on a group without one.
 
 Completion Flag COMPLETE, Verification Flag UNVERIFIED (nobody has signed it). A re-run over a changed instance set
 names the earlier SR in the Predecessor Documents Sequence (PS3.3 C.17.2.1).
