@@ -322,16 +322,20 @@ class UrgentRule(_Section):
 class WorkerSettings(_Section):
     """Celery workers and the job lifecycle (docs/workers.md).
 
-    ``embedded`` starts workers as child processes of ``dicom-node serve``. A running job holds a lease of
-    ``lease_seconds`` that its worker renews; the sweeper re-enqueues jobs whose lease expired and jobs queued for
-    more than ``requeue_after_seconds`` without a worker picking them up (a lost broker message)."""
+    ``embedded`` starts workers as child processes of ``dicom-node serve``. Every worker writes a heartbeat each
+    ``heartbeat_seconds``; a job whose holder stopped beating (or whose pool process is gone) is back in the queue
+    within ``failover_grace_seconds``, whichever worker gets the message. The lease (``lease_seconds``, renewed by
+    the worker) is the last resort. A job whose message the broker no longer has (not queued there, not held by a
+    live worker) is sent again within ``requeue_after_seconds`` of the broker answering."""
 
     embedded: bool = True
     concurrency: int = Field(1, ge=1)
     device: str = "auto"
     lease_seconds: float = Field(600.0, gt=0)
-    sweep_interval_seconds: float = Field(15.0, gt=0)
-    requeue_after_seconds: float = Field(300.0, gt=0)
+    heartbeat_seconds: float = Field(5.0, gt=0)
+    failover_grace_seconds: float = Field(30.0, gt=0)
+    sweep_interval_seconds: float = Field(5.0, gt=0)
+    requeue_after_seconds: float = Field(60.0, gt=0)
     max_attempts: int = Field(3, ge=1)
     retry_backoff_seconds: float = Field(5.0, gt=0)
     retry_backoff_max_seconds: float = Field(300.0, gt=0)

@@ -37,6 +37,7 @@ from sqlalchemy.orm import Session
 
 from dicom_node.config import Settings
 from dicom_node.db import Database, Instance, Job, JobEvent, JobState, Series, Study
+from dicom_node.heartbeat import Liveness
 
 log = logging.getLogger(__name__)
 
@@ -568,8 +569,12 @@ def _holder_is_dead(holder: str | None, me: str) -> bool:
     return False
 
 
-def acquire_lease(db: Database, job_id: int, worker: str, lease_seconds: float) -> Lease | None:
-    """Take the job for ``worker`` if it is queued and due, or running under an expired (or dead) lease.
+def acquire_lease(
+    db: Database, job_id: int, worker: str, lease_seconds: float, settings: Settings | None = None
+) -> Lease | None:
+    """Take the job for ``worker`` if it is queued and due, or running under a holder that is gone (its worker
+    stopped beating, its pool process is not in the worker's latest heartbeat; ``settings`` gives the heartbeat
+    limits) or whose lease expired (the last resort).
 
     Returns None when the job is not ours to run: done, failed, superseded, not due yet, or held by a live
     worker. Counts the attempt."""
@@ -588,11 +593,19 @@ def acquire_lease(db: Database, job_id: int, worker: str, lease_seconds: float) 
             event, detail = "started", f"attempt {job.attempts + 1} on {worker}"
         elif job.state == JobState.RUNNING:
             expired = job.lease_expires_at is None or as_utc(job.lease_expires_at) < now
-            if not expired and not _holder_is_dead(job.worker, worker):
+            if expired:
+                why: str | None = f"lease of {job.worker} expired"
+            elif _holder_is_dead(job.worker, worker):
+                why = f"process of {job.worker} is gone"
+            elif settings is not None:
+                why = Liveness.load(session, settings, now).holder_gone(job.worker, job.started_at)
+            else:
+                why = None
+            if why is None:
                 log.info("job %d: running on %s; duplicate message dropped", job_id, job.worker)
                 return None
             guard = [Job.worker.is_(None) if job.worker is None else Job.worker == job.worker]
-            event, detail = "taken_over", f"attempt {job.attempts + 1} on {worker}; lease of {job.worker} lost"
+            event, detail = "taken_over", f"attempt {job.attempts + 1} on {worker}; {why}"
         else:
             log.info("job %d: %s; message dropped", job_id, job.state.value)
             return None
@@ -714,3 +727,42 @@ def retry_later(db: Database, settings: Settings, lease: Lease, reason: str) -> 
             lease_expires_at=None,
         )
     return delay if moved else None
+
+
+def release_job(
+    db: Database,
+    settings: Settings,
+    job_id: int,
+    *,
+    holder: str | None,
+    attempts: int,
+    event: str,
+    reason: str,
+    failure: str = "worker lost",
+    extra: Sequence[ColumnElement[bool]] = (),
+    now: datetime | None = None,
+) -> JobState | None:
+    """A running job whose holder is gone goes back to ``queued`` (event ``event``, detail ``reason``), or to
+    ``failed`` once ``workers.max_attempts`` attempts are spent (``failure: reason; gave up after N attempts``).
+
+    Compare-and-set on holder and attempt: a holder that came back, or another releaser, leaves nothing to do
+    (None). The caller sends the message (``send_detection``) unless the broker returns the old one."""
+    held = [Job.worker.is_(None) if holder is None else Job.worker == holder, Job.attempts == attempts, *extra]
+    now = now or utcnow()
+    with db.session() as session:
+        if attempts >= settings.workers.max_attempts:
+            final = f"{failure}: {reason}; gave up after {attempts} attempts"
+            if transition(
+                session, job_id, JobState.RUNNING, JobState.FAILED, "failed", detail=final, where=held,
+                error=final, finished_at=now, lease_expires_at=None,
+            ):  # fmt: skip
+                log.error("job %d: failed: %s", job_id, final)
+                return JobState.FAILED
+            return None
+        if transition(
+            session, job_id, JobState.RUNNING, JobState.QUEUED, event, detail=f"{reason}; re-queued", where=held,
+            queued_at=now, next_attempt_at=None, lease_expires_at=None, error=reason,
+        ):  # fmt: skip
+            log.warning("job %d: %s; re-queued", job_id, reason)
+            return JobState.QUEUED
+    return None

@@ -10,7 +10,9 @@ queue with backoff until ``workers.max_attempts``.
 from __future__ import annotations
 
 import logging
+import os
 import shutil
+import socket
 import threading
 import time
 import uuid
@@ -90,8 +92,30 @@ def is_transient(err: BaseException) -> bool:
     return type(err).__name__ == "OutOfMemoryError"  # torch.cuda.OutOfMemoryError, without importing torch
 
 
+class SpoolUnreadable(Exception):
+    """The worker may not read the shared spool (wrong uid or permissions): no retry heals that."""
+
+
 def read_series(file_paths: tuple[str, ...]) -> list[pydicom.Dataset]:
-    return [pydicom.dcmread(path) for path in file_paths]
+    """Read the series from the spool. A file this worker may not read fails the job at once with a reason an
+    admin can act on; a missing file (the shared spool not mounted here, or briefly away) is retried."""
+    datasets: list[pydicom.Dataset] = []
+    for path in file_paths:
+        try:
+            datasets.append(pydicom.dcmread(path))
+        except PermissionError as err:
+            raise SpoolUnreadable(
+                f"{path}: permission denied for this worker (uid {os.getuid()} on {socket.gethostname()}); the "
+                "spool (node.data_dir) must be readable by the workers' user on every host"
+            ) from err
+        except FileNotFoundError as err:
+            raise FileNotFoundError(
+                err.errno,
+                f"{err.strerror} on {socket.gethostname()} (is node.data_dir shared and mounted at the same path on "
+                "every host?)",
+                path,
+            ) from err
+    return datasets
 
 
 def save_result(result: SeriesResult, results_dir: Path, job_id: int) -> Path:
@@ -119,7 +143,7 @@ def run_detection(
     dispatcher: Dispatcher,
 ) -> DetectionOutcome:
     """Run job ``job_id`` if it is ours to run; see the module docstring."""
-    lease = acquire_lease(db, job_id, worker, settings.workers.lease_seconds)
+    lease = acquire_lease(db, job_id, worker, settings.workers.lease_seconds, settings)
     if lease is None:
         return DetectionOutcome(job_id, "skipped")
     log.info(

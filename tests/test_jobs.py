@@ -353,3 +353,86 @@ def test_sweeper_resends_lost_deliveries_once(database: Database, tmp_path: Path
     assert sweeper.sweep_once(later + timedelta(seconds=1)).deliveries_resent == []  # once per period
     assert dispatcher.deliveries == [lost]
     assert events_of(database, lost)[-1] == "delivery_resend"
+
+
+def test_heartbeats_decide_whether_a_holder_is_gone(database: Database, tmp_path: Path) -> None:
+    """Liveness, not the lease: another node takes over a job whose holder's pool process or worker is gone."""
+    from datetime import timedelta
+
+    from dicom_node.heartbeat import Beat, publish
+    from dicom_node.jobs import utcnow
+    from dicom_node.sweeper import Sweeper
+
+    settings = load_settings(
+        overrides={"workers": {"heartbeat_seconds": 1, "failover_grace_seconds": 10, "sweep_interval_seconds": 2}}
+    )
+    dispatcher = RecordingDispatcher()
+    scheduler = JobScheduler(database, settings, dispatcher)
+    job_id = scheduler.on_study_complete(make_study(database, tmp_path / "a").study_id)[0]
+    publish(database, Beat("w1@hostB", 100, ["brain_mri"], [101], [], utcnow()), started=True)
+    assert acquire_lease(database, job_id, "w1@hostB#101", 600, settings) is not None
+    # The pool process is alive in a beat taken after the job started: a returned message is a duplicate.
+    publish(database, Beat("w1@hostB", 100, ["brain_mri"], [101], [], utcnow() + timedelta(seconds=1)))
+    assert acquire_lease(database, job_id, "w2@hostC#7", 600, settings) is None
+    # The next beat no longer lists it (kill -9 of the pool process): any worker takes over at once.
+    publish(database, Beat("w1@hostB", 100, ["brain_mri"], [102], [], utcnow() + timedelta(seconds=2)))
+    publish(database, Beat("w2@hostC", 5, ["brain_mri"], [7], [], utcnow() - timedelta(seconds=1)), started=True)
+    lease = acquire_lease(database, job_id, "w2@hostC#7", 600, settings)
+    assert lease is not None and lease.attempt == 2
+    with database.session() as session:
+        detail = session.scalars(select(JobEvent.detail).where(JobEvent.job_id == job_id).order_by(JobEvent.id)).all()
+    assert "pool process 101 of w1@hostB is gone" in (detail[-1] or "")
+
+    # The whole worker stops beating: the sweeper re-queues its job within the grace, with the reason.
+    sweeper = Sweeper(database, settings, dispatcher)
+    dispatcher.detections.clear()
+    assert not sweeper.sweep_once(utcnow() + timedelta(seconds=5)).worker_lost  # silent 5 s: within the limit
+    report = sweeper.sweep_once(utcnow() + timedelta(seconds=9))  # silent beyond grace less one sweep (8 s)
+    assert report.worker_lost == [job_id] and [j for j, _ in dispatcher.detections] == [job_id]
+    with database.session() as session:
+        event = session.scalars(
+            select(JobEvent).where(JobEvent.job_id == job_id).order_by(JobEvent.id.desc()).limit(1)
+        ).one()
+    assert event.event == "worker_lost" and "w2@hostC stopped beating" in (event.detail or "")
+    assert "time limit" not in (event.detail or "")
+
+
+def test_sweeper_tells_lost_messages_from_queued_ones(database: Database, tmp_path: Path) -> None:
+    from datetime import timedelta
+
+    from dicom_node.jobs import utcnow
+    from dicom_node.sweeper import BrokerSnapshot, Sweeper
+
+    settings = load_settings(
+        overrides={"workers": {"heartbeat_seconds": 1, "requeue_after_seconds": 30, "sweep_interval_seconds": 2}}
+    )
+    dispatcher = RecordingDispatcher()
+    scheduler = JobScheduler(database, settings, dispatcher)
+    waiting = scheduler.on_study_complete(make_study(database, tmp_path / "a").study_id)[0]
+    lost = scheduler.on_study_complete(make_study(database, tmp_path / "b").study_id)[0]
+
+    class Broker:
+        down = False
+        forgotten: list[str] = []
+
+        def snapshot(self) -> BrokerSnapshot | None:
+            if self.down:
+                return None
+            return BrokerSnapshot({("dicom_node.detect", waiting)}, {"tag-1": ("dicom_node.detect", 99, 0.0)})
+
+        def forget(self, tags: object) -> int:
+            self.forgotten += list(tags)  # type: ignore[call-overload]
+            return len(self.forgotten)
+
+    broker = Broker()
+    sweeper = Sweeper(database, settings, dispatcher, inspector=broker)
+    dispatcher.detections.clear()
+    start = utcnow() + timedelta(seconds=600)  # long after queueing: a time rule would re-send both
+    broker.down = True
+    assert not sweeper.sweep_once(start).resent  # the broker does not answer: nothing is decided
+    broker.down = False
+    assert not sweeper.sweep_once(start).resent  # first seen missing
+    report = sweeper.sweep_once(start + timedelta(seconds=3.1))  # missing for two heartbeats and a second
+    assert report.resent == [lost] and [job_id for job_id, _ in dispatcher.detections] == [lost]
+    assert "tag-1" in broker.forgotten  # unacked, and no live worker holds it
+    assert waiting not in sweeper.sweep_once(start + timedelta(seconds=700)).resent  # still in its queue

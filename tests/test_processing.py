@@ -102,3 +102,31 @@ def test_worker_context_loads_plugin_detectors_once_with_batch_size(
     finally:
         context.close()
         app.close()
+
+
+def test_unreadable_spool_fails_the_job_at_once_with_the_reason(
+    database: Database, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A worker whose user may not read the shared spool: a clear failure, no retries, no hang."""
+    import pydicom
+
+    settings = load_settings(overrides={"node": {"data_dir": str(tmp_path / "data")}})
+    detector = IntensityTestDetector("brain_mri", tmp_path / "model", "cpu")
+    dispatcher = RecordingDispatcher()
+    made = make_study(database, tmp_path / "s1", slices=2)
+    (job_id,) = JobScheduler(database, settings, dispatcher).on_study_complete(made.study_id)
+
+    def denied(path: str, *args: object, **kwargs: object) -> pydicom.Dataset:
+        raise PermissionError(13, "Permission denied", path)  # as for a worker running under another uid
+
+    monkeypatch.setattr(pydicom, "dcmread", denied)
+    outcome = run_detection(
+        database, settings, job_id, worker="w@h#1", detectors=lambda name: detector, dispatcher=dispatcher
+    )
+    assert outcome.state == "failed"
+    with database.session() as session:
+        job = session.get(Job, job_id)
+        assert job is not None and job.state == JobState.FAILED and job.attempts == 1
+        assert (job.error or "").startswith("SpoolUnreadable: ") and "permission denied for this worker (uid" in (
+            job.error or ""
+        )

@@ -24,10 +24,11 @@ from conftest import REPO, free_port, port_open
 from sqlalchemy import select
 
 from dicom_node.config import Settings, load_settings
-from dicom_node.db import Database, Job, JobEvent
+from dicom_node.db import Database, Job, JobEvent, WorkerHeartbeat
 from dicom_node.jobs import JobScheduler
 from dicom_node.sweeper import Sweeper
 from workers.app import CeleryDispatcher, create_app
+from workers.inspect import inspector_for
 
 DICOM_NODE = Path(sys.executable).parent / "dicom-node"
 PLUGINS = REPO / "tests" / "plugins"
@@ -115,6 +116,7 @@ class Node:
         self.model_dir.mkdir(parents=True, exist_ok=True)
         (self.model_dir / "model_card.json").write_text(json.dumps({"version": "test-1"}))
         self.behaviour: dict[str, dict[str, Any]] = {}
+        destinations = workers.pop("destinations", [])
         detector = {
             "model_dir": str(self.model_dir),
             "soft_time_limit_seconds": workers.pop("soft_time_limit_seconds", 60),
@@ -126,7 +128,15 @@ class Node:
             "database": {"url": database_url},
             "broker": {"url": broker_url},
             "detectors": {"brain_mri": detector, "chest_xray": dict(detector)},
-            "workers": {"lease_seconds": 3, "requeue_after_seconds": 4, "sweep_interval_seconds": 0.5, **workers},
+            "workers": {
+                "lease_seconds": 60,  # the last resort: heartbeats decide
+                "requeue_after_seconds": 4,
+                "sweep_interval_seconds": 0.5,
+                "heartbeat_seconds": 0.5,
+                "failover_grace_seconds": 3,
+                **workers,
+            },
+            "destinations": destinations,
             "logging": {"level": "INFO"},
         }
         self.config_path = tmp_path / "node.yaml"
@@ -136,7 +146,9 @@ class Node:
         self.app = create_app(self.settings)
         self.dispatcher = CeleryDispatcher(self.app, self.settings)
         self.scheduler = JobScheduler(self.db, self.settings, self.dispatcher)
-        self.sweeper = Sweeper(self.db, self.settings, self.dispatcher)
+        self.sweeper = Sweeper(
+            self.db, self.settings, self.dispatcher, inspector=inspector_for(self.app.conf.broker_url)
+        )
         self.pythonpath = install_plugin(tmp_path / "plugin")
         self.workers: list[Worker] = []
 
@@ -202,6 +214,17 @@ class Node:
                 print(f"--- {worker.hostname}\n{worker.output()[-6000:]}")
             print([(job.id, job.state, job.worker, job.error) for job in self.jobs()])
             raise
+
+    def event_details(self, job_id: int) -> list[str]:
+        with self.db.session() as session:
+            details = session.scalars(select(JobEvent.detail).where(JobEvent.job_id == job_id).order_by(JobEvent.id))
+            return [detail or "" for detail in details]
+
+    def heartbeat_holding(self, worker: str, job_id: int) -> bool:
+        """Whether the worker's latest heartbeat lists a message of the job."""
+        with self.db.session() as session:
+            row = session.get(WorkerHeartbeat, worker)
+            return row is not None and any(item.get("job") == job_id for item in json.loads(row.held or "[]"))
 
     def result_dirs(self) -> list[Path]:
         return sorted(path for path in self.settings.results_dir.glob("job-*") if path.is_dir())

@@ -1,8 +1,11 @@
 """The Celery application: queues, reliability settings and the dispatcher that sends job messages.
 
-Queues: one per detector (``brain_mri``, ``chest_xray``) and ``delivery``. Triage rules put a job in the urgent lane:
-the same queue with broker priority 0 instead of 5 (Redis keeps one list per priority step and a worker always
-takes from the most urgent list first). Messages are acknowledged after the task ran (``acks_late``) and requeued
+Queues: one per detector (``brain_mri``, ``chest_xray``) and ``delivery``, each on its own direct exchange. Triage
+rules put a job in the urgent lane: the same queue with broker priority 0 instead of 5 (Redis keeps one list per
+priority step and a worker always takes from the most urgent list first). Deliveries first: every delivery message
+has priority 0 and ``delivery`` is the first queue a worker reads, so a worker whose pool process finishes a
+detection takes a waiting delivery before the next detection of a backlog (docs/workers.md, "Deliveries first").
+Messages are acknowledged after the task ran (``acks_late``) and requeued
 when a worker process dies (``reject_on_worker_lost``); each worker process reserves one message at a time
 (``prefetch 1``) so a long MR series never holds back a short one queued behind it on another worker.
 
@@ -16,7 +19,7 @@ import importlib.util
 from typing import Any
 
 from celery import Celery
-from kombu import Queue
+from kombu import Exchange, Queue
 
 from dicom_node.config import Settings
 from dicom_node.db import Job
@@ -31,6 +34,7 @@ DETECT_TASK = "dicom_node.detect"
 DELIVER_TASK = "dicom_node.deliver"
 DETECTION_QUEUES: tuple[str, ...] = ("brain_mri", "chest_xray")
 DELIVERY_QUEUE = "delivery"
+DELIVERY_PRIORITY = 0  # the most urgent step: a finished detection's results go out before the next detection
 DELIVERY_TASKS_MODULE = "workers.delivery_tasks"
 
 # A message that cannot be sent fails fast: the job stays queued in the database and the sweeper sends it again.
@@ -50,8 +54,13 @@ def default_queues(settings: Settings) -> list[str]:
     """The queues a worker consumes when not told: every enabled detector, and delivery when it is installed."""
     queues = [name for name in DETECTION_QUEUES if settings.detector(name).enabled]
     if delivery_tasks_available():
-        queues.append(DELIVERY_QUEUE)
+        queues.insert(0, DELIVERY_QUEUE)
     return queues
+
+
+def deliveries_first(queues: list[str]) -> list[str]:
+    """The delivery queue first: Redis reads a worker's queues in this order within each priority step."""
+    return sorted(queues, key=lambda name: name != DELIVERY_QUEUE)
 
 
 def queue_for(detector: str) -> str:
@@ -95,7 +104,9 @@ def create_app(settings: Settings, *, broker: str | None = None) -> Celery:
         task_acks_late=True,
         task_reject_on_worker_lost=True,
         worker_prefetch_multiplier=1,
-        task_queues=[Queue(name) for name in (*DETECTION_QUEUES, DELIVERY_QUEUE)],
+        task_queues=[
+            Queue(name, Exchange(name, type="direct"), routing_key=name) for name in (DELIVERY_QUEUE, *DETECTION_QUEUES)
+        ],  # fmt: skip
         task_create_missing_queues=True,
         task_default_queue=DELIVERY_QUEUE,
         task_routes={DELIVER_TASK: {"queue": DELIVERY_QUEUE}},
@@ -140,7 +151,7 @@ class CeleryDispatcher:
             args=[job.id],
             kwargs={"force": True} if force else {},
             queue=DELIVERY_QUEUE,
-            priority=job.priority,
+            priority=DELIVERY_PRIORITY,
             retry=True,
             retry_policy=SEND_RETRY_POLICY,
         )

@@ -12,6 +12,7 @@ from dicom_node.studies.completion import StudyCompleteCallback
 from dicom_node.sweeper import SweeperService
 from workers.app import CeleryDispatcher, broker_url, create_app, delivery_tasks_available
 from workers.broker import is_embedded, prepare_embedded_broker, prune_consumed_messages
+from workers.inspect import inspector_for
 from workers.worker import EmbeddedWorkers
 
 log = logging.getLogger(__name__)
@@ -53,5 +54,14 @@ def add_job_services(node: _NodeLike) -> JobScheduler:
     else:
         log.info("embedded workers disabled; run `dicom-node worker` on this or other hosts (broker %s)",
                  "embedded" if is_embedded(url) else url.split("@")[-1])  # fmt: skip
-    node.add_service(SweeperService(node.db, settings, dispatcher, also=prune, deliveries=delivery_tasks_available()))
+    node.add_service(
+        SweeperService(
+            node.db,
+            settings,
+            dispatcher,
+            also=prune,
+            deliveries=delivery_tasks_available(),
+            inspector=inspector_for(url),
+        )
+    )
     return scheduler

@@ -19,9 +19,10 @@ from celery.signals import worker_process_init
 
 from dicom_node.config import Settings
 from dicom_node.db import migrate
-from workers.app import DETECTION_QUEUES, create_app, default_queues
+from workers.app import DETECTION_QUEUES, create_app, default_queues, deliveries_first
 from workers.broker import is_embedded, prepare_embedded_broker
 from workers.context import get_context
+from workers.heartbeat import Heartbeat
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +66,7 @@ def build_worker_app(settings: Settings, *, broker: str | None, device: str, que
         _preload(app, queues)
 
     worker_process_init.connect(on_process_init, weak=False)
+    app.steps["worker"].add(Heartbeat)
     return app
 
 
@@ -79,7 +81,7 @@ def run_worker(
     loglevel: str | None = None,
 ) -> int:
     """Run a worker in this process until it is stopped (SIGTERM: finish the running jobs, then exit)."""
-    queues = list(queues or default_queues(settings))
+    queues = deliveries_first(list(queues or default_queues(settings)))
     device = device or settings.workers.device
     processes = plan_concurrency(settings, device, concurrency)
     app = build_worker_app(settings, broker=broker, device=device, queues=queues)

@@ -12,6 +12,7 @@ from dicom_node.db.models import (
     Series,
     Study,
     StudyState,
+    WorkerHeartbeat,
 )
 from dicom_node.db.session import Database, migrate
 
@@ -28,5 +29,6 @@ __all__ = [
     "Series",
     "Study",
     "StudyState",
+    "WorkerHeartbeat",
     "migrate",
 ]

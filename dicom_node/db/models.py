@@ -231,6 +231,26 @@ class DeliveryAttempt(Base):
     job: Mapped[Job] = relationship(back_populates="deliveries")
 
 
+class WorkerHeartbeat(Base):
+    """A worker's liveness, written by the worker's main process every ``workers.heartbeat_seconds``.
+
+    ``processes`` lists the pool process ids alive when ``beat_at`` was taken; ``held`` the broker messages the
+    worker holds (reserved or running: task, job id, task id, delivery tag). A job whose holder (``node#pid``) is
+    missing from a fresh beat, or whose worker stopped beating, is re-queued (docs/workers.md)."""
+
+    __tablename__ = "worker_heartbeats"
+
+    name: Mapped[str] = mapped_column(String(128), primary_key=True)  # Celery node name, e.g. gpu1@host
+    pid: Mapped[int] = mapped_column(Integer)
+    queues: Mapped[str | None] = mapped_column(String(256))
+    processes: Mapped[str] = mapped_column(Text, default="[]")  # JSON list of pool process ids
+    held: Mapped[str] = mapped_column(Text, default="[]")  # JSON list of {task, job, id, tag}
+    started_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    beat_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    stopped_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    stop_reason: Mapped[str | None] = mapped_column(Text)
+
+
 class AuditEvent(Base):
     """Who talked to the node: associations accepted or rejected (with the reason), and other security events."""
 

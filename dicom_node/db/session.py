@@ -6,11 +6,13 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 from alembic import command
 from alembic.config import Config
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.pool import NullPool
 
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
 
@@ -30,18 +32,24 @@ def _sqlite_pragmas(lock_timeout_ms: int, dbapi_connection, _record) -> None:  #
     cursor.close()
 
 
-def make_engine(url: str, lock_timeout_seconds: float = DEFAULT_LOCK_TIMEOUT_SECONDS) -> Engine:
+def make_engine(url: str, lock_timeout_seconds: float = DEFAULT_LOCK_TIMEOUT_SECONDS, *, pooled: bool = True) -> Engine:
     """An engine whose statements wait at most ``lock_timeout_seconds`` for a lock (SQLite busy_timeout,
-    PostgreSQL lock_timeout) and then fail, so that a caller with a deadline can still answer."""
+    PostgreSQL lock_timeout) and then fail, so that a caller with a deadline can still answer.
+
+    ``pooled=False``: no connection is kept between uses (a process that forks children, such as a Celery worker's
+    main process, must not hand them open connections)."""
+    pool: dict[str, Any] = {} if pooled else {"poolclass": NullPool}
     lock_timeout_ms = max(1, int(lock_timeout_seconds * 1000))
     if url.startswith("sqlite"):
         path = url.split("///", 1)[-1]
         if path and path != ":memory:":
             Path(path).parent.mkdir(parents=True, exist_ok=True)
-        engine = create_engine(url, connect_args={"timeout": lock_timeout_seconds, "check_same_thread": False})
+        engine = create_engine(url, connect_args={"timeout": lock_timeout_seconds, "check_same_thread": False}, **pool)
         event.listen(engine, "connect", partial(_sqlite_pragmas, lock_timeout_ms))
         return engine
     connect_args = {"options": f"-c lock_timeout={lock_timeout_ms}"} if url.startswith("postgresql") else {}
+    if not pooled:
+        return create_engine(url, connect_args=connect_args, **pool)
     return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20, connect_args=connect_args)
 
 
@@ -68,12 +76,17 @@ class Database:
     """Owns one engine and hands out sessions; pass it to the layers that need the job database."""
 
     def __init__(
-        self, url: str, *, upgrade: bool = True, lock_timeout_seconds: float = DEFAULT_LOCK_TIMEOUT_SECONDS
+        self,
+        url: str,
+        *,
+        upgrade: bool = True,
+        lock_timeout_seconds: float = DEFAULT_LOCK_TIMEOUT_SECONDS,
+        pooled: bool = True,
     ) -> None:
         self.url = url
         if upgrade:
             migrate(url)
-        self.engine = make_engine(url, lock_timeout_seconds)
+        self.engine = make_engine(url, lock_timeout_seconds, pooled=pooled)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
 
     @contextmanager
