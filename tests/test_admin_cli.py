@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 from pathlib import Path
 
@@ -181,3 +182,20 @@ def test_out_of_range_arguments_are_one_line(
     assert exit_.value.code == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("argv", [["jobs", "list"], ["jobs", "show", "1"], ["studies", "show", "1.2.3"], ["stats"]])
+def test_admin_commands_refuse_to_invent_a_database(
+    argv: list[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """No --config, no --data-dir, no DICOM_NODE_ variable, and no ./data/jobs.sqlite: one line, exit 2, and no
+    empty database left behind (not a silent "no jobs")."""
+    monkeypatch.chdir(tmp_path)
+    for name in [name for name in os.environ if name.upper().startswith("DICOM_NODE_")]:
+        monkeypatch.delenv(name)
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "no job database at" in err and "--config" in err and "--data-dir" in err
+    assert not (tmp_path / "data").exists()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -45,6 +46,7 @@ def add_admin_arguments(parser: argparse.ArgumentParser, json_help: str = "JSON 
     add_config_argument(parser)
     add_data_dir_argument(parser)
     parser.add_argument("--json", action="store_true", help=json_help)
+    parser.set_defaults(needs_existing_database=True)
 
 
 def bounded_int(low: int, high: int) -> Callable[[str], int]:
@@ -70,10 +72,35 @@ def settings_from(args: argparse.Namespace, overrides: dict[str, Any] | None = N
         node = {"data_dir": str(data_dir), **(overrides or {}).get("node", {})}
         overrides = {**(overrides or {}), "node": node}
     try:
-        return load_settings(getattr(args, "config", None), overrides)
+        settings = load_settings(getattr(args, "config", None), overrides)
     except ConfigError as err:
         print(f"dicom-node: {err}", file=sys.stderr)
         raise SystemExit(EXIT_CONFIG_ERROR) from None
+    if getattr(args, "needs_existing_database", False):
+        refuse_to_invent_database(args, settings)
+    return settings
+
+
+def refuse_to_invent_database(args: argparse.Namespace, settings: Settings) -> None:
+    """An admin command given no configuration (no --config, no --data-dir, no DICOM_NODE_ variable) reads the
+    default ./data/jobs.sqlite; when that does not exist it was started in the wrong folder: say so and exit 2,
+    rather than create an empty database and answer "no jobs"."""
+    configured = (
+        getattr(args, "config", None) is not None
+        or getattr(args, "data_dir", None) is not None
+        or any(name.upper().startswith("DICOM_NODE_") for name in os.environ)
+    )
+    url = settings.database_url
+    if configured or not url.startswith("sqlite:///"):
+        return
+    path = Path(url.split("///", 1)[1])
+    if not path.exists():
+        print(
+            f"dicom-node: no job database at {path} and no configuration given; pass the node's --config FILE "
+            "or --data-dir DIR (an admin command never creates a database)",
+            file=sys.stderr,
+        )
+        raise SystemExit(EXIT_CONFIG_ERROR)
 
 
 def build_parser() -> argparse.ArgumentParser:
