@@ -209,6 +209,11 @@ def test_cli_jobs_retry_sends_to_the_embedded_broker(
         payloads = connection.execute(text("SELECT payload FROM kombu_message")).scalars().all()
     broker.dispose()
     assert len(payloads) == 1 and job.broker_task_id in payloads[0]
+    # The sweeper sees the message waiting there (a queued job, not a lost one).
+    from workers.inspect import inspector_for
+
+    snapshot = inspector_for(f"sqlite:///{tmp_path / 'data' / 'broker' / 'broker.sqlite'}").snapshot()  # type: ignore[union-attr]
+    assert snapshot is not None and snapshot.pending() == {("dicom_node.detect", job_id)}
 
     lease = acquire_lease(db, job_id, "w@h#1", 60)
     assert lease is not None

@@ -159,6 +159,14 @@ def no_unacked(redis_server: RedisServer) -> None:
 
 
 WORKER_QUEUES = "brain_mri,delivery"
+# For the figures in docs/benchmarks.md: DN_TEST_DEFAULT_TIMINGS=1 runs the failover and Redis tests with the
+# shipped heartbeat, grace, sweep and requeue settings instead of the short test ones.
+DEFAULT_TIMINGS = (
+    {"heartbeat_seconds": 5, "failover_grace_seconds": 30, "sweep_interval_seconds": 5, "requeue_after_seconds": 60}
+    if os.environ.get("DN_TEST_DEFAULT_TIMINGS")
+    else {}
+)
+BURST = int(os.environ.get("DN_TEST_BURST", "6"))
 
 
 @pytest.mark.postgres
@@ -167,7 +175,10 @@ def test_failover_in_seconds_whichever_worker_gets_the_message(
 ) -> None:
     """Two workers on PostgreSQL and Redis, results to Orthanc. kill -9 of the pool process running a job, then of
     the whole worker running the next one: each job's results are stored once, in seconds, not after the lease."""
-    node = make_node(tmp_path, postgres_url, redis_server.url, destinations=[destination(orthanc)], lease_seconds=600)
+    node = make_node(
+        tmp_path, postgres_url, redis_server.url, destinations=[destination(orthanc)], lease_seconds=600,
+        **DEFAULT_TIMINGS,
+    )  # fmt: skip
     try:
         node.start_worker("w1@hostA", queues=WORKER_QUEUES, wait=False)
         node.start_worker("w2@hostB", queues=WORKER_QUEUES)
@@ -185,7 +196,7 @@ def test_failover_in_seconds_whichever_worker_gets_the_message(
         (second,), (second_series,) = schedule(node, 1, sleep=3)
         wait_for(lambda: node.started(second_series), 60, "the second job to start")
         holder = (node.job(second).worker or "").split("#")[0]
-        wait_for(lambda: node.heartbeat_holding(holder, second), 10, "the holder's heartbeat to list the job")
+        wait_for(lambda: node.heartbeat_holding(holder, second), 15, "the holder's heartbeat to list the job")
         by_name[holder].kill()  # main process and pool: its message stays unacknowledged in Redis
         killed = time.monotonic()
         (job,) = node.wait_states([second], {"delivered"}, 60, sweep=True)
@@ -212,7 +223,7 @@ def test_deliveries_are_not_held_back_by_a_burst(
     node = make_node(tmp_path, sqlite_url, redis_server.url, destinations=[destination(orthanc)])
     try:
         node.start_worker("burst@test", queues=WORKER_QUEUES)
-        job_ids, _ = schedule(node, 6, sleep=0.5)
+        job_ids, _ = schedule(node, BURST, sleep=0.5)
         jobs = node.wait_states(job_ids, {"delivered"}, 120)
         starts = sorted(job.started_at for job in jobs if job.started_at)
         first_delivered = min(job.delivered_at for job in jobs if job.delivered_at)
@@ -279,7 +290,7 @@ def test_redis_restarted_mid_stream_loses_nothing(
 ) -> None:
     """Redis stopped (nothing persisted) with jobs running, queued and scheduled meanwhile: all delivered once,
     within 60 s of its return."""
-    node = make_node(tmp_path, sqlite_url, redis_server.url, destinations=[destination(orthanc)])
+    node = make_node(tmp_path, sqlite_url, redis_server.url, destinations=[destination(orthanc)], **DEFAULT_TIMINGS)
     try:
         node.start_worker("restart@test", queues=WORKER_QUEUES)
         first, _ = schedule(node, 4, sleep=1.0)

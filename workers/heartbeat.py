@@ -47,7 +47,12 @@ def main_db(settings: Settings) -> Database:
     """The main process's job database: no pooled connection, so forked pool processes inherit none."""
     pid = os.getpid()
     if pid not in _MAIN_DB:
-        _MAIN_DB[pid] = Database(settings.database_url, upgrade=False, pooled=False)
+        _MAIN_DB[pid] = Database(
+            settings.database_url,
+            upgrade=False,
+            pooled=False,
+            lock_timeout_seconds=max(settings.workers.heartbeat_seconds, 5.0),
+        )
     return _MAIN_DB[pid]
 
 

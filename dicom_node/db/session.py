@@ -47,8 +47,12 @@ def make_engine(url: str, lock_timeout_seconds: float = DEFAULT_LOCK_TIMEOUT_SEC
         engine = create_engine(url, connect_args={"timeout": lock_timeout_seconds, "check_same_thread": False}, **pool)
         event.listen(engine, "connect", partial(_sqlite_pragmas, lock_timeout_ms))
         return engine
-    connect_args = {"options": f"-c lock_timeout={lock_timeout_ms}"} if url.startswith("postgresql") else {}
+    connect_args: dict[str, Any] = (
+        {"options": f"-c lock_timeout={lock_timeout_ms}"} if url.startswith("postgresql") else {}
+    )
     if not pooled:
+        if url.startswith("postgresql"):  # a database host that is away must not hold this process for long
+            connect_args["connect_timeout"] = max(1, int(lock_timeout_seconds))
         return create_engine(url, connect_args=connect_args, **pool)
     return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20, connect_args=connect_args)
 
