@@ -133,7 +133,7 @@ class Node:
                 "requeue_after_seconds": 4,
                 "sweep_interval_seconds": 0.5,
                 "heartbeat_seconds": 0.5,
-                "failover_grace_seconds": 3,
+                "failover_grace_seconds": 4,  # silent 3.5 s: dead (room for a busy SQLite on 2 cores)
                 **workers,
             },
             "destinations": destinations,
