@@ -131,10 +131,9 @@ class Liveness:
         dead = self.silent_for(row)
         if dead is not None:
             return dead
-        processes = json.loads(row.processes or "[]")
-        if (started_at is None or _utc(row.beat_at) > _utc(started_at) + timedelta(seconds=0.5)) and pid not in (
-            processes
-        ):
+        processes = json.loads(row.processes or "[]")  # empty: the pool could not be read at that beat
+        fresh = started_at is None or _utc(row.beat_at) > _utc(started_at) + timedelta(seconds=0.5)
+        if processes and fresh and pid not in processes:
             return f"pool process {pid} of {node} is gone (heartbeat at {_utc(row.beat_at):%H:%M:%S})"
         return None
 
