@@ -8,7 +8,9 @@ STAMP := $(VENV)/.installed
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: install serve test test-deps services lint typecheck bench clean
+.PHONY: install serve test test-deps services lint typecheck bench clean ohif
+OHIF_VERSION := 3.13.2
+OHIF_STAMP := .ohif/.$(OHIF_VERSION)
 
 install: $(STAMP)
 
@@ -39,7 +41,15 @@ test-deps:
 services:
 	bash .ci/services.sh
 
-test: install test-deps services
+# OHIF Viewer's built app (npm registry, package/dist) for the real-viewer tests; fetched once per version.
+$(OHIF_STAMP):
+	rm -rf .ohif && mkdir -p .ohif
+	cd .ohif && npm pack --silent @ohif/app@$(OHIF_VERSION) >/dev/null && tar xzf ohif-app-$(OHIF_VERSION).tgz && rm ohif-app-$(OHIF_VERSION).tgz
+	touch $@
+
+ohif: $(OHIF_STAMP)
+
+test: install test-deps services ohif
 	$(BIN)/pytest $(PYTEST_ARGS)
 
 lint:
@@ -51,4 +61,4 @@ bench: install
 	$(BIN)/python -m bench
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) build *.egg-info .ohif

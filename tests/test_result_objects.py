@@ -135,11 +135,17 @@ def test_brain_sr_is_tid1500_with_segment_references(brain: BuiltObjects) -> Non
     groups = [
         i for i in items if i.get("ValueType") == "CONTAINER" and i.ConceptNameCodeSequence[0].CodeValue == "125007"
     ]
-    # The series verdict, then per region a planar group (outline on its peak slice) and a volumetric group
-    # (Referenced Segment), both with the region's tracking UID.
+    # The series verdict (TID 1501, its score inferred from an image region), then per region a planar group
+    # (outline on its peak slice) and a volumetric group (Referenced Segment), both with the region's tracking UID.
     assert len(groups) == 1 + 2 * len(brain.findings.findings)
     templates = [g.ContentTemplateSequence[0].TemplateIdentifier for g in groups if "ContentTemplateSequence" in g]
-    assert templates.count("1411") == 2 and templates.count("1410") == 3
+    assert templates.count("1501") == 1 and templates.count("1411") == 2 and templates.count("1410") == 2
+    comments = [
+        i.TextValue
+        for i in items
+        if i.get("ValueType") == "TEXT" and i.ConceptNameCodeSequence[0].CodeValue == "121106"
+    ]
+    assert len(comments) == 1 and comments[0].startswith("Abnormal: anomaly score 0.9 at or above the threshold 0.5")
     segment_refs = [
         i.ReferencedSOPSequence[0]
         for i in items
@@ -168,9 +174,10 @@ def test_chest_sr_has_planar_polygon_in_source_pixels(chest: BuiltObjects) -> No
     sr = chest.objects["SR"]
     items = _content_items(sr)
     polygons = [i for i in items if i.get("ValueType") == "SCOORD"]
-    # The series verdict's field outline, then one outline per region.
+    # The series verdict's anchor point (where OHIF writes it), then one outline per region.
     assert len(polygons) == 1 + len(chest.findings.findings) == 3
-    assert all(p.GraphicType == "POLYLINE" for p in polygons)  # 2-D polygon: closed POLYLINE
+    assert polygons[0].GraphicType == "POINT"
+    assert all(p.GraphicType == "POLYLINE" for p in polygons[1:])  # 2-D polygon: closed POLYLINE
     first = np.asarray(polygons[1].GraphicData, dtype=float).reshape(-1, 2)
     rows, columns = int(chest.source.datasets[0].Rows), int(chest.source.datasets[0].Columns)
     # The strongest blob: rows R/3..R/2, columns C/5..C/2 (x = column, y = row, pixel edges).

@@ -324,15 +324,19 @@ def test_every_sr_group_has_an_image_region_ohif_can_place(
     brain_abnormal: BuiltObjects, brain_normal_with_hot_pixels: BuiltObjects, chest_below_pixel_threshold: BuiltObjects
 ) -> None:
     """OHIF 3.13 (extensions/cornerstone-dicom-sr) merges measurement groups by Tracking Unique Identifier and shows
-    a measurement only when the merged group has a SCOORD whose SELECTED FROM child names an image: a group without
-    one crashed its SR viewport (coords[0].ReferencedSOPSequence of undefined)."""
+    a measurement only when the merged group has a SCOORD whose SELECTED FROM child names an image, at the top of the
+    group (TID 1410) or under a NUM it is INFERRED FROM (TID 1501): a group without one crashed its SR viewport
+    (coords[0].ReferencedSOPSequence of undefined)."""
     for built in (brain_abnormal, brain_normal_with_hot_pixels, chest_below_pixel_threshold):
         sources = set(built.source.sop_instance_uids)
         merged: dict[str, list[Dataset]] = {}
         for group in _groups(built.objects["SR"]):
             merged.setdefault(_tracking(group)[1], []).extend(group.ContentSequence)
         for uid, content in merged.items():
-            scoords = [i for i in content if i.get("ValueType") == "SCOORD"]
+            nums = [i for i in content if i.get("ValueType") == "NUM"]
+            scoords = [i for i in content if i.get("ValueType") == "SCOORD"] or [
+                child for num in nums for child in num.get("ContentSequence", []) if child.get("ValueType") == "SCOORD"
+            ]
             assert scoords, uid
             reference = scoords[0].ContentSequence[0].ReferencedSOPSequence[0]
             assert reference.ReferencedSOPInstanceUID in sources

@@ -7,17 +7,19 @@ Content tree::
       Procedure Reported (LOINC)
       Image Library (TID 1600): the images the regions peak on and the key image
       Imaging Measurements
-        Measurement Group (TID 1410): the series verdict, Tracking Identifier "Series verdict: Normal|Abnormal"
-          Image Region: box around the detector's field on the key image; Finding Normal | Anomaly; Algorithm
-          Identification (TID 4019: name, version, thresholds); Anomaly score (NUM, UCUM "1"); Anomaly assessment =
-          Normal | Abnormal at the calibrated image threshold
+        Measurement Group (TID 1501): the series verdict, Tracking Identifier "Series verdict: Normal|Abnormal";
+          Finding Normal | Anomaly; Algorithm Identification (TID 4019: name, version, thresholds); Anomaly score
+          (NUM, UCUM "1", INFERRED FROM a point at the top left of the detector's field on the key image); Anomaly
+          assessment = Normal | Abnormal at the calibrated image threshold; Comment "Abnormal: anomaly score 7.3 at
+          or above the threshold 7.04" (what OHIF writes on the image)
         per region (Abnormal only; Tracking Identifier "Anomaly <n>", Tracking UID = the SEG segment's):
           Measurement Group (TID 1410): Image Region = the region's outline on the image where it peaks; Finding
             Anomaly; Anomaly score (NUM, maximum over the region); Anomaly assessment = Abnormal
           Measurement Group (TID 1411, volume with a SEG): Referenced Segment → the SEG segment; Volume (mm3)
 
-Every group has a SCOORD with its image reference: OHIF (3.13, cornerstone-dicom-sr) shows only measurement groups
-that have one (merging groups that share a Tracking UID) and its SR viewport failed on a group without one.
+Every group has a SCOORD with its image reference, at the top (TID 1410) or under its NUM (TID 1501): OHIF (3.13,
+cornerstone-dicom-sr) shows only measurement groups that have one (merging groups that share a Tracking UID) and its
+SR viewport failed on a group without one.
 
 Completion Flag COMPLETE, Verification Flag UNVERIFIED (nobody has signed it). A re-run over a changed instance set
 names the earlier SR in the Predecessor Documents Sequence (PS3.3 C.17.2.1).
@@ -152,31 +154,55 @@ def _series_group(
     algorithm: hd.sr.AlgorithmIdentification,
     *,
     series_score: float,
+    image_threshold: float,
     abnormal: bool,
     tracking_uid: str,
-) -> hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations:
-    """The verdict of the whole series: score and Normal/Abnormal (TID 1410). Its image region is the field the
-    detector read (the box around the non-zero map) on the key image (where the strongest region peaks, else the
-    highest-scoring image): OHIF shows only groups with a SCOORD and an image reference, and drops the whole report
-    when one group has none. It is not a finding region: its Tracking Identifier is "Series verdict"."""
+) -> hd.sr.MeasurementsAndQualitativeEvaluations:
+    """The verdict of the whole series (TID 1501): the anomaly score, inferred from the key image (where the strongest
+    region peaks, else the highest-scoring image; a point at the top left of the field the detector read),
+    Normal/Abnormal at the calibrated threshold, and a Comment (DCM 121106) that says so in words.
+
+    The form is what OHIF 3.13 shows: for a group without a top-level SCOORD it draws the SCOORD its NUM is
+    INFERRED FROM (it needs that SCOORD's image reference) and writes the Comment and the score beside it, so the
+    verdict is on screen; it ignores Tracking Identifiers and qualitative evaluations. Not a finding region: its
+    Tracking Identifier is "Series verdict"."""
     frame = key_frame(source, findings)
     field = source.maps[frame] > 0
+    top, left = 0, 0
     if field.any():
-        rows, cols = np.nonzero(field.any(axis=1))[0], np.nonzero(field.any(axis=0))[0]
-        box = _closed_box(int(rows[0]), int(cols[0]), int(rows[-1]), int(cols[-1]))
-    else:
-        first = source.datasets[frame]
-        box = _closed_box(0, 0, int(first.Rows) - 1, int(first.Columns) - 1)
+        top, left = int(np.nonzero(field.any(axis=1))[0][0]), int(np.nonzero(field.any(axis=0))[0][0])
+    # A point at the top left of the field: OHIF writes the Comment to the right of the graphic, so a box around
+    # the whole field put the verdict outside the viewport; the point keeps it on the image.
+    anchor = np.array([[left + 0.5, top + 0.5]], dtype=np.float32)
     verdict = "Abnormal" if abnormal else "Normal"
-    return hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
+    score = hd.sr.Measurement(name=ANOMALY_SCORE, value=float(series_score), unit=UNITLESS)
+    inferred_from = hd.sr.ImageRegion(
+        graphic_type=hd.sr.GraphicTypeValues.POINT,
+        graphic_data=anchor,
+        source_image=hd.sr.SourceImageForRegion.from_source_image(source.datasets[frame]),
+    )
+    inferred_from.RelationshipType = "INFERRED FROM"  # TID 300 row 8 via TID 320: the image area it comes from
+    num = score[0]
+    if "ContentSequence" in num:
+        num.ContentSequence.append(inferred_from)
+    else:
+        num.ContentSequence = [inferred_from]
+    group = hd.sr.MeasurementsAndQualitativeEvaluations(
         tracking_identifier=hd.sr.TrackingIdentifier(uid=tracking_uid, identifier=f"Series verdict: {verdict}"),
-        referenced_region=_region(box, source.datasets[frame]),
         finding_type=FINDING_TYPE if abnormal else NORMAL,
         algorithm_id=algorithm,
         finding_sites=_finding_sites(model),
-        measurements=[hd.sr.Measurement(name=ANOMALY_SCORE, value=float(series_score), unit=UNITLESS)],
+        measurements=[score],
         qualitative_evaluations=[_assessment(abnormal)],
     )
+    relation = "at or above" if abnormal else "below"
+    comment = f"{verdict}: anomaly score {series_score:.3g} {relation} the threshold {image_threshold:.3g}"
+    group[0].ContentSequence.append(  # TID 1501 carries it as a free-text qualitative evaluation
+        hd.sr.TextContentItem(
+            name=codes.DCM.Comment, value=comment[:1024], relationship_type=hd.sr.RelationshipTypeValues.CONTAINS
+        )
+    )
+    return group
 
 
 def key_frame(source: SourceSeries, findings: Findings) -> int:
@@ -238,6 +264,7 @@ def build_sr(
             model,
             algorithm,
             series_score=series_score,
+            image_threshold=image_threshold,
             abnormal=abnormal,
             tracking_uid=derived_uid("study-finding", uids.sop_instance_uid),
         )
