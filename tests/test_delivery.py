@@ -28,6 +28,7 @@ STORESCU = Path("/usr/bin/storescu")
 SEG_STORAGE = "1.2.840.10008.5.1.4.1.1.66.4"
 COMPREHENSIVE_3D_SR = "1.2.840.10008.5.1.4.1.1.88.34"
 SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"
+PARAMETRIC_MAP = "1.2.840.10008.5.1.4.1.1.30"
 STORAGE_COMMITMENT = "1.2.840.10008.1.20.1"
 
 
@@ -210,8 +211,9 @@ class RefusingScp:
         self.port = free_port()
         self.received = 0
         self.transfer_syntaxes: list[str] = []
+        self.datasets: list[pydicom.Dataset] = []
         ae = AE(ae_title="REFUSER")
-        for sop_class in (SEG_STORAGE, COMPREHENSIVE_3D_SR, SECONDARY_CAPTURE, STORAGE_COMMITMENT):
+        for sop_class in (SEG_STORAGE, COMPREHENSIVE_3D_SR, SECONDARY_CAPTURE, STORAGE_COMMITMENT, PARAMETRIC_MAP):
             ae.add_supported_context(sop_class, list(transfer_syntaxes))
         self.server = ae.start_server(
             ("127.0.0.1", self.port),
@@ -222,6 +224,7 @@ class RefusingScp:
     def _on_store(self, event: evt.Event) -> int:
         self.received += 1
         self.transfer_syntaxes.append(str(event.context.transfer_syntax))
+        self.datasets.append(event.dataset)
         return self.status
 
     def _on_action(self, event: evt.Event) -> tuple[int, None]:
@@ -437,6 +440,39 @@ def test_peer_accepting_only_implicit_vr_gets_implicit_vr(tmp_path: Path, sqlite
         )
         assert deliver_job(db, settings, job_id).state == JobState.DELIVERED
         assert scp.transfer_syntaxes == ["1.2.840.10008.1.2"] * 3
+    finally:
+        scp.close()
+        db.dispose()
+
+
+def test_compressed_parametric_map_goes_decompressed_to_a_pacs_without_jpeg_2000(
+    tmp_path: Path, sqlite_url: str
+) -> None:
+    """The Parametric Map is stored as JPEG 2000 Lossless; a PACS that accepts only uncompressed syntaxes gets the
+    same pixels decompressed (the SCU proposes the compressed syntax in a context of its own)."""
+    files = brain_files()
+    scp = RefusingScp(0x0000, ("1.2.840.10008.1.2.1",))
+    db = Database(sqlite_url)
+    try:
+        destination = {
+            "name": "plain",
+            "ae_title": "REFUSER",
+            "host": "127.0.0.1",
+            "port": scp.port,
+            "profile": {"objects": ["PM"]},
+        }
+        settings = make_settings(tmp_path, [destination])
+        job_id = create_job(db, files, synthetic_result(files, "brain_mri"), settings.results_dir, detector="brain_mri")
+        assert deliver_job(db, settings, job_id).state == JobState.DELIVERED
+        assert scp.transfer_syntaxes == ["1.2.840.10008.1.2.1"]
+        with db.session() as session:
+            stored = session.scalars(select(ResultObject).where(ResultObject.job_id == job_id)).one()
+        as_stored = pydicom.dcmread(stored.file_path)
+        assert as_stored.file_meta.TransferSyntaxUID == "1.2.840.10008.1.2.4.90"  # JPEG 2000 Lossless on disk
+        received = scp.datasets[0]
+        received.file_meta = pydicom.dataset.FileMetaDataset()
+        received.file_meta.TransferSyntaxUID = "1.2.840.10008.1.2.1"
+        assert (received.pixel_array == as_stored.pixel_array).all()  # lossless
     finally:
         scp.close()
         db.dispose()

@@ -1,7 +1,10 @@
 """C-STORE SCU towards a PACS (PS3.4 Annex B, PS3.7 9.1.1).
 
 One association per delivery attempt, proposing only the SOP classes being sent, each with Explicit and Implicit VR
-Little Endian. The outcome of the attempt is classified so the pipeline knows what to do next:
+Little Endian, and, for an object stored compressed (the Parametric Map: JPEG 2000 Lossless), a second presentation
+context with its own transfer syntax: a PACS that accepts it gets the object as stored; one that does not gets it
+decompressed (PS3.5 A: lossless, the same pixels). The outcome of the attempt is classified so the pipeline knows
+what to do next:
 
 * 0x0000 → ``stored``; 0xB000, 0xB006, 0xB007 → ``warning`` (stored, with coercion/elements discarded)
 * no association, association aborted, 0xA7xx (out of resources) → ``retry`` with exponential backoff
@@ -26,6 +29,7 @@ from dicom_node.config import Destination
 log = logging.getLogger(__name__)
 
 TRANSFER_SYNTAXES = ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2"]  # Explicit, Implicit VR Little Endian
+UNCOMPRESSED = {*TRANSFER_SYNTAXES, "1.2.840.10008.1.2.2"}
 WARNING_STATUSES = {0xB000, 0xB006, 0xB007}
 OUTCOME_ORDER = {"stored": 0, "warning": 1, "retry": 2, "failed": 3}
 
@@ -61,14 +65,22 @@ def _worst(outcomes: Sequence[SendOutcome]) -> SendOutcome:
 
 
 def _associate(
-    destination: Destination, calling_ae: str, sop_classes: Sequence[str], timeouts: ScuTimeouts
+    destination: Destination,
+    calling_ae: str,
+    sop_classes: Sequence[str],
+    timeouts: ScuTimeouts,
+    compressed: Sequence[tuple[str, str]] = (),
 ) -> tuple[Association | None, str]:
+    """``compressed``: (SOP class, transfer syntax) pairs proposed in contexts of their own, besides the
+    uncompressed context every SOP class gets (PS3.8 9.3.2.2: the acceptor picks one syntax per context)."""
     ae = AE(ae_title=calling_ae)
     ae.acse_timeout = timeouts.acse
     ae.dimse_timeout = timeouts.dimse
     ae.network_timeout = timeouts.network
     for sop_class in sop_classes:
         ae.add_requested_context(sop_class, TRANSFER_SYNTAXES)
+    for sop_class, syntax in compressed:
+        ae.add_requested_context(sop_class, syntax)
     assert destination.host and destination.port and destination.ae_title
     assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title)
     if assoc.is_established:
@@ -85,6 +97,17 @@ def _associate(
     return None, f"retry:no association with {destination.ae_title}@{destination.host}:{destination.port}"
 
 
+def _as_accepted(assoc: Association, ds: pydicom.Dataset) -> pydicom.Dataset:
+    """``ds`` as stored when the PACS accepted its transfer syntax for its SOP class, else decompressed."""
+    syntax = str(ds.file_meta.TransferSyntaxUID)
+    accepted = {(str(cx.abstract_syntax), str(cx.transfer_syntax[0])) for cx in assoc.accepted_contexts}
+    if syntax in UNCOMPRESSED or (str(ds.SOPClassUID), syntax) in accepted:
+        return ds
+    log.info("%s: the PACS does not take %s, sending it decompressed", ds.SOPInstanceUID, syntax)
+    ds.decompress()
+    return ds
+
+
 def store_files(
     destination: Destination, files: Sequence[Path], *, calling_ae: str, timeouts: ScuTimeouts | None = None
 ) -> SendOutcome:
@@ -92,7 +115,11 @@ def store_files(
     timeouts = timeouts or ScuTimeouts()
     datasets = [pydicom.dcmread(path) for path in files]
     sop_classes = sorted({str(ds.SOPClassUID) for ds in datasets})
-    assoc, problem = _associate(destination, calling_ae, sop_classes, timeouts)
+    compressed = sorted(
+        {(str(ds.SOPClassUID), str(ds.file_meta.TransferSyntaxUID)) for ds in datasets}
+        - {(c, ts) for c in sop_classes for ts in UNCOMPRESSED}
+    )
+    assoc, problem = _associate(destination, calling_ae, sop_classes, timeouts, compressed)
     if assoc is None:
         outcome, _, reason = problem.partition(":")
         log.warning("delivery to %s: %s", destination.name, reason)
@@ -100,7 +127,7 @@ def store_files(
     outcomes: list[SendOutcome] = []
     try:
         for ds in datasets:
-            response = assoc.send_c_store(ds)
+            response = assoc.send_c_store(_as_accepted(assoc, ds))
             if "Status" not in response:
                 lost = f"no C-STORE response for {ds.SOPInstanceUID} (connection lost or timed out)"
                 outcomes.append(SendOutcome("retry", None, lost))

@@ -6,6 +6,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from pydicom.dataset import Dataset
+from pydicom.uid import JPEG2000Lossless
 
 from dicom_node.results.common import Findings, SourceSeries, align, find_findings, result_uids
 from dicom_node.results.pm import build_pm
@@ -80,7 +81,9 @@ def build_results(
             predecessors=predecessors,
         )
     if "PM" in wanted:
-        pm = build_pm(source, result.model, result.pixel_threshold)
+        # JPEG 2000 Lossless: a tenth of the uncompressed size; the SCU sends it decompressed to a PACS that
+        # does not accept it.
+        pm = build_pm(source, result.model, result.pixel_threshold, transfer_syntax_uid=JPEG2000Lossless)
         if pm is not None:
             objects["PM"] = pm
     if "SC" in wanted:

@@ -5,8 +5,9 @@ keep a step of 1/65535 of the map's maximum, far below any threshold. The Real W
 C.7.6.16.2.11) turns them back into the score: "Anomaly score", unit UCUM "1", slope = maximum / 65535, intercept
 0. Leading and trailing slices whose map is zero everywhere (outside the head) are left out. The window is centred
 on the calibrated pixel threshold so the default display shows "above threshold" bright. The encoding is Explicit VR
-Little Endian by default (what the C-STORE SCU proposes); ``transfer_syntax_uid`` can ask for JPEG 2000 Lossless
-(about a tenth of the size) where the delivery path negotiates it. Same Frame of Reference and per-frame source
+Little Endian by default; the node builds it as JPEG 2000 Lossless (``transfer_syntax_uid``, about a tenth of the
+size), which the C-STORE SCU proposes in a context of its own and decompresses for a PACS that refuses it. Same
+Frame of Reference and per-frame source
 references as the SEG. Only for sources with a Frame of Reference (the IOD requires one): not for radiographs.
 """
 
