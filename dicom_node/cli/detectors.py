@@ -12,6 +12,8 @@ from typing import Any
 
 # Detectors the commands accept; each has an entry in models.registry.DETECTOR_CLASSES.
 DETECTOR_CHOICES: tuple[str, ...] = ("brain_mri", "chest_xray")
+# A radiograph without a pixel size: its long side spans a 43 cm detector (as dicom_node.results.common assumes).
+ASSUMED_DETECTOR_MM = 430.0
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
@@ -94,7 +96,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
         type=Path,
         default=None,
         help="CSV with columns file, x, y, w, h (1024-px coordinates unless a width column says otherwise): "
-        "localisation hit rate (map maximum inside a box)",
+        "localisation hit rate (map maximum inside a box) and region figures against the boxes",
+    )
+    evaluate.add_argument(
+        "--pixel-mm",
+        type=float,
+        default=None,
+        help="pixel size in mm of the images, for the region rules' sizes in mm (default: brain_mri 1 mm; "
+        "chest_xray: the long side spans 430 mm, as the result builders assume without a Pixel Spacing)",
     )
     evaluate.add_argument("--json", type=Path, default=None, help="also write the metrics as JSON here")
     evaluate.add_argument(
@@ -191,12 +200,14 @@ def run_evaluate(args: argparse.Namespace) -> int:
     try:
         report = evaluate(detector, args.normal, args.abnormal, args.masks, scored_out=scored)
         extra_text = _view_and_box_metrics(args, detector, report, scored)
+        region_text = _region_metrics(args, detector, report, scored)
     except ValueError as err:
         print(f"dicom-node: {err}", file=sys.stderr)
         return 1
     print(format_report(report))
     if extra_text:
         print(extra_text)
+    print(region_text)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
@@ -241,3 +252,46 @@ def _view_and_box_metrics(args: argparse.Namespace, detector: Any, report: dict[
         rate = loc["localisation_hit_rate"]
         parts.append(f"{'localisation_hit':<18} {'n/a' if rate is None else f'{rate:.4f}'} (n={loc['n_with_boxes']})")
     return "\n".join(parts)
+
+
+def _region_metrics(args: argparse.Namespace, detector: Any, report: dict[str, Any], scored: list[Any]) -> str:
+    """Add ``regions`` (models.region_evaluation: the product's regions of each image, against --masks or --boxes)
+    to ``report``; the text to print."""
+    import numpy as np
+
+    from models.evaluation import mask_for
+    from models.preprocessing import resize
+    from models.region_evaluation import box_mask, evaluate_regions, format_region_report
+    from models.view_evaluation import read_boxes
+
+    normal, abnormal = scored
+    boxes = read_boxes(args.boxes) if args.boxes is not None else {}
+    masks_dirs = [Path(d) for d in args.masks]
+
+    def lesion_for(path: Path, shape: tuple[int, int]) -> np.ndarray | None:
+        if masks_dirs:
+            mask = mask_for(masks_dirs, path, shape)
+            if mask.shape != shape:
+                mask = resize(mask.astype(np.float32), shape, order=0) > 0.5
+            return mask if mask.any() else None
+        entries = boxes.get(path.name)
+        return box_mask(shape, entries) if entries else None
+
+    def spacing_for(shape: tuple[int, int]) -> tuple[float, float]:
+        if args.pixel_mm is not None:
+            return args.pixel_mm, args.pixel_mm
+        if args.detector == "chest_xray":
+            side = ASSUMED_DETECTOR_MM / max(shape)
+            return side, side
+        return 1.0, 1.0
+
+    regions = evaluate_regions(
+        (normal.files, normal.scores, normal.maps),
+        (abnormal.files, abnormal.scores, abnormal.maps),
+        detector.image_threshold,
+        detector.pixel_threshold,
+        spacing_for,
+        lesion_for,
+    )
+    report["regions"] = regions
+    return format_region_report(regions)
