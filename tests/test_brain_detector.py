@@ -17,6 +17,7 @@ from models.base import SeriesResult
 from models.brain import BrainMRIDetector
 from models.evaluation import REPORT_KEYS
 from models.image_detector import sha256_file
+from models.region_evaluation import REGION_KEYS
 from models.registry import default_registry
 
 pytestmark = pytest.mark.slow
@@ -121,6 +122,9 @@ def test_evaluate_cli_writes_the_agreed_keys(small_set: dict[str, Path], tmp_pat
     report = json.loads(out.read_text())
     assert set(REPORT_KEYS) <= set(report)
     assert all(report[key] is not None for key in REPORT_KEYS)
+    # Region figures (issue 19): the product's regions of each image against the masks.
+    assert set(REGION_KEYS) <= set(report["regions"])
+    assert report["regions"]["n_lesion_truth"] == len(list(small_set["tumor"].glob("*.png")))
 
 
 def test_calibrate_cli_changes_thresholds(small_set: dict[str, Path], tmp_path: Path) -> None:
