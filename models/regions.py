@@ -123,19 +123,24 @@ class RegionRules:
     is Abnormal but no region passes the pixel threshold, the region around the map maximum at the first of these
     percentiles (of the map inside the field) whose region reaches the minimum size. ``cranial_extent_mm``: in a
     head volume with patient coordinates, the field ends this far below its top (the vertex), which keeps the brain,
-    brainstem and cerebellum and leaves out the neck (None: no limit)."""
+    brainstem and cerebellum and leaves out the neck (None: no limit). ``min_evidence_ratio``: a region after the
+    first is kept only with at least this share of the first's evidence, so that the cap is not filled with faint
+    regions beside the one that drives the score (0: keep up to ``max_regions``)."""
 
     max_regions: int = 3
     min_size_mm: float = 5.0
     margin_mm: float = 3.0
     evidence_percentiles: tuple[float, ...] = (99.0, 98.0, 95.0, 90.0, 75.0)
     cranial_extent_mm: float | None = 140.0
+    min_evidence_ratio: float = 0.25
 
     def __post_init__(self) -> None:
         if self.max_regions < 1:
             raise ValueError("max_regions must be at least 1 (an Abnormal result needs a region)")
         if self.min_size_mm < 0 or self.margin_mm < 0:
             raise ValueError("min_size_mm and margin_mm must not be negative")
+        if not 0.0 <= self.min_evidence_ratio <= 1.0:
+            raise ValueError("min_evidence_ratio must be between 0 and 1")
 
 
 @dataclass(frozen=True)
@@ -256,6 +261,9 @@ def select_regions(
         evidence[0] = -1.0
         evidence[sizes < max(_min_count(rules.min_size_mm, spacing, volume), 1)] = -1.0
         order = [int(label) for label in np.argsort(-evidence, kind="stable") if evidence[label] >= 0]
+        if order:
+            floor = rules.min_evidence_ratio * evidence[order[0]]
+            order = [order[0], *(label for label in order[1:] if evidence[label] >= floor)]
         for label in order[: rules.max_regions]:
             chosen.append(_region(maps, labels == label, pixel_threshold, spacing, True, volume))
     if chosen:

@@ -29,7 +29,8 @@ def model(detector: str) -> ModelIdentity:
 
 
 def synthetic_result(files: list[Path], detector: str, *, abnormal: bool = True) -> SeriesResult:
-    """Low noise everywhere; when ``abnormal``, two blobs above the pixel threshold 0.5 (one large, one small)."""
+    """Low noise everywhere; when ``abnormal``, two blobs above the pixel threshold 0.5 (the second with enough of
+    the first's evidence to be a region of its own under the default RegionRules)."""
     headers = [pydicom.dcmread(path, stop_before_pixels=True) for path in files]
     rows, columns = int(headers[0].Rows), int(headers[0].Columns)
     rng = np.random.default_rng(5)
@@ -39,10 +40,10 @@ def synthetic_result(files: list[Path], detector: str, *, abnormal: bool = True)
     if abnormal:
         if len(files) > 1:
             maps[80:95, 100:130, 90:120] = 0.9
-            maps[30:34, 40:48, 40:48] = 0.7
+            maps[30:40, 40:62, 40:62] = 0.85  # with a quarter of the first's evidence or more: kept
         else:
             maps[0, rows // 3 : rows // 2, columns // 5 : columns // 2] = 0.95
-            maps[0, rows // 2 + 100 : rows // 2 + 220, columns // 2 + 150 : columns // 2 + 300] = 0.7
+            maps[0, rows // 2 + 100 : rows // 2 + 340, columns // 2 + 150 : columns // 2 + 450] = 0.9
     scores = maps.reshape(len(files), -1).max(axis=1)
     return SeriesResult(
         model=model(detector),

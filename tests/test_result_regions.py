@@ -45,22 +45,43 @@ def test_regions_are_capped_and_ranked_by_evidence() -> None:
     maps[0, 50:80, 50:80] = 1.5  # large and warm: evidence 900 x 0.5 = 450 → first
     for k in range(4):
         maps[0, 120:128, 20 + 40 * k : 28 + 40 * k] = 1.2 + 0.01 * k  # four weak ones
-    regions = select_regions(maps, 1.0, SPACING, abnormal=True)
+    every = RegionRules(min_evidence_ratio=0.0)
+    regions = select_regions(maps, 1.0, SPACING, abnormal=True, rules=every)
     assert len(regions) == 3  # the default cap
     assert [r.score for r in regions[:2]] == [1.5, 3.0]
     assert regions[0].evidence > regions[1].evidence > regions[2].evidence
     assert all(r.above_threshold for r in regions)
     assert len(select_regions(maps, 1.0, SPACING, abnormal=True, rules=RegionRules(max_regions=1))) == 1
-    assert len(select_regions(maps, 1.0, SPACING, abnormal=True, rules=RegionRules(max_regions=10))) == 6
+    assert len(select_regions(maps, 1.0, SPACING, abnormal=True, rules=RegionRules(max_regions=10))) == 2
+    assert len(select_regions(maps, 1.0, SPACING, abnormal=True, rules=dataclasses.replace(every, max_regions=10))) == 6
+
+
+def test_faint_regions_beside_the_one_that_drives_the_score_are_left_out() -> None:
+    """A region after the first needs a quarter of its evidence (RegionRules.min_evidence_ratio): the four weak
+    blobs (evidence about 14 each against 450) would fill the cap with regions a radiologist has to dismiss."""
+    maps = _field_map((1, 200, 200))
+    maps[0, 50:80, 50:80] = 1.5  # evidence 450
+    maps[0, 20:30, 20:30] = 3.0  # evidence 200: 44 %, kept
+    for k in range(4):
+        maps[0, 120:128, 20 + 40 * k : 28 + 40 * k] = 1.2  # evidence 12.8 each: 3 %, left out
+    assert [r.score for r in select_regions(maps, 1.0, SPACING, abnormal=True)] == [1.5, 3.0]
+    alone = select_regions(maps, 1.0, SPACING, abnormal=True, rules=RegionRules(min_evidence_ratio=0.5))
+    assert [r.score for r in alone] == [1.5]
+    with pytest.raises(ValueError):
+        RegionRules(min_evidence_ratio=1.5)
 
 
 def test_minimum_size_is_in_millimetres() -> None:
     maps = _field_map((1, 100, 100))
     maps[0, 30:34, 30:34] = 2.0  # 16 pixels: 4.5 mm across at 1 mm, 2.3 mm at 0.5 mm
     maps[0, 60:75, 60:75] = 1.5  # 225 pixels: 16.9 mm at 1 mm
-    at_1mm = select_regions(maps, 1.0, (1.0, 1.0, 1.0), abnormal=True, rules=RegionRules(min_size_mm=4.0))
+    at_1mm = select_regions(
+        maps, 1.0, (1.0, 1.0, 1.0), abnormal=True, rules=RegionRules(min_size_mm=4.0, min_evidence_ratio=0.0)
+    )
     assert [r.score for r in at_1mm] == [1.5, 2.0]
-    at_half = select_regions(maps, 1.0, (1.0, 0.5, 0.5), abnormal=True, rules=RegionRules(min_size_mm=4.0))
+    at_half = select_regions(
+        maps, 1.0, (1.0, 0.5, 0.5), abnormal=True, rules=RegionRules(min_size_mm=4.0, min_evidence_ratio=0.0)
+    )
     assert [r.score for r in at_half] == [1.5]
     assert at_1mm[0].size_mm == pytest.approx(np.sqrt(4 * 225 / np.pi))
     assert at_1mm[0].extent == pytest.approx(225.0)
@@ -230,8 +251,12 @@ def test_regions_are_capped_on_a_real_series(data_dir: Path) -> None:
     for k in range(6):  # six more separate hot blobs
         maps[100 + 10 * (k % 3) : 106 + 10 * (k % 3), 40 + 60 * (k // 3) : 50 + 60 * (k // 3), 150:160] = 0.6 + k / 100
     result = dataclasses.replace(result, anomaly_maps=maps)
-    built = _build(files, result, [ObjectRequest("SEG", True), ObjectRequest("SR")])
+    every = RegionRules(min_evidence_ratio=0.0)
+    built = _build(files, result, [ObjectRequest("SEG", True), ObjectRequest("SR")], rules=every)
     assert len(built.findings.findings) == 3 and len(built.objects["SEG-all-frames"].SegmentSequence) == 3
+    # With the default rules the six faint blobs are left out: the two synthetic regions remain.
+    default = _build(files, result, [ObjectRequest("SEG", True)])
+    assert len(default.objects["SEG-all-frames"].SegmentSequence) == 2
     one = _build(files, result, [ObjectRequest("SEG", True)], rules=RegionRules(max_regions=1))
     assert len(one.objects["SEG-all-frames"].SegmentSequence) == 1
     # Evidence ranks: the large 0.9 blob first.
@@ -244,7 +269,7 @@ def test_no_region_in_the_neck_of_a_real_head_series(data_dir: Path) -> None:
     maps = np.array(result.anomaly_maps)
     maps[60:80, 200:215, 100:130] = 0.99  # hottest of all, but about 200 mm below the top of the head
     built = _build(files, dataclasses.replace(result, anomaly_maps=maps), [ObjectRequest("SEG", True)])
-    assert [round(f.max_score, 2) for f in built.findings.findings] == [0.9, 0.7]
+    assert [round(f.max_score, 2) for f in built.findings.findings] == [0.9, 0.85]
 
 
 def test_abnormal_radiograph_without_pixels_above_threshold_shows_where_the_score_came_from(
