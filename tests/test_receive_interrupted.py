@@ -77,8 +77,14 @@ def test_aborted_study_waits_for_the_resend_and_completes_once(
         assert study.completion_count == 1 and study.instance_count == 20
         assert study.interrupted_at is None and study.open_associations == 0
         assert study.completion_reason == "quiet for 1 s"
-        with db.session() as session:
-            assert session.scalar(select(func.count(Job.id))) == 1
+
+        def jobs() -> int:
+            with db.session() as session:
+                return int(session.scalar(select(func.count(Job.id))) or 0)
+
+        wait_for(jobs, timeout=20)  # the scheduler runs just after the completion is committed
+        time.sleep(2)
+        assert jobs() == 1
     finally:
         node.stop()
         db.dispose()
