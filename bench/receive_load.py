@@ -16,15 +16,31 @@ import argparse
 import multiprocessing
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from pydicom import dcmread
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
-from bench.receive import SIEMENS, Receiver, dicom_node, orthanc, peak_rss_kib
+from bench.receive import REPO, SIEMENS, Receiver, dicom_node, free_port, orthanc, peak_rss_kib, wait_port
+
+
+@contextmanager
+def bare_pynetdicom(work: Path) -> Iterator[Receiver]:
+    """bench/receive_bare_scp.py: pynetdicom's chunked receive and nothing else (no parse, fsync or database)."""
+    port = free_port()
+    process = subprocess.Popen([str(REPO / ".venv" / "bin" / "python"), "-m", "bench.receive_bare_scp", str(port)])
+    try:
+        wait_port(port, process)
+        yield Receiver("pynetdicom", "BARE", port, process)
+    finally:
+        process.terminate()
+        process.wait(60)
 
 
 def make_sender_files(out: Path, sender: int, count: int, per_study: int) -> list[Path]:
@@ -97,13 +113,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--senders", type=int, default=10)
     parser.add_argument("--instances", type=int, default=300, help="per sender")
     parser.add_argument("--per-study", type=int, default=10)
-    parser.add_argument("--receivers", nargs="+", choices=["dicom-node", "orthanc"], default=["dicom-node", "orthanc"])
+    parser.add_argument(
+        "--receivers", nargs="+", choices=["dicom-node", "orthanc", "pynetdicom"], default=["dicom-node", "orthanc"]
+    )
     args = parser.parse_args(argv)
 
     work = Path(tempfile.mkdtemp(prefix="bench-receive-load-"))
     try:
         rows = {}
-        makers = {"dicom-node": dicom_node, "orthanc": orthanc}
+        makers = {"dicom-node": dicom_node, "orthanc": orthanc, "pynetdicom": bare_pynetdicom}
         for make in (makers[name] for name in args.receivers):
             # New UIDs for every receiver, so neither sees the other's studies as duplicates.
             inputs = work / f"inputs-{make.__name__}"
@@ -123,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"{name:<12} {row['instances']:7.0f} {row['failures']:7.0f} {row['inst_per_s']:8.1f} "
                 f"{row['p50_ms']:8.1f} {row['p99_ms']:8.1f} {row['peak_rss_mib']:7.0f} MiB"
             )
-        if len(rows) == 2:
+        if {"dicom-node", "Orthanc"} <= set(rows):
             print(f"node / Orthanc: {rows['dicom-node']['inst_per_s'] / rows['Orthanc']['inst_per_s']:.2f}x")
     finally:
         shutil.rmtree(work, ignore_errors=True)
