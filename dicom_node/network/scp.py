@@ -15,7 +15,6 @@ from __future__ import annotations
 import logging
 import ssl
 import time
-from typing import Any
 
 from pydicom import uid
 from pynetdicom import AE, AllStoragePresentationContexts, _config, evt
@@ -23,7 +22,7 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
 
 from dicom_node.config import NetworkSettings, NodeSettings, TlsSettings
-from dicom_node.network.server import start_server
+from dicom_node.network.server import start_server, text_of
 from dicom_node.storage.receiver import InstanceReceiver
 from dicom_node.studies.records import InstanceRecorder, Peer
 
@@ -63,12 +62,6 @@ _REJECT_REASONS = {
     (0x03, 0x01): "temporary congestion",
     (0x03, 0x02): "local limit exceeded (maximum associations)",
 }
-
-
-def _text(value: Any) -> str:
-    if isinstance(value, bytes):
-        value = value.decode("ascii", "replace")
-    return str(value or "").strip()
 
 
 def server_ssl_context(tls: TlsSettings) -> ssl.SSLContext:
@@ -182,8 +175,8 @@ class StorageSCP:
     @staticmethod
     def _peer(event: evt.Event) -> tuple[Peer, str]:
         primitive = event.assoc.requestor.primitive
-        calling = _text(getattr(primitive, "calling_ae_title", "")) or _text(event.assoc.requestor.ae_title)
-        called = _text(getattr(primitive, "called_ae_title", ""))
+        calling = text_of(getattr(primitive, "calling_ae_title", "")) or text_of(event.assoc.requestor.ae_title)
+        called = text_of(getattr(primitive, "called_ae_title", ""))
         return Peer(calling, event.assoc.requestor.address), called
 
     def _on_requested(self, event: evt.Event) -> None:
@@ -220,8 +213,8 @@ class StorageSCP:
     # Services ---------------------------------------------------------------------------------------------------
 
     def _on_c_store(self, event: evt.Event) -> int:
-        peer = Peer(_text(event.assoc.requestor.ae_title), event.assoc.requestor.address, _association_key(event))
-        affected = _text(getattr(event.request, "AffectedSOPInstanceUID", "")) or None
+        peer = Peer(text_of(event.assoc.requestor.ae_title), event.assoc.requestor.address, _association_key(event))
+        affected = text_of(getattr(event.request, "AffectedSOPInstanceUID", "")) or None
         return self.receiver.receive(event.dataset_path, peer, affected)
 
     def _on_refused_in_transit(
@@ -239,7 +232,7 @@ class StorageSCP:
         self._ended(event, None)
 
     def _on_aborted(self, event: evt.Event) -> None:
-        calling = _text(event.assoc.requestor.ae_title)
+        calling = text_of(event.assoc.requestor.ae_title)
         self._ended(event, f"association from {calling} ({event.assoc.requestor.address}) ended without A-RELEASE")
 
     def _ended(self, event: evt.Event, reason: str | None) -> None:

@@ -35,6 +35,9 @@ from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
 from pynetdicom.utils import make_target
 
+from dicom_node.storage.receiver import STATUS_PROCESSING_FAILURE
+from dicom_node.storage.spool import STATUS_CANNOT_UNDERSTAND, STATUS_OUT_OF_RESOURCES
+
 if TYPE_CHECKING:
     from pynetdicom import AE
     from pynetdicom.association import Association
@@ -45,10 +48,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-# PS3.4 Table B.2-1.
-STATUS_OUT_OF_RESOURCES = 0xA700
-STATUS_CANNOT_UNDERSTAND = 0xC210
-STATUS_PROCESSING_FAILURE = 0xC211
 
 _DATA_SET_LAST_FRAGMENT = 0b10  # message control header (PS3.8 E.2): bit 0 clear = data set, bit 1 set = last
 
@@ -64,7 +63,8 @@ class _FailedStore:
     status: int
 
 
-def _text(value: Any) -> str:
+def text_of(value: Any) -> str:
+    """An AE title or UID as pynetdicom hands it over (bytes or str, padded), as plain text."""
     if isinstance(value, bytes):
         value = value.decode("ascii", "replace")
     return str(value or "").strip()
@@ -80,7 +80,7 @@ def _ends_data_set(primitive: P_DATA) -> bool:
 def _store_failure(error: Exception, command: Dataset) -> tuple[int, str]:
     """The C-STORE status and the reason for the log for an error while receiving a C-STORE request."""
     for keyword in ("AffectedSOPInstanceUID", "AffectedSOPClassUID"):
-        if not _text(command.get(keyword)):
+        if not text_of(command.get(keyword)):
             name = "Affected SOP Instance UID" if keyword == "AffectedSOPInstanceUID" else "Affected SOP Class UID"
             return STATUS_CANNOT_UNDERSTAND, f"the C-STORE request has no {name}"
     if isinstance(error, OSError):
@@ -123,7 +123,7 @@ class ReceiveGuard:
 
     def _peer(self) -> str:
         requestor = self.assoc.requestor
-        return f"{_text(requestor.ae_title) or '?'} ({requestor.address})"
+        return f"{text_of(requestor.ae_title) or '?'} ({requestor.address})"
 
     def _on_error(self, primitive: P_DATA, err: Exception) -> None:
         message, self.dimse.message = self.dimse.message, None
@@ -133,12 +133,14 @@ class ReceiveGuard:
         if isinstance(message, C_STORE_RQ) and context_id is not None:
             command = message.command_set
             status, reason = _store_failure(err, command)
-            sop_instance_uid = _text(command.get("AffectedSOPInstanceUID")) or None
+            sop_instance_uid = text_of(command.get("AffectedSOPInstanceUID")) or None
             peer, uid = self._peer(), sop_instance_uid
             log.warning("C-STORE from %s refused with 0x%04X: %s (SOP Instance %s)", peer, status, reason, uid)
             if self._on_refused is not None:
                 requestor = self.assoc.requestor
-                self._on_refused(_text(requestor.ae_title) or None, requestor.address, status, reason, sop_instance_uid)
+                self._on_refused(
+                    text_of(requestor.ae_title) or None, requestor.address, status, reason, sop_instance_uid
+                )
             self._failed = _FailedStore(int(context_id), command, status)
             if _ends_data_set(primitive):
                 self._answer()
@@ -175,8 +177,8 @@ class ReceiveGuard:
                 raise ValueError("the request has no Message ID")
             rsp = C_STORE()
             rsp.MessageIDBeingRespondedTo = rsp.MessageID = int(message_id)
-            rsp.AffectedSOPClassUID = _text(command.get("AffectedSOPClassUID")) or None
-            rsp.AffectedSOPInstanceUID = _text(command.get("AffectedSOPInstanceUID")) or None
+            rsp.AffectedSOPClassUID = text_of(command.get("AffectedSOPClassUID")) or None
+            rsp.AffectedSOPInstanceUID = text_of(command.get("AffectedSOPInstanceUID")) or None
             rsp.Status = failed.status
             self.dimse.send_msg(rsp, failed.context_id)  # queued for the reactor, which is the calling thread
         except Exception as err:  # noqa: BLE001 - e.g. a malformed UID we cannot echo: abort instead

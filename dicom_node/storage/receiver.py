@@ -10,7 +10,7 @@ import logging
 from concurrent.futures import ThreadPoolExecutor, wait
 from pathlib import Path
 
-from dicom_node.storage.spool import STATUS_SUCCESS, RejectedInstance, Spool, StoredInstance
+from dicom_node.storage.spool import STATUS_OUT_OF_RESOURCES, STATUS_SUCCESS, RejectedInstance, Spool, StoredInstance
 from dicom_node.studies.records import InstanceRecorder, Peer
 
 log = logging.getLogger(__name__)
@@ -53,7 +53,7 @@ class InstanceReceiver:
         except OSError as err:
             log.error("C-STORE from %s: cannot write the spool: %s", peer.calling_ae_title, err.strerror)
             wait([data_synced])
-            status = 0xA700 if err.errno in (errno.ENOSPC, errno.EDQUOT) else STATUS_PROCESSING_FAILURE
+            status = STATUS_OUT_OF_RESOURCES if err.errno in (errno.ENOSPC, errno.EDQUOT) else STATUS_PROCESSING_FAILURE
             self.record_refusal(peer, status, f"cannot write the spool: {err.strerror}", affected_sop_instance_uid)
             return status
         dirs_synced = self._io.submit(self.spool.sync_dirs, placement)
