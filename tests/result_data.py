@@ -57,6 +57,26 @@ def synthetic_result(files: list[Path], detector: str, *, abnormal: bool = True)
     )
 
 
+def write_brain_seg_and_sr(directory: Path) -> dict[str, Path]:
+    """The SEG and SR the result builders make for the synthetic abnormal result of the Siemens T1 series, written to
+    ``directory``: {"SEG": path, "SR": path} (for the tests that hand the files to other readers)."""
+    from dicom_node.results.build import ObjectRequest, build_results
+
+    files = brain_files()
+    headers = [pydicom.dcmread(path, stop_before_pixels=True) for path in files]
+    built = build_results(
+        headers,
+        synthetic_result(files, "brain_mri"),
+        [ObjectRequest("SEG"), ObjectRequest("SR")],
+        read_pixels=lambda ds: pydicom.dcmread(files[0]),
+    )
+    paths = {}
+    for key, dataset in built.objects.items():
+        path = paths[key.split("-")[0]] = directory / f"{key}.dcm"
+        dataset.save_as(path, enforce_file_format=True)
+    return paths
+
+
 def dciodvfy_errors(path: Path) -> list[str]:
     """Lines of dciodvfy's output that start with "Error" (warnings are allowed)."""
     run = subprocess.run([str(DCIODVFY), str(path)], capture_output=True, text=True, timeout=120)

@@ -21,9 +21,7 @@ import pytest
 from conftest import REPO
 from ohif_server import OhifServer, available, serving
 from orthanc_server import Orthanc, running_orthanc
-from result_data import brain_files, synthetic_result
-
-from dicom_node.results.build import ObjectRequest, build_results
+from result_data import brain_files, write_brain_seg_and_sr
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMEDRIVER = "/usr/bin/chromedriver"
@@ -49,20 +47,11 @@ def study(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Orthanc, s
     for orthanc in running_orthanc(directory / "orthanc"):
         for path in files:
             httpx.post(f"{orthanc.url}/instances", content=path.read_bytes(), timeout=30).raise_for_status()
-        headers = [pydicom.dcmread(path, stop_before_pixels=True) for path in files]
-        built = build_results(
-            headers,
-            synthetic_result(files, "brain_mri"),
-            [ObjectRequest("SEG"), ObjectRequest("SR")],
-            read_pixels=lambda ds: pydicom.dcmread(files[0]),
-        )
         objects: dict[str, pydicom.Dataset] = {}
-        for key, dataset in built.objects.items():
-            path = directory / f"{key}.dcm"
-            dataset.save_as(path, enforce_file_format=True)
+        for kind, path in write_brain_seg_and_sr(directory).items():
             httpx.post(f"{orthanc.url}/instances", content=path.read_bytes(), timeout=30).raise_for_status()
-            objects[key.split("-")[0]] = dataset
-        yield orthanc, str(headers[0].StudyInstanceUID), objects
+            objects[kind] = pydicom.dcmread(path, stop_before_pixels=True)
+        yield orthanc, str(objects["SR"].StudyInstanceUID), objects
 
 
 @pytest.fixture(scope="module")

@@ -12,9 +12,7 @@ from pathlib import Path
 
 import pydicom
 import pytest
-from result_data import brain_files, synthetic_result
-
-from dicom_node.results.build import ObjectRequest, build_results
+from result_data import brain_files, write_brain_seg_and_sr
 
 # The venv's own scripts (pytest runs from .venv/bin without it on PATH).
 SEGIMAGE2ITKIMAGE = shutil.which("segimage2itkimage", path=str(Path(sys.executable).parent))
@@ -27,22 +25,9 @@ pytestmark = pytest.mark.skipif(
 
 @pytest.fixture(scope="module")
 def written(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    files = brain_files()
-    if not files:
+    if not brain_files():
         pytest.skip("shared DICOM data missing")
-    headers = [pydicom.dcmread(path, stop_before_pixels=True) for path in files]
-    built = build_results(
-        headers,
-        synthetic_result(files, "brain_mri"),
-        [ObjectRequest("SEG"), ObjectRequest("SR")],
-        read_pixels=lambda ds: pydicom.dcmread(files[0]),
-    )
-    directory = tmp_path_factory.mktemp("dcmqi")
-    paths = {}
-    for key, dataset in built.objects.items():
-        paths[key.split("-")[0]] = directory / f"{key}.dcm"
-        dataset.save_as(paths[key.split("-")[0]], enforce_file_format=True)
-    return paths
+    return write_brain_seg_and_sr(tmp_path_factory.mktemp("dcmqi"))
 
 
 def test_segimage2itkimage_reads_every_segment(written: dict[str, Path], tmp_path: Path) -> None:
