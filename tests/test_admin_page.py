@@ -104,6 +104,12 @@ def test_admin_page_in_chromium(served: tuple[str, Rows], browser) -> None:  # t
     assert DETECTION_ERROR in failures
     assert DELIVERY_ERROR in failures
 
+    # Queue depth and expected wait: the queued chest X-ray, and no live worker to estimate a wait from.
+    wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, '#queue tbody tr[data-detector="chest_xray"]'))
+    queue_row = browser.find_element(By.CSS_SELECTOR, '#queue tbody tr[data-detector="chest_xray"]')
+    assert queue_row.find_elements(By.TAG_NAME, "td")[1].text == "1"
+    assert "no live worker consumes this queue" in queue_row.text
+
     # The 24 h plot exists, with bars for both detectors.
     plot = wait.until(ec.presence_of_element_located((By.ID, "throughput-plot")))
     detectors = {bar.get_attribute("data-detector") for bar in plot.find_elements(By.CSS_SELECTOR, "rect.bar")}

@@ -37,6 +37,7 @@ from dicom_node.admin.schemas import (
     JobPage,
     JobSummary,
     JobTimeline,
+    QueueReport,
     SeriesPage,
     Stats,
     StudyDetail,
@@ -278,6 +279,12 @@ def create_app(settings: Settings, db: Database, actions: AdminActions | None = 
         start, end = _times(since or DEFAULT_PERIOD, until)
         assert start is not None  # parsed from a non-empty text
         return queries.stats(s, start, end)
+
+    @app.get("/api/queue", response_model=QueueReport, tags=["operations"], dependencies=read)
+    def queue(s: SessionDep) -> QueueReport:
+        """Per detector: queue depth, running jobs, live workers and their pool processes, and the expected wait of
+        a job queued now (from the median of the detector's last 20 runs; docs/workers.md)."""
+        return queries.queue_status(s, settings)
 
     @app.get("/api/stats/throughput", response_model=Throughput, tags=["operations"], dependencies=read)
     def throughput(

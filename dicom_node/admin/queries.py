@@ -7,6 +7,7 @@ Each list is one filtered SELECT plus one COUNT over the same filters, so paging
 from __future__ import annotations
 
 import enum
+import json
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -25,6 +26,8 @@ from dicom_node.admin.schemas import (
     JobPage,
     JobSummary,
     JobTimeline,
+    QueueReport,
+    QueueStatus,
     ResultObjectOut,
     SeriesPage,
     SeriesSummary,
@@ -37,6 +40,7 @@ from dicom_node.admin.schemas import (
     TimelineStep,
 )
 from dicom_node.admin.timeutil import percentile, seconds, utc, utc_or_none
+from dicom_node.config import Settings
 from dicom_node.db.models import (
     DeliveryAttempt,
     Instance,
@@ -48,6 +52,7 @@ from dicom_node.db.models import (
     Study,
     StudyState,
 )
+from dicom_node.heartbeat import Liveness
 
 MAX_LIMIT = 1000
 # Ids and offsets are compared in the database as signed 64-bit integers (SQLite INTEGER, PostgreSQL bigint): a
@@ -634,3 +639,93 @@ def throughput(
             for name in sorted(finished)
         ],
     )
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Queue depth and expected wait
+
+RECENT_RUNS = 20  # finished runs per detector the expected wait is estimated from
+
+
+def queue_status(session: Session, settings: Settings, now: datetime | None = None) -> QueueReport:
+    """Per detector: queue depth, running jobs, live workers consuming the queue, and the expected wait of a job
+    queued now (docs/workers.md, "Queue depth and expected wait").
+
+    expected wait = (time left of the running jobs + queued × median run) / live pool processes, where the median
+    run is that of the detector's last ``RECENT_RUNS`` finished runs (started → finished), a running job's time
+    left is the median run less the time it has run (at least 0), and the pool processes are those of the live
+    workers (heartbeats) whose queues include the detector's."""
+    now = utc(now or datetime.now(UTC))
+    counts: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
+    for detector, state, backing_off, n in session.execute(
+        select(
+            Job.detector,
+            Job.state,
+            and_(Job.next_attempt_at.is_not(None), Job.next_attempt_at > now),
+            func.count(Job.id),
+        )
+        .where(Job.state.in_([JobState.QUEUED, JobState.RUNNING]))
+        .group_by(Job.detector, Job.state, and_(Job.next_attempt_at.is_not(None), Job.next_attempt_at > now))
+    ).all():
+        name = _state_name(state)
+        counts[detector][name] += int(n)
+        if name == JobState.QUEUED.value and backing_off:
+            counts[detector]["waiting_retry"] += int(n)
+    enabled = [name for name, detector in settings.detectors.items() if detector.enabled]
+    alive = Liveness.load(session, settings, now).alive()
+    detectors = []
+    for name in sorted(set(enabled) | set(counts)):
+        running_since = [
+            utc(started)
+            for started in session.scalars(
+                select(Job.started_at).where(Job.detector == name, Job.state == JobState.RUNNING)
+            )
+            if started is not None
+        ]
+        runs = [
+            value
+            for started, finished in session.execute(
+                select(Job.started_at, Job.finished_at)
+                .where(Job.detector == name, Job.started_at.is_not(None), Job.finished_at.is_not(None))
+                .where(Job.state != JobState.SUPERSEDED)
+                .order_by(Job.finished_at.desc())
+                .limit(RECENT_RUNS)
+            ).all()
+            if (value := seconds(finished, started)) is not None and value >= 0
+        ]
+        consumers = [row for row in alive if name in (row.queues or "").split(",")]
+        processes = sum(max(len(_json_list(row.processes)), 1) for row in consumers)
+        queued = counts[name][JobState.QUEUED.value]
+        run_p50 = percentile(runs, 0.5)
+        wait: float | None = None
+        note = None
+        if not consumers:
+            note = "no live worker consumes this queue"
+        elif run_p50 is None:
+            note = "no finished run to estimate from yet"
+        else:
+            left = sum(max(run_p50 - (now - started).total_seconds(), 0.0) for started in running_since)
+            wait = (left + queued * run_p50) / processes
+        detectors.append(
+            QueueStatus(
+                detector=name,
+                queued=queued,
+                waiting_retry=counts[name]["waiting_retry"],
+                running=counts[name][JobState.RUNNING.value],
+                workers=sorted(row.name for row in consumers),
+                worker_processes=processes if consumers else 0,
+                recent_runs=len(runs),
+                run_p50=run_p50,
+                expected_wait=wait,
+                note=note,
+            )
+        )
+    return QueueReport(at=now, detectors=detectors)
+
+
+def _json_list(text: str | None) -> list[Any]:
+    try:
+        value = json.loads(text or "[]")
+    except ValueError:
+        return []
+    return value if isinstance(value, list) else []

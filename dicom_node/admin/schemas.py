@@ -207,6 +207,28 @@ class Throughput(BaseModel):
     detectors: list[ThroughputSeries]
 
 
+class QueueStatus(BaseModel):
+    detector: str
+    queued: int = Field(description="jobs waiting for a worker (queue depth), including those backing off")
+    waiting_retry: int = Field(description="of the queued jobs, those waiting out a retry backoff")
+    running: int
+    workers: list[str] = Field(description="live workers consuming this detector's queue (heartbeats)")
+    worker_processes: int = Field(description="their pool processes: jobs of this queue that can run at once")
+    recent_runs: int = Field(description="finished runs the estimate is made from (at most the last 20)")
+    run_p50: float | None = Field(None, description="median run time (started → finished) of those runs, s")
+    expected_wait: float | None = Field(
+        None,
+        description="how long a job queued now would wait for a worker, s: (time left of the running jobs + "
+        "queued × run_p50) / worker_processes; None when there is no live worker or no finished run to go by",
+    )
+    note: str | None = Field(None, description="why there is no estimate, when there is none")
+
+
+class QueueReport(BaseModel):
+    at: datetime
+    detectors: list[QueueStatus]
+
+
 class ActionResult(BaseModel):
     action: str
     job_ids: list[int] = Field(description="jobs queued (or re-queued for delivery) by the action")

@@ -135,6 +135,26 @@ async function retryJob(jobId) {
   }
 }
 
+// --- queue depth and expected wait ---------------------------------------------------------------------------------
+
+async function loadQueue() {
+  const report = await api("/api/queue");
+  const body = document.querySelector("#queue tbody");
+  body.replaceChildren();
+  for (const q of report.detectors) {
+    const queued = String(q.queued) + (q.waiting_retry ? " (" + q.waiting_retry + " backing off)" : "");
+    const wait = q.expected_wait === null ? "- (" + q.note + ")" : fmtSeconds(q.expected_wait);
+    body.appendChild(el("tr", { "data-detector": q.detector }, [
+      el("td", { text: q.detector }),
+      el("td", { text: queued }),
+      el("td", { text: String(q.running) }),
+      el("td", { text: String(q.worker_processes), title: q.workers.join(", ") }),
+      el("td", { text: fmtSeconds(q.run_p50) }),
+      el("td", { className: "expected-wait", text: wait }),
+    ]));
+  }
+}
+
 // --- throughput and latency plot -----------------------------------------------------------------------------------
 
 async function loadThroughput() {
@@ -293,7 +313,7 @@ async function refresh() {
     return;
   }
   try {
-    await Promise.all([loadStudies(), loadFailures(), loadThroughput()]);
+    await Promise.all([loadStudies(), loadQueue(), loadFailures(), loadThroughput()]);
     setStatus("updated " + new Date().toISOString().substring(11, 19) + " UTC", false);
     if (state.selectedJob !== null) await showTimeline(state.selectedJob);
   } catch (error) {
