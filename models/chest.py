@@ -37,7 +37,10 @@ the lung-field patch distances); weights in ``extra["score_weights"]``.
 Anomaly map (``extra["map"]``): by default an intensity *atlas*: the per-position mean and standard deviation of the
 normals' brightness (64x64, each image z-scored on its own), and the map is the smoothed z-score of an image against
 it, brighter side only (opacities are denser than aerated lung), inside the lung field. Its maximum falls inside an
-expert lesion box three times as often as the PatchCore map's (docs/benchmarks.md). Any other value keeps the
+expert lesion box three times as often as the PatchCore map's (docs/benchmarks.md). The map's lung field is the
+image's own *or* where the normals' lungs are (the same heuristic on the atlas mean): the image's own is its dark,
+aerated lung, which leaves out a consolidation (bright) and on some films lies on the air beside the body, so on its
+own it kept regions off the lesions. The score does not read the map. Any other value keeps the
 method's own patch distance map (PatchCore or PaDiM).
 """
 
@@ -119,8 +122,9 @@ CHEST_CARD: dict[str, Any] = {
     "used the cell's own mean only); score = mean of these distances over the lung-field cells, z-scored on the "
     "calibration normals (1.0.0 summed a global Gaussian of the averaged stride-8 features and a PatchCore score). "
     "Anomaly map = smoothed brightness z-score against a per-position atlas of the normals "
-    "(64x64), brighter side only, inside the lung field. Image threshold at 95% specificity on the calibration "
-    "normals; pixel threshold at the 99.9th percentile of the normal maps.",
+    "(64x64), brighter side only, inside the image's lung field or where the normals' lungs are (one region, the "
+    "strongest). Image threshold at 95% specificity on the calibration normals; pixel threshold at the 99.9th "
+    "percentile of the normal maps inside the image's lung field.",
     "training_command": TRAINING_COMMAND,
     "limitations": [
         "Frontal (PA/AP) chest radiographs only; lateral views and other body parts must be routed elsewhere.",
@@ -363,6 +367,7 @@ class ChestXrayDetector(ImageAnomalyDetector):
         super().__init__(config, device)
         self.atlas: dict[str, torch.Tensor] = {}  # "mean", "std": (atlas_size, atlas_size) over the normals
         self.padim: PositionalGaussian | None = None
+        self._normal_field: tuple[int, np.ndarray | None] | None = None  # (image size, normal_lung_field())
 
     @property
     def backbone(self) -> EfficientNetLiteBackbone:
@@ -397,6 +402,7 @@ class ChestXrayDetector(ImageAnomalyDetector):
             super().fit(tap(images), progress)
         stack = torch.from_numpy(np.stack(total))
         self.atlas = {"mean": stack.mean(0), "std": stack.std(0).clamp_min(0.05)}
+        self._normal_field = None
 
     # ------------------------------------------------------------------------------ per-position Gaussians
     def _padim_params(self) -> PadimParams:
@@ -449,9 +455,31 @@ class ChestXrayDetector(ImageAnomalyDetector):
             offset += len(batch)
         return {"padim": np.asarray(scores, dtype=np.float64)}, maps
 
+    def normal_lung_field(self) -> np.ndarray | None:
+        """Where the normals' lungs are, at the prepared size: the lung-field heuristic on the atlas mean (the average
+        normal radiograph). None without an atlas or when the heuristic finds no lungs in it."""
+        size = self.config.image_size
+        cached = self._normal_field
+        if cached is not None and cached[0] == size:
+            return cached[1]
+        field = None
+        if self.atlas:
+            mean = resize(self.atlas["mean"].numpy().astype(np.float32), (size, size))
+            field = lung_field_mask(robust_unit(mean, 0.0, 100.0))
+        self._normal_field = (size, field)
+        return field
+
+    def map_field(self, prepared: Prepared) -> np.ndarray:
+        """Where the anomaly map (and so every region) may be non-zero: the image's own lung field *or* where the
+        normals' lungs are. The image's field is the dark (aerated) lung, so on its own it leaves out the opacities
+        the map is meant to show (a consolidated base is bright, not dark), and on some films it lies on the air
+        beside the body; the normals' lung field covers both cases. The score does not read the map."""
+        normal = self.normal_lung_field()
+        return prepared.mask if normal is None else prepared.mask | normal
+
     def _atlas_maps(self, prepared: Sequence[Prepared]) -> np.ndarray:
         """Per image: smoothed z-score of the brightness against the normals at the same place, brighter side only
-        (an opacity is denser than aerated lung), inside the lung field, at the prepared size."""
+        (an opacity is denser than aerated lung), inside :meth:`map_field`, at the prepared size."""
         if not self.atlas:
             raise DetectorError("the model has no intensity atlas (fit it again)")
         size = self.config.image_size
@@ -461,7 +489,7 @@ class ChestXrayDetector(ImageAnomalyDetector):
         for i, p in enumerate(prepared):
             z = ndimage.gaussian_filter((self._atlas_image(p.image) - mean) / std, sigma=sigma)
             up = F.interpolate(torch.from_numpy(np.clip(z, 0, None))[None, None], size=(size, size), mode="bilinear")
-            maps[i] = up[0, 0].numpy() * p.mask
+            maps[i] = up[0, 0].numpy() * self.map_field(p)
         return maps
 
     def _raw(self, prepared: Sequence[Prepared], calibrating: bool = False) -> tuple[dict[str, np.ndarray], np.ndarray]:
@@ -494,6 +522,7 @@ class ChestXrayDetector(ImageAnomalyDetector):
         assert isinstance(detector, ChestXrayDetector)
         tensors = load_file(str(Path(model_dir) / WEIGHTS_FILE))
         detector.atlas = {k[len("atlas.") :]: v.float() for k, v in tensors.items() if k.startswith("atlas.")}
+        detector._normal_field = None
         if any(k.startswith("padim.") for k in tensors):
             detector.padim = PositionalGaussian.from_state(tensors, "padim.", detector._padim_params().ridge)
         return detector

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from models.regions import RegionRules, select_regions
+from models.regions import RegionRules, rules_for, select_regions
 
 REGION_KEYS = (
     "fp_regions_per_normal",
@@ -112,9 +112,12 @@ def evaluate_regions(
     spacing_for: Callable[[tuple[int, int]], tuple[float, float]],
     lesion_for: Callable[[Path, tuple[int, int]], np.ndarray | None],
     rules: RegionRules | None = None,
+    detector: str | None = None,
 ) -> dict[str, Any]:
     """Region figures of scored images: each of ``normal`` and ``abnormal`` is (files, scores, maps);
-    ``spacing_for(map shape)`` gives (row, column) mm; ``lesion_for(file, map shape)`` the lesion mask or None."""
+    ``spacing_for(map shape)`` gives (row, column) mm; ``lesion_for(file, map shape)`` the lesion mask or None.
+    ``rules`` default to the detector's (``models.regions.rules_for(detector)``), as in the result objects."""
+    rules = rules if rules is not None else rules_for(detector)
 
     def run(files: Sequence[Path], scores: np.ndarray, maps: Sequence[np.ndarray], truth: bool) -> list[ImageRegions]:
         out = []

@@ -143,6 +143,18 @@ class RegionRules:
             raise ValueError("min_evidence_ratio must be between 0 and 1")
 
 
+# Per-detector rules. A radiograph's score is an average over the lung fields and its map a brightness atlas whose
+# weaker blobs are mostly anatomy (heart border, shoulders) rather than a second finding, so a radiograph shows its
+# strongest region only. (Before its map covered the whole lung field, every flagged radiograph of cxr_nih/val had
+# one region anyway; docs/results.md.)
+DETECTOR_RULES: dict[str, RegionRules] = {"chest_xray": RegionRules(max_regions=1)}
+
+
+def rules_for(detector: str | None) -> RegionRules:
+    """The region rules of a detector (``DETECTOR_RULES``; the defaults for any other or None)."""
+    return DETECTOR_RULES.get(detector or "", RegionRules())
+
+
 @dataclass(frozen=True)
 class MapRegion:
     """One chosen region of a map stack (n, rows, cols): ``mask`` of the same shape; ``score`` the map maximum

@@ -309,3 +309,41 @@ def test_padim_method_fits_saves_and_loads(tmp_path: Path) -> None:
     loaded = ChestXrayDetector.load(tmp_path / "model")
     assert loaded.padim is not None and loaded.config.method == "padim"
     np.testing.assert_allclose(loaded.score_each([probe, blob])[0], scores, rtol=1e-5, atol=1e-5)
+
+
+def test_the_map_covers_an_opacity_that_the_image_own_lung_field_leaves_out() -> None:
+    """The image's lung field is its dark (aerated) lung, so a consolidated base falls outside it; the map (and so
+    the regions) also covers where the normals' lungs are (the lung-field heuristic on the atlas mean)."""
+    import torch
+
+    from models.chest import ChestXrayDetector, default_config, lung_field_mask
+    from models.image_detector import Prepared
+    from models.preprocessing import CropBox
+
+    config = default_config()
+    size = config.image_size = 128
+    detector = ChestXrayDetector(config)
+    atlas = 64
+    yy, xx = np.mgrid[0:atlas, 0:atlas] / atlas
+    mean = np.full((atlas, atlas), 1.0, dtype=np.float32)  # bright mediastinum and soft tissue
+    for cx in (0.3, 0.7):  # two dark lungs in the average normal
+        mean[((xx - cx) / 0.14) ** 2 + ((yy - 0.45) / 0.3) ** 2 <= 1.0] = -1.0
+    detector.atlas = {"mean": torch.from_numpy(mean), "std": torch.full((atlas, atlas), 0.5)}
+    normal = detector.normal_lung_field()
+    assert normal is not None and normal.shape == (size, size)
+    assert normal[int(0.6 * size), int(0.3 * size)] and not normal[int(0.45 * size), size // 2]
+    # This image: the same anatomy with a consolidated right base (bright), so its own lung field stops above it.
+    image = np.asarray(
+        torch.nn.functional.interpolate(torch.from_numpy(mean)[None, None], size=(size, size), mode="bilinear")[0, 0]
+    )
+    image = (image - image.min()) / (image.max() - image.min())
+    base = (slice(int(0.58 * size), int(0.8 * size)), slice(int(0.14 * size), int(0.46 * size)))
+    image[base] = 1.0
+    own = lung_field_mask(image)
+    assert own is not None and own[base].mean() < 0.5
+    prepared = Prepared(image=image, mask=own, box=CropBox(top=0, left=0, size=size, source_shape=(size, size)))
+    field = detector.map_field(prepared)
+    assert (field >= own).all() and field[base][normal[base]].all() and field[base].mean() > own[base].mean() + 0.2
+    amap = detector._atlas_maps([prepared])[0]
+    assert amap[base].max() == amap.max() > 0  # the brightest place against the normals is the consolidation
+    assert not amap[~field].any()

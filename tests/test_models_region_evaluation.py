@@ -111,3 +111,21 @@ def test_evaluate_regions_over_scored_files() -> None:
     assert got["lesion_region_rate"] == pytest.approx(0.5)
     assert got["lesion_region_rate_flagged"] == pytest.approx(1.0)
     assert got["regions_per_abnormal"] == pytest.approx(0.5)
+
+
+def test_a_radiograph_shows_its_strongest_region_only_and_other_detectors_keep_the_defaults() -> None:
+    from models.regions import rules_for
+
+    assert rules_for("brain_mri") == RegionRules() and rules_for(None) == RegionRules()
+    assert rules_for("chest_xray").max_regions == 1
+    two = _map((slice(10, 20), slice(10, 20)), (slice(40, 52), slice(40, 52)))
+    normal = ([Path("n.png")], np.array([0.0]), [np.zeros(SHAPE, dtype=np.float32)])
+    abnormal = ([Path("a.png")], np.array([2.0]), [two])
+    by = {
+        detector: evaluate_regions(
+            normal, abnormal, 1.0, 1.0, lambda shape: MM, lambda path, shape: None, detector=detector
+        )
+        for detector in ("brain_mri", "chest_xray")
+    }
+    assert by["brain_mri"]["regions_per_abnormal"] == 2.0
+    assert by["chest_xray"]["regions_per_abnormal"] == 1.0

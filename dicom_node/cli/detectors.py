@@ -292,6 +292,7 @@ def _region_metrics(args: argparse.Namespace, detector: Any, report: dict[str, A
         detector.pixel_threshold,
         spacing_for,
         lesion_for,
+        detector=args.detector,
     )
     report["regions"] = regions
     return format_region_report(regions)

@@ -14,7 +14,7 @@ from dicom_node.results.sc import build_sc
 from dicom_node.results.seg import build_seg, seg_variant
 from dicom_node.results.sr import build_sr, key_frame
 from models.base import SeriesResult
-from models.regions import RegionRules
+from models.regions import RegionRules, rules_for
 
 
 @dataclass(frozen=True)
@@ -50,10 +50,11 @@ def build_results(
     variants share segment numbers and tracking UIDs).
 
     The series verdict drives every object: a Normal result has no region (no SEG, no region group in the SR), an
-    Abnormal one at least one, chosen by ``rules`` (models.regions.RegionRules; its defaults when None). A re-run
-    applies the same rules."""
+    Abnormal one at least one, chosen by ``rules`` (models.regions.RegionRules; when None the detector's,
+    models.regions.rules_for). A re-run applies the same rules."""
     source = align(datasets, result)
     seed = result_uids(source.series_instance_uid, source.sop_instance_uids, result.model, "findings").sop_instance_uid
+    rules = rules if rules is not None else rules_for(result.model.detector)
     findings = find_findings(source, result.pixel_threshold, seed, abnormal=result.is_abnormal, rules=rules)
     objects: dict[str, Dataset] = {}
     wanted = {request.key: request for request in requests}
