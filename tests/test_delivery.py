@@ -344,7 +344,7 @@ def test_abnormal_result_is_posted_to_the_webhook_with_retries(tmp_path: Path, d
         assert body["accession_number"] is not None
         assert body["detector"] == "chest_xray" and body["abnormal"] is True
         assert body["score"] == pytest.approx(result.series_score) and body["threshold"] == 0.5
-        assert body["finding"].startswith("2 region(s) above the pixel threshold; strongest 'Anomaly 1' score 0.95")
+        assert body["finding"].startswith("1 region(s) above the pixel threshold; strongest 'Anomaly 1' score 0.95")
         assert "PatientName" not in json.dumps(body) and "PatientID" not in body
 
         normal = synthetic_result([CR_CHEST], "chest_xray", abnormal=False)
