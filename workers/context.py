@@ -45,6 +45,34 @@ def resolve_device(spec: str, process_index: int = 0) -> str:
     return f"cuda:{process_index % torch.cuda.device_count()}"
 
 
+def available_cpus() -> int:
+    """CPUs this process may run on (its affinity mask: a container's cpuset, ``taskset``), else the host's."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def cpu_threads(processes: int) -> int:
+    """torch's intra-op threads for each of ``processes`` CPU pool processes: the CPUs shared out among them, at
+    least one. torch's own default (every core in every process) oversubscribes the CPU as soon as there are two
+    pool processes: on 2 cores, 2 processes x 2 threads ran a 176-slice MR backlog 1.5x slower than 2 x 1
+    (docs/workers.md, "CPU workers")."""
+    return max(1, available_cpus() // max(processes, 1))
+
+
+def set_cpu_threads(processes: int) -> int | None:
+    """In a CPU pool process: share the CPUs out (``cpu_threads``) unless ``OMP_NUM_THREADS`` says otherwise.
+    Returns the threads set, None when left to ``OMP_NUM_THREADS``."""
+    if os.environ.get("OMP_NUM_THREADS"):
+        return None
+    import torch
+
+    threads = cpu_threads(processes)
+    torch.set_num_threads(threads)
+    return threads
+
+
 def pool_process_index() -> int:
     """Index of this prefork pool process (0 outside a pool)."""
     try:
@@ -97,6 +125,10 @@ class WorkerContext:
                 log.info("detector %s loaded on %s (model %s)", name, self.device, detector.identity.version)
                 self._detectors[name] = detector
             return self._detectors[name]
+
+    def loaded_on_cpu(self) -> bool:
+        """Whether this process loaded a detector, on the CPU."""
+        return bool(self._detectors) and self._device == "cpu"
 
     def close(self) -> None:
         self.db.dispose()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ctypes
 import json
 import logging
 import os
@@ -10,7 +9,7 @@ import signal
 import socket
 import subprocess
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -19,9 +18,10 @@ from celery.signals import worker_process_init
 
 from dicom_node.config import Settings
 from dicom_node.db import migrate
+from dicom_node.lifetime import die_with_parent
 from workers.app import DETECTION_QUEUES, create_app, default_queues, deliveries_first
 from workers.broker import is_embedded, prepare_embedded_broker
-from workers.context import get_context
+from workers.context import get_context, set_cpu_threads
 from workers.heartbeat import Heartbeat
 
 log = logging.getLogger(__name__)
@@ -45,19 +45,33 @@ def plan_concurrency(settings: Settings, device: str, concurrency: int | None) -
 
 
 def _preload(app: Celery, queues: Sequence[str]) -> None:
-    """Load the detectors of this worker's queues as soon as the pool process starts (kept warm after that)."""
+    """Load the detectors of this worker's queues as soon as the pool process starts (kept warm after that); on
+    CPU, share the CPUs out among the pool processes (torch threads, ``workers.context.cpu_threads``)."""
     context = get_context(app)
-    for name in queues:
-        if name in DETECTION_QUEUES:
-            try:
-                context.detector(name)
-            except Exception:  # the job itself will fail with the reason; the process must stay up
-                log.exception("could not load detector %s", name)
+    detectors = [name for name in queues if name in DETECTION_QUEUES]
+    for name in detectors:
+        try:
+            context.detector(name)
+        except Exception:  # the job itself will fail with the reason; the process must stay up
+            log.exception("could not load detector %s", name)
+    # Only where a detector brought torch in: a delivery-only worker (or a detector without torch) needs none.
+    if context.loaded_on_cpu() and "torch" in sys.modules:
+        threads = set_cpu_threads(int(app.conf.get("dicom_node_processes") or 1))
+        import torch
+
+        log.info(
+            "torch threads %d in this pool process (%s)",
+            torch.get_num_threads(),
+            "OMP_NUM_THREADS" if threads is None else "the CPUs shared out among the pool processes",
+        )
 
 
-def build_worker_app(settings: Settings, *, broker: str | None, device: str, queues: Sequence[str]) -> Celery:
+def build_worker_app(
+    settings: Settings, *, broker: str | None, device: str, queues: Sequence[str], processes: int = 1
+) -> Celery:
     app = create_app(settings, broker=broker)
     app.conf.dicom_node_device = device
+    app.conf.dicom_node_processes = processes
     migrate(settings.database_url)  # once, before the pool forks; the pool processes never migrate
     if is_embedded(app.conf.broker_url):
         prepare_embedded_broker(app.conf.broker_url)
@@ -84,7 +98,7 @@ def run_worker(
     queues = deliveries_first(list(queues or default_queues(settings)))
     device = device or settings.workers.device
     processes = plan_concurrency(settings, device, concurrency)
-    app = build_worker_app(settings, broker=broker, device=device, queues=queues)
+    app = build_worker_app(settings, broker=broker, device=device, queues=queues, processes=processes)
     argv = [
         "worker",
         f"--queues={','.join(queues)}",
@@ -98,26 +112,6 @@ def run_worker(
     log.info("worker: queues %s, %d process(es), device %s", ",".join(queues), processes, device)
     app.worker_main(argv)
     return 0
-
-
-_PR_SET_PDEATHSIG = 1  # linux/prctl.h
-
-
-def die_with_parent(parent_pid: int) -> Callable[[], None] | None:
-    """A ``preexec_fn`` that has Linux send the child SIGTERM (Celery's warm shutdown: the running job finishes,
-    nothing new starts) when the node dies, even by SIGKILL; without it the workers live on as orphans beside the
-    next node's. The signal follows the thread that started the child: ``serve`` starts services from its main
-    thread, which lives as long as the node. None where prctl does not exist."""
-    if not sys.platform.startswith("linux"):
-        return None
-    libc = ctypes.CDLL(None, use_errno=True)
-
-    def preexec() -> None:
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
-        if os.getppid() != parent_pid:  # the node died before prctl took effect
-            os._exit(1)
-
-    return preexec
 
 
 class EmbeddedWorkers:
