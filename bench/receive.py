@@ -21,6 +21,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import yaml
@@ -103,23 +104,23 @@ class Receiver:
 
 
 @contextmanager
-def dicom_node(work: Path) -> Iterator[Receiver]:
+def dicom_node(work: Path, sections: dict[str, dict[str, Any]] | None = None) -> Iterator[Receiver]:
+    """``dicom-node serve`` with the bench's configuration; ``sections`` add to (or replace keys of) its sections."""
     port = free_port()
     data = work / "node"
-    data.mkdir()
+    data.mkdir(parents=True)
+    settings: dict[str, dict[str, Any]] = {
+        "node": {"ae_title": "DICOMNODE", "port": port, "data_dir": str(data), "bind_address": "127.0.0.1"},
+        "storage": {"min_free_bytes": 100_000_000},
+        "completion": {"quiet_seconds": 30},
+        "http": {"port": 0},
+        "workers": {"embedded": False},
+        "logging": {"level": "WARNING"},
+    }
+    for section, values in (sections or {}).items():
+        settings.setdefault(section, {}).update(values)
     config = data / "config.yaml"
-    config.write_text(
-        yaml.safe_dump(
-            {
-                "node": {"ae_title": "DICOMNODE", "port": port, "data_dir": str(data), "bind_address": "127.0.0.1"},
-                "storage": {"min_free_bytes": 100_000_000},
-                "completion": {"quiet_seconds": 30},
-                "http": {"port": 0},
-                "workers": {"embedded": False},
-                "logging": {"level": "WARNING"},
-            }
-        )
-    )
+    config.write_text(yaml.safe_dump(settings))
     process = subprocess.Popen([str(DICOM_NODE), "serve", "--config", str(config)], stderr=subprocess.DEVNULL)
     try:
         wait_port(port, process)
@@ -133,7 +134,7 @@ def dicom_node(work: Path) -> Iterator[Receiver]:
 def orthanc(work: Path) -> Iterator[Receiver]:
     port, http = free_port(), free_port()
     data = work / "orthanc"
-    data.mkdir()
+    data.mkdir(parents=True)
     config = data / "orthanc.json"
     config.write_text(
         json.dumps(

@@ -1,77 +1,144 @@
-"""Receive under load: N senders at once, each over its own association, against dicom-node and Orthanc in one run.
+"""Receive under load: 1, 2, 5, 10, 20 senders at once, each over its own association with its own study, against
+dicom-node (SQLite and PostgreSQL job database) and Orthanc, side by side in one run.
 
-    .venv/bin/python -m bench.receive_load [--senders 10] [--instances 300] [--per-study 10]
+    .venv/bin/python -m bench.receive_load [--senders 1 2 5 10 20] [--total 600]
+        [--receivers node-sqlite node-postgresql orthanc] [--sender storescu|pynetdicom]
 
-Each sender (a separate process running pynetdicom, sending the files' bytes as they are) sends ``--instances``
-MR instances (256x256 16-bit, the Siemens T1 slices with new UIDs, ``--per-study`` instances per study) over one
-association and times every C-STORE from request to response. Reports per receiver: instances stored, aggregate
-instances/s (all instances / wall time), p50 and p99 latency per instance, failures, and the receiver's peak RSS
-(VmHWM). dicom-node runs as ``dicom-node serve`` with its defaults (fsync, SQLite job database, completion monitor)
-and without embedded workers, so the figure is the receive path's; Orthanc with its defaults and no plugins.
+At each point every sender sends ``--total / senders`` MR instances of one study (256x256 16-bit, the Siemens T1
+slices with new UIDs) over one association. Senders are DCMTK ``/usr/bin/storescu`` processes, as modalities would
+be; the latency of every C-STORE is taken from storescu's own log lines ("Sending Store Request" to "Received Store
+Response"), time-stamped as they arrive. ``--sender pynetdicom`` uses Python senders instead (heavier on the CPU the
+receivers share). Reports per receiver and point: instances stored, aggregate instances/s (all instances / wall
+time), p50 and p99 latency per instance, failures, and the receiver's peak RSS (VmHWM, summed over its processes).
+dicom-node runs as ``dicom-node serve`` with its defaults (fsync, completion monitor) and without embedded workers,
+so the figure is the receive path's; Orthanc with its defaults and no plugins. Each receiver is started once and
+receives every point (new UIDs at every point).
 """
 
 from __future__ import annotations
 
 import argparse
-import multiprocessing
 import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 
 from pydicom import dcmread
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
-from bench.receive import REPO, SIEMENS, Receiver, dicom_node, free_port, orthanc, peak_rss_kib, wait_port
+from bench.receive import REPO, SIEMENS, Receiver, dicom_node, free_port, orthanc, wait_port
+
+POSTGRES_ADMIN_URL = "postgresql+psycopg2://postgres@127.0.0.1:5432/test"
 
 
 @contextmanager
-def bare_pynetdicom(work: Path) -> Iterator[Receiver]:
+def bare_pynetdicom(work: Path, processes: int = 1) -> Iterator[Receiver]:
     """bench/receive_bare_scp.py: pynetdicom's chunked receive and nothing else (no parse, fsync or database)."""
     port = free_port()
-    process = subprocess.Popen([str(REPO / ".venv" / "bin" / "python"), "-m", "bench.receive_bare_scp", str(port)])
+    command = [str(REPO / ".venv" / "bin" / "python"), "-m", "bench.receive_bare_scp", str(port), str(processes)]
+    process = subprocess.Popen(command)
     try:
         wait_port(port, process)
-        yield Receiver("pynetdicom", "BARE", port, process)
+        yield Receiver("pynetdicom" if processes == 1 else f"pynetdicom-x{processes}", "BARE", port, process)
     finally:
         process.terminate()
         process.wait(60)
 
 
-def make_sender_files(out: Path, sender: int, count: int, per_study: int) -> list[Path]:
+@contextmanager
+def postgres_database() -> Iterator[str]:
+    """A fresh PostgreSQL database for one run, dropped afterwards."""
+    from sqlalchemy import create_engine, text
+
+    name = f"bench_{uuid.uuid4().hex[:12]}"
+    admin = create_engine(POSTGRES_ADMIN_URL, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(text(f'CREATE DATABASE "{name}"'))
+    try:
+        yield POSTGRES_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
+    finally:
+        with admin.connect() as conn:
+            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
+
+
+@contextmanager
+def node_sqlite(work: Path) -> Iterator[Receiver]:
+    with dicom_node(work) as receiver:
+        yield Receiver("node-sqlite", receiver.ae_title, receiver.port, receiver.process)
+
+
+@contextmanager
+def node_postgresql(work: Path) -> Iterator[Receiver]:
+    with postgres_database() as url, dicom_node(work, {"database": {"url": url}}) as receiver:
+        yield Receiver("node-postgresql", receiver.ae_title, receiver.port, receiver.process)
+
+
+RECEIVERS: dict[str, Callable[[Path], AbstractContextManager[Receiver]]] = {
+    "node-sqlite": node_sqlite,
+    "node-postgresql": node_postgresql,
+    "orthanc": orthanc,
+    "pynetdicom": bare_pynetdicom,
+    "pynetdicom-x2": lambda work: bare_pynetdicom(work, 2),
+    "pynetdicom-x4": lambda work: bare_pynetdicom(work, 4),
+}
+
+
+def make_study_files(out: Path, count: int) -> list[Path]:
+    """One study of ``count`` MR instances with new UIDs, from the Siemens slices."""
     sources = sorted(SIEMENS.iterdir())
-    folder = out / f"sender{sender:02d}"
-    folder.mkdir(parents=True)
+    out.mkdir(parents=True)
+    study_uid, series_uid = generate_uid(), generate_uid()
     files = []
-    study_uid = series_uid = ""
     for i in range(count):
-        if i % per_study == 0:
-            study_uid, series_uid = generate_uid(), generate_uid()
         ds = dcmread(sources[i % len(sources)])
         ds.StudyInstanceUID, ds.SeriesInstanceUID = study_uid, series_uid
         ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
-        ds.InstanceNumber = i % per_study + 1
-        path = folder / f"{i:05d}.dcm"
+        ds.InstanceNumber = i + 1
+        path = out / f"{i:05d}.dcm"
         ds.save_as(path, enforce_file_format=True)
         files.append(path)
     return files
 
 
-def send_timed(receiver_port: int, ae_title: str, files: list[Path]) -> tuple[list[float], int]:
-    """One association; the latency of each C-STORE and how many did not get Success."""
+def send_storescu(port: int, ae_title: str, calling: str, files: list[Path]) -> tuple[list[float], int]:
+    """DCMTK storescu over one association; each C-STORE timed from its request log line to its response line."""
+    process = subprocess.Popen(
+        ["/usr/bin/storescu", "-v", "-aet", calling, "-aec", ae_title, "127.0.0.1", str(port), *map(str, files)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        bufsize=1,
+    )
+    assert process.stderr is not None
+    latencies, successes, sent_at = [], 0, 0.0
+    for line in process.stderr:
+        now = time.perf_counter()
+        if "Sending Store Request" in line:
+            sent_at = now
+        elif "Received Store Response" in line:
+            latencies.append(now - sent_at)
+            successes += "(Success)" in line
+    process.wait()
+    return latencies, len(files) - successes
+
+
+def send_pynetdicom(port: int, ae_title: str, calling: str, files: list[Path]) -> tuple[list[float], int]:
     from pynetdicom import AE, _config
     from pynetdicom.sop_class import MRImageStorage  # type: ignore[attr-defined]
 
     _config.STORE_SEND_CHUNKED_DATASET = True
-    ae = AE(ae_title="LOAD")
+    ae = AE(ae_title=calling)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 120
     ae.add_requested_context(MRImageStorage, ExplicitVRLittleEndian)
-    assoc = ae.associate("127.0.0.1", receiver_port, ae_title=ae_title)
+    assoc = ae.associate("127.0.0.1", port, ae_title=ae_title)
     if not assoc.is_established:
         return [], len(files)
     latencies, failures = [], 0
@@ -79,24 +146,44 @@ def send_timed(receiver_port: int, ae_title: str, files: list[Path]) -> tuple[li
         start = time.perf_counter()
         status = assoc.send_c_store(path)
         latencies.append(time.perf_counter() - start)
-        if not status or int(status.Status) != 0:
-            failures += 1
+        failures += not status or int(status.Status) != 0
     assoc.release()
     return latencies, failures
 
 
-def _sender(args: tuple[int, str, list[Path]]) -> tuple[list[float], int]:
-    return send_timed(*args)
+SENDERS = {"storescu": send_storescu, "pynetdicom": send_pynetdicom}
 
 
-def run_load(receiver: Receiver, batches: list[list[Path]]) -> dict[str, float]:
-    with multiprocessing.get_context("fork").Pool(len(batches)) as pool:
-        start = time.perf_counter()
-        results = pool.map(_sender, [(receiver.port, receiver.ae_title, files) for files in batches])
-        wall = time.perf_counter() - start
-    latencies = sorted(latency for lat, _ in results for latency in lat)
+def _in_process(args: tuple[str, int, str, str, list[Path]]) -> tuple[list[float], int]:
+    sender, *rest = args
+    return SENDERS[sender](*rest)  # type: ignore[arg-type]
+
+
+def run_point(receiver: Receiver, studies: list[list[Path]], sender: str) -> dict[str, float]:
+    """All senders at once; storescu senders are driven from threads (they are processes of their own), Python
+    senders run in processes."""
+    args = [(sender, receiver.port, receiver.ae_title, f"LOAD{i:02d}", files) for i, files in enumerate(studies)]
+    results: list[tuple[list[float], int]] = [([], 0)] * len(args)
+    start = time.perf_counter()
+    if sender == "storescu":
+
+        def run(i: int) -> None:
+            results[i] = _in_process(args[i])
+
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(len(args))]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    else:
+        import multiprocessing
+
+        with multiprocessing.get_context("fork").Pool(len(args)) as pool:
+            results = pool.map(_in_process, args)
+    wall = time.perf_counter() - start
+    latencies = sorted(latency for lat, _ in results for latency in lat) or [0.0]
     failures = sum(f for _, f in results)
-    total = sum(len(b) for b in batches)
+    total = sum(len(s) for s in studies)
     return {
         "instances": total - failures,
         "failures": failures,
@@ -104,45 +191,76 @@ def run_load(receiver: Receiver, batches: list[list[Path]]) -> dict[str, float]:
         "inst_per_s": (total - failures) / wall,
         "p50_ms": 1000 * statistics.median(latencies),
         "p99_ms": 1000 * latencies[int(0.99 * (len(latencies) - 1))],
-        "peak_rss_mib": peak_rss_kib(receiver.process.pid) / 1024,
+        "peak_rss_mib": tree_peak_rss_kib(receiver.process.pid) / 1024,
     }
+
+
+def tree_peak_rss_kib(pid: int) -> int:
+    """VmHWM of a process and its descendants, summed (a receiver may run several processes)."""
+    total = 0
+    for member in [pid, *_descendants(pid)]:
+        try:
+            status = Path(f"/proc/{member}/status").read_text()
+        except OSError:
+            continue
+        for line in status.splitlines():
+            if line.startswith("VmHWM:"):
+                total += int(line.split()[1])
+    return total
+
+
+def _descendants(pid: int) -> list[int]:
+    try:
+        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    except OSError:
+        return []
+    found = [int(c) for c in children]
+    for child in list(found):
+        found.extend(_descendants(child))
+    return found
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--senders", type=int, default=10)
-    parser.add_argument("--instances", type=int, default=300, help="per sender")
-    parser.add_argument("--per-study", type=int, default=10)
+    parser.add_argument("--senders", type=int, nargs="+", default=[1, 2, 5, 10, 20])
+    parser.add_argument("--total", type=int, default=600, help="instances per point, split among the senders")
     parser.add_argument(
-        "--receivers", nargs="+", choices=["dicom-node", "orthanc", "pynetdicom"], default=["dicom-node", "orthanc"]
+        "--receivers", nargs="+", choices=list(RECEIVERS), default=["node-sqlite", "node-postgresql", "orthanc"]
     )
+    parser.add_argument("--sender", choices=list(SENDERS), default="storescu")
     args = parser.parse_args(argv)
 
     work = Path(tempfile.mkdtemp(prefix="bench-receive-load-"))
+    rows: dict[tuple[str, int], dict[str, float]] = {}
     try:
-        rows = {}
-        makers = {"dicom-node": dicom_node, "orthanc": orthanc, "pynetdicom": bare_pynetdicom}
-        for make in (makers[name] for name in args.receivers):
-            # New UIDs for every receiver, so neither sees the other's studies as duplicates.
-            inputs = work / f"inputs-{make.__name__}"
-            batches = [make_sender_files(inputs, s, args.instances, args.per_study) for s in range(args.senders)]
-            run_dir = Path(tempfile.mkdtemp(dir=work))
-            with make(run_dir) as receiver:
-                send_timed(receiver.port, receiver.ae_title, batches[0][:2])  # warm-up (first-use costs)
-                rows[receiver.name] = run_load(receiver, [b[2:] if i == 0 else b for i, b in enumerate(batches)])
-            shutil.rmtree(run_dir)
-            shutil.rmtree(inputs)
+        for name in args.receivers:
+            with RECEIVERS[name](work / name) as receiver:
+                warm = make_study_files(work / f"in-{name}-warm", 2)
+                _in_process((args.sender, receiver.port, receiver.ae_title, "WARM", warm))
+                for senders in args.senders:
+                    # New UIDs at every point, so no receiver sees another point's studies as duplicates.
+                    inputs = work / f"in-{name}-{senders}"
+                    per_sender = max(1, args.total // senders)
+                    studies = [make_study_files(inputs / f"s{i:02d}", per_sender) for i in range(senders)]
+                    rows[(receiver.name, senders)] = run_point(receiver, studies, args.sender)
+                    shutil.rmtree(inputs)
+                    row = rows[(receiver.name, senders)]
+                    print(f"  {receiver.name} {senders} senders: {row['inst_per_s']:.1f} inst/s", file=sys.stderr)
+        names = list(dict.fromkeys(name for name, _ in rows))
         print(
-            f"{args.senders} senders x {args.instances} instances (256x256 16-bit MR, {args.per_study} per study)\n"
-            f"{'receiver':<12} {'stored':>7} {'failed':>7} {'inst/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'peak RSS':>9}"
+            f"{args.sender} senders, {args.total} MR instances (256x256 16-bit) per point, one study per sender\n"
+            f"{'receiver':<16} {'senders':>7} {'stored':>7} {'failed':>7} {'inst/s':>8} {'p50 ms':>8} {'p99 ms':>8} "
+            f"{'peak RSS':>9} {'vs Orthanc':>10}"
         )
-        for name, row in rows.items():
-            print(
-                f"{name:<12} {row['instances']:7.0f} {row['failures']:7.0f} {row['inst_per_s']:8.1f} "
-                f"{row['p50_ms']:8.1f} {row['p99_ms']:8.1f} {row['peak_rss_mib']:7.0f} MiB"
-            )
-        if {"dicom-node", "Orthanc"} <= set(rows):
-            print(f"node / Orthanc: {rows['dicom-node']['inst_per_s'] / rows['Orthanc']['inst_per_s']:.2f}x")
+        for name in names:
+            for senders in args.senders:
+                row = rows[(name, senders)]
+                orthanc_row = rows.get(("Orthanc", senders))
+                ratio = f"{row['inst_per_s'] / orthanc_row['inst_per_s']:.2f}x" if orthanc_row else ""
+                print(
+                    f"{name:<16} {senders:7d} {row['instances']:7.0f} {row['failures']:7.0f} {row['inst_per_s']:8.1f} "
+                    f"{row['p50_ms']:8.1f} {row['p99_ms']:8.1f} {row['peak_rss_mib']:5.0f} MiB {ratio:>10}"
+                )
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return 0

@@ -7,6 +7,7 @@ Each layer of the node receives the section it needs; nothing reads configuratio
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 from typing import Any, Literal
@@ -76,7 +77,14 @@ class NetworkSettings(_Section):
     allowed_calling_aes: list[AllowedPeer] = Field(
         default_factory=list, description="empty = any calling AE may associate"
     )
-    max_associations: int = Field(16, ge=1)
+    max_associations: int = Field(16, ge=1, description="associations at once, for the node as a whole")
+    receive_processes: int = Field(
+        default_factory=lambda: min(4, os.cpu_count() or 1),
+        ge=1,
+        le=64,
+        description="processes accepting associations (default: one per CPU core, at most 4); more take more "
+        "simultaneous senders, each costs about 60 MiB",
+    )
     acse_timeout: float = Field(30.0, gt=0)
     dimse_timeout: float = Field(120.0, gt=0)
     network_timeout: float = Field(300.0, gt=0)

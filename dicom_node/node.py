@@ -1,8 +1,9 @@
 """Composition of the running services of ``dicom-node serve``.
 
 A :class:`Node` owns the job database and a list of services, each with ``start()`` and ``stop()``: started in
-order, stopped in reverse. The receive path contributes the Storage SCP and the completion monitor; other parts of
-the node add theirs (workers, HTTP API) with :meth:`Node.add_service`, and subscribe to completed studies with
+order, stopped in reverse. The receive path contributes the receiving processes (the Storage SCP in
+``network.receive_processes`` processes, :func:`run_receiver`) and the completion monitor; other parts of the node
+add theirs (workers, HTTP API) with :meth:`Node.add_service`, and subscribe to completed studies with
 :meth:`Node.add_study_complete_callback` (contract: called with the Study id after the completion is committed).
 """
 
@@ -10,17 +11,22 @@ from __future__ import annotations
 
 import errno
 import logging
+import signal
 import tempfile
+import threading
 from collections.abc import Sequence
 from typing import Protocol
 
 from dicom_node.config import Settings
 from dicom_node.db import Database
-from dicom_node.network.scp import StorageSCP
+from dicom_node.lifetime import end_with_parent
+from dicom_node.logconfig import configure_logging
+from dicom_node.network.processes import ReceiverContext, ReceivingProcesses
+from dicom_node.network.scp import SharedListener, StorageSCP, server_ssl_context
 from dicom_node.storage.receiver import InstanceReceiver
 from dicom_node.storage.spool import Spool
 from dicom_node.studies.completion import CompletionMonitor, StudyCompleteCallback
-from dicom_node.studies.records import InstanceRecorder
+from dicom_node.studies.records import InstanceRecorder, recover_open_associations
 
 log = logging.getLogger(__name__)
 
@@ -35,20 +41,23 @@ class Service(Protocol):
     def stop(self) -> None: ...
 
 
+def make_spool(settings: Settings) -> Spool:
+    storage = settings.storage
+    return Spool(settings.spool_dir, storage.min_free_bytes, storage.max_inflated_bytes)
+
+
 class Node:
     def __init__(self, settings: Settings, db: Database | None = None) -> None:
         self.settings = settings
         self.db = db or Database(settings.database_url)
-        storage = settings.storage
-        self.spool = Spool(settings.spool_dir, storage.min_free_bytes, storage.max_inflated_bytes)
-        # The receive path's own engine: its lock waits end before the sender's DIMSE timeout, so a locked
-        # database gives the sender 0xC211 (retry later) instead of no answer.
-        self.receive_db = Database(
-            settings.database_url, upgrade=False, lock_timeout_seconds=storage.record_deadline_seconds
+        self.spool = make_spool(settings)
+        self.receivers = ReceivingProcesses(
+            (settings.node.bind_address, settings.node.port),
+            count=settings.network.receive_processes,
+            max_associations=settings.network.max_associations,
+            target=run_receiver,
+            settings=settings,
         )
-        self.recorder = InstanceRecorder(self.receive_db, deadline_seconds=storage.record_deadline_seconds)
-        self.receiver = InstanceReceiver(self.spool, self.recorder)
-        self.scp = StorageSCP(settings.node, settings.network, self.receiver, self.recorder)
         self.study_complete_callbacks: list[StudyCompleteCallback] = []
         self.completion = CompletionMonitor(
             db=self.db,
@@ -58,8 +67,12 @@ class Node:
             enabled_detectors=[name for name, d in settings.detectors.items() if d.enabled],
         )
         # The monitor first, so studies left receiving by a previous run complete even before anything arrives.
-        self.services: list[Service] = [self.completion, self.scp]
+        self.services: list[Service] = [self.completion, self.receivers]
         self._started: list[Service] = []
+
+    @property
+    def port(self) -> int:
+        return self.receivers.port
 
     def add_service(self, service: Service) -> None:
         self.services.append(service)
@@ -70,19 +83,19 @@ class Node:
     def start(self) -> None:
         self.settings.node.data_dir.mkdir(parents=True, exist_ok=True)
         self.spool.prepare()
-        self.recorder.recover_open_associations()
-        # pynetdicom's chunked receive writes each data set to a NamedTemporaryFile; placing those in the spool's
-        # file system lets the spool publish them with a hard link instead of a copy. Process-wide, set once here.
-        tempfile.tempdir = str(self.spool.incoming_dir)
+        recover_open_associations(self.db)
+        if self.settings.network.tls.enabled:
+            server_ssl_context(self.settings.network.tls)  # an unreadable certificate is a start-up error here
         for service in self.services:
             try:
                 service.start()
             except OSError as err:
-                if service is self.scp and err.errno in _LISTEN_ERRNOS and err.filename is None:
+                if service is self.receivers and err.errno in _LISTEN_ERRNOS and err.filename is None:
                     where = f"{self.settings.node.bind_address}:{self.settings.node.port}"
                     raise OSError(err.errno, f"DICOM service could not listen on {where}: {err.strerror}") from err
                 raise
             self._started.append(service)
+        self.receivers.open()
 
     def stop(self) -> None:
         while self._started:
@@ -91,9 +104,44 @@ class Node:
                 service.stop()
             except Exception:  # noqa: BLE001 - stop the rest regardless
                 log.exception("stopping %r failed", service)
-        self.receiver.close()
-        self.receive_db.dispose()
         self.db.dispose()
+
+
+def run_receiver(settings: Settings, context: ReceiverContext) -> None:
+    """Body of one receiving process: the Storage SCP on the shared socket, with its own spool writer and job
+    database engine, until the node says stop (or dies: SIGTERM by PR_SET_PDEATHSIG)."""
+    end_with_parent(context.parent_pid)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group; the node decides
+    stopped = threading.Event()  # SIGTERM: the node died (PR_SET_PDEATHSIG) or someone asked this process to end
+    signal.signal(signal.SIGTERM, lambda _signum, _frame: stopped.set())
+    configure_logging(settings.logging.level)
+    storage = settings.storage
+    spool = make_spool(settings)
+    # pynetdicom's chunked receive writes each data set to a NamedTemporaryFile; placing those in the spool's file
+    # system lets the spool publish them with a hard link instead of a copy. Process-wide, set once here.
+    tempfile.tempdir = str(spool.incoming_dir)
+    # Its lock waits end before the sender's DIMSE timeout, so a locked database gives the sender 0xC211 (retry
+    # later) instead of no answer.
+    db = Database(settings.database_url, upgrade=False, lock_timeout_seconds=storage.record_deadline_seconds)
+    recorder = InstanceRecorder(db, deadline_seconds=storage.record_deadline_seconds)
+    receiver = InstanceReceiver(spool, recorder)
+    listener = SharedListener(context.listening, context.slots, context.index)
+    scp = StorageSCP(settings.node, settings.network, receiver, recorder, listener)
+    context.reports.put(("ready", context.index, None))
+    while not (stopped.is_set() or context.stop.is_set() or context.go.wait(0.5)):
+        pass
+    try:
+        if context.go.is_set() and not stopped.is_set():
+            scp.start()
+            while not (stopped.is_set() or context.stop.wait(0.5)):
+                pass
+    finally:
+        # The node asked (its stop event): running associations get their grace. The node is gone (SIGTERM):
+        # end now, as the node did; the senders send their unacknowledged instances again.
+        scp.stop(grace_seconds=0.0) if stopped.is_set() else scp.stop()
+        receiver.close()
+        recorder.close()
+        db.dispose()
 
 
 def build_node(

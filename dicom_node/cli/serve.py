@@ -90,9 +90,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"dicom-node: cannot start: {reason}", file=sys.stderr)
         node.stop()
         return 1
-    log.info(
-        "dicom-node ready: AE %s port %d, data in %s", settings.node.ae_title, node.scp.port, settings.node.data_dir
-    )
+    log.info("dicom-node ready: AE %s port %d, data in %s", settings.node.ae_title, node.port, settings.node.data_dir)
     try:
         while not stop.wait(1.0):
             pass

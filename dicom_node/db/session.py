@@ -23,10 +23,12 @@ DEFAULT_LOCK_TIMEOUT_SECONDS = 30.0
 
 def _sqlite_pragmas(lock_timeout_ms: int, dbapi_connection, _record) -> None:  # type: ignore[no-untyped-def]
     # WAL lets the SCP, the completion loop and the workers write concurrently; busy_timeout waits for locks
-    # instead of failing; foreign keys are off by default in SQLite.
+    # instead of failing; foreign keys are off by default in SQLite. synchronous=FULL: each commit is on disk (the
+    # WAL fsynced) before it returns, so an instance answered with Success keeps its row through a power cut
+    # (NORMAL would only survive a crash of the process); the receive path groups its commits to pay for it.
     cursor = dbapi_connection.cursor()
     cursor.execute("PRAGMA journal_mode=WAL")
-    cursor.execute("PRAGMA synchronous=NORMAL")
+    cursor.execute("PRAGMA synchronous=FULL")
     cursor.execute(f"PRAGMA busy_timeout={lock_timeout_ms}")
     cursor.execute("PRAGMA foreign_keys=ON")
     cursor.close()

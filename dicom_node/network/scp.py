@@ -8,21 +8,30 @@ presentation, "local-limit-exceeded"). Every accepted and rejected association i
 
 C-STORE data sets are received to disk undecoded (pynetdicom's chunked receive); the handler only returns the
 status the receive service gives it.
+
+The SCP runs in each of the node's receiving processes (dicom_node/network/processes.py), all accepting from one
+listening socket; ``max_associations`` holds for the node as a whole (dicom_node/network/slots.py), checked when
+the A-ASSOCIATE-RQ arrives, so a port probe that never asks for an association holds no slot.
 """
 
 from __future__ import annotations
 
 import logging
+import socket
 import ssl
+import threading
 import time
+from dataclasses import dataclass
 
 from pydicom import uid
 from pynetdicom import AE, AllStoragePresentationContexts, _config, evt
+from pynetdicom.association import Association
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
 
 from dicom_node.config import NetworkSettings, NodeSettings, TlsSettings
 from dicom_node.network.server import start_server, text_of
+from dicom_node.network.slots import AssociationSlots
 from dicom_node.storage.receiver import InstanceReceiver
 from dicom_node.studies.records import InstanceRecorder, Peer
 
@@ -51,6 +60,8 @@ TRANSFER_SYNTAXES: list[str] = [
 # A-ASSOCIATE-RJ (PS3.8 9.3.4): result 1 = rejected-permanent, source 1 = DICOM UL service-user.
 _REJECT_PERMANENT, _SOURCE_SERVICE_USER = 0x01, 0x01
 _CALLING_AE_NOT_RECOGNIZED, _CALLED_AE_NOT_RECOGNIZED = 0x03, 0x07
+# Result 2 = rejected-transient, source 3 = DICOM UL service-provider (presentation), reason 2 = local-limit-exceeded.
+_REJECT_TRANSIENT, _SOURCE_PRESENTATION, _LOCAL_LIMIT_EXCEEDED = 0x02, 0x03, 0x02
 
 _REJECT_REASONS = {
     (0x01, 0x01): "no reason given",
@@ -76,22 +87,43 @@ def server_ssl_context(tls: TlsSettings) -> ssl.SSLContext:
     return context
 
 
+@dataclass(frozen=True)
+class SharedListener:
+    """What a receiving process shares with the others: the listening socket, the node-wide association slots, and
+    its own index in them."""
+
+    socket: socket.socket
+    slots: AssociationSlots
+    index: int
+
+
 class StorageSCP:
-    """Listens for associations until stopped; one thread per association (pynetdicom)."""
+    """Accepts associations from the shared listening socket until stopped; one thread per association
+    (pynetdicom)."""
 
     def __init__(
-        self, node: NodeSettings, network: NetworkSettings, receiver: InstanceReceiver, recorder: InstanceRecorder
+        self,
+        node: NodeSettings,
+        network: NetworkSettings,
+        receiver: InstanceReceiver,
+        recorder: InstanceRecorder,
+        listener: SharedListener,
     ) -> None:
         self.node = node
         self.network = network
         self.receiver = receiver
         self.recorder = recorder
+        self.listener = listener
         self._server: ThreadedAssociationServer | None = None
+        self._held: set[Association] = set()  # associations holding one of the node's slots
+        self._held_lock = threading.Lock()
         self.ae = self._make_ae()
 
     def _make_ae(self) -> AE:
         ae = AE(ae_title=self.node.ae_title)
-        ae.maximum_associations = self.network.max_associations
+        # The node-wide limit is ours (_hold, on the A-ASSOCIATE-RQ); pynetdicom's own per-process count also
+        # includes connections that never asked for an association, so it is only a backstop against a flood.
+        ae.maximum_associations = 2 * self.network.max_associations + 8
         ae.acse_timeout = self.network.acse_timeout
         ae.dimse_timeout = self.network.dimse_timeout
         ae.network_timeout = self.network.network_timeout
@@ -132,6 +164,7 @@ class StorageSCP:
             ssl_context=ssl_context,
             handshake_timeout=self.network.tls_handshake_timeout,
             on_refused=self._on_refused_in_transit,
+            listening=self.listener.socket,
         )
         log.info(
             "listening as %s on %s:%d (TLS %s)",
@@ -182,13 +215,34 @@ class StorageSCP:
     def _on_requested(self, event: evt.Event) -> None:
         peer, called = self._peer(event)
         refusal = self.rejection_reason(peer.calling_ae_title or "", called, peer.host)
-        if refusal is None:
-            return
-        diagnostic, reason = refusal
+        if refusal is not None:
+            diagnostic, reason = refusal
+            self._reject(event, peer, called, (_REJECT_PERMANENT, _SOURCE_SERVICE_USER, diagnostic), reason)
+        elif not self._hold(event.assoc):
+            limit = (_REJECT_TRANSIENT, _SOURCE_PRESENTATION, _LOCAL_LIMIT_EXCEEDED)
+            self._reject(event, peer, called, limit, _REJECT_REASONS[(_SOURCE_PRESENTATION, _LOCAL_LIMIT_EXCEEDED)])
+
+    def _reject(
+        self, event: evt.Event, peer: Peer, called: str, result_source_reason: tuple[int, int, int], reason: str
+    ) -> None:
         log.warning("association from %s (%s) rejected: %s", peer.calling_ae_title, peer.host, reason)
-        event.assoc.acse.send_reject(_REJECT_PERMANENT, _SOURCE_SERVICE_USER, diagnostic)
+        event.assoc.acse.send_reject(*result_source_reason)
         self._audit("association_rejected", peer, called, reason)
         event.assoc.kill()  # as pynetdicom does after its own rejections: stop the DUL thread
+
+    def _hold(self, assoc: Association) -> bool:
+        """Take one of the node's association slots for ``assoc``; False when all are taken."""
+        with self._held_lock:
+            self._held = {held for held in self._held if held.is_alive()}
+            if not self.listener.slots.claim(self.listener.index, len(self._held) + 1):
+                return False
+            self._held.add(assoc)
+            return True
+
+    def _let_go(self, assoc: Association) -> None:
+        with self._held_lock:
+            self._held = {held for held in self._held if held.is_alive() and held is not assoc}
+            self.listener.slots.publish(self.listener.index, len(self._held))
 
     def _on_accepted(self, event: evt.Event) -> None:
         peer, called = self._peer(event)
@@ -203,6 +257,7 @@ class StorageSCP:
         reason = _REJECT_REASONS.get(key, f"source {key[0]} diagnostic {key[1]}")
         log.warning("association from %s (%s) rejected: %s", peer.calling_ae_title, peer.host, reason)
         self._audit("association_rejected", peer, called, reason)
+        self._let_go(event.assoc)
 
     def _audit(self, event_name: str, peer: Peer, called: str, reason: str | None) -> None:
         try:
@@ -236,6 +291,7 @@ class StorageSCP:
         self._ended(event, f"association from {calling} ({event.assoc.requestor.address}) ended without A-RELEASE")
 
     def _ended(self, event: evt.Event, reason: str | None) -> None:
+        self._let_go(event.assoc)
         try:
             studies = self.recorder.association_ended(_association_key(event), reason)
         except Exception:  # noqa: BLE001 - the next start-up marks the studies interrupted instead

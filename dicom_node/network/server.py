@@ -215,16 +215,37 @@ class AssociationServer(ThreadedAssociationServer):
         evt_handlers: list[EventHandlerType] | None = None,
         handshake_timeout: float = 15.0,
         on_refused: RefusalCallback | None = None,
+        listening: socket.socket | None = None,
     ) -> None:
         self.handshake_timeout = handshake_timeout
         self.on_refused = on_refused
+        self.listening = listening
         self._closing = False
         super().__init__(ae, address, ae_title, contexts, ssl_context, evt_handlers, GuardedRequestHandler)
+
+    def server_bind(self) -> None:
+        """Bind as pynetdicom does, or adopt ``listening``: a socket the node's main process bound and listens on,
+        shared by every receiving process (each accepts from it; the kernel hands each connection to one)."""
+        if self.listening is None:
+            super().server_bind()
+            return
+        assert self.socket is not None
+        self.socket.close()
+        self.socket = self.listening
+        # Non-blocking: when another process accepted the connection first, accept() returns EAGAIN (ignored by
+        # socketserver) instead of blocking this process's accept loop.
+        self.socket.setblocking(False)
+        self.server_address = self.socket.getsockname()
+
+    def server_activate(self) -> None:
+        if self.listening is None:
+            super().server_activate()
 
     def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
         """Accept only; pynetdicom would do the TLS handshake here, blocking the listener."""
         assert self.socket is not None
         client, address = self.socket.accept()
+        client.setblocking(True)  # as pynetdicom expects; the association sets its own timeouts
         return client, address
 
     def process_request_thread(
@@ -273,16 +294,18 @@ def start_server(
     ssl_context: ssl.SSLContext | None,
     handshake_timeout: float,
     on_refused: RefusalCallback | None = None,
+    listening: socket.socket | None = None,
 ) -> AssociationServer:
     """``ae.start_server(address, block=False, ...)`` with :class:`AssociationServer` (pynetdicom's non-blocking
-    ``start_server`` always uses its own server class)."""
+    ``start_server`` always uses its own server class); on ``listening`` when given, else on ``address``."""
     server = ae.make_server(
-        address,
+        address if listening is None else listening.getsockname(),
         ssl_context=ssl_context,
         evt_handlers=evt_handlers,
         server_class=AssociationServer,
         handshake_timeout=handshake_timeout,
         on_refused=on_refused,
+        listening=listening,
     )
     assert isinstance(server, AssociationServer)
     name = f"AcceptorServer@{datetime.now():%Y%m%d%H%M%S}"

@@ -20,9 +20,10 @@ STATUS_PROCESSING_FAILURE = 0xC211
 
 
 class InstanceReceiver:
-    """Spools and records each instance; the two fsyncs run on I/O threads while the header is parsed and the
-    database statements execute, and the database transaction commits only after both are done, so a recorded
-    instance is always durable on disk and Success is answered only after both."""
+    """Spools and records each instance: the file's fsync runs on an I/O thread while the header is parsed, the
+    directories are synced once it is placed, and only then is its row recorded (a commit shared with other
+    associations, dicom_node/db/batch.py). A recorded instance is always durable on disk, and Success is answered
+    only once both file and row are."""
 
     def __init__(self, spool: Spool, recorder: InstanceRecorder, io_threads: int = 8) -> None:
         self.spool = spool
@@ -56,10 +57,12 @@ class InstanceReceiver:
             status = STATUS_OUT_OF_RESOURCES if err.errno in (errno.ENOSPC, errno.EDQUOT) else STATUS_PROCESSING_FAILURE
             self.record_refusal(peer, status, f"cannot write the spool: {err.strerror}", affected_sop_instance_uid)
             return status
-        dirs_synced = self._io.submit(self.spool.sync_dirs, placement)
         stored = StoredInstance(header, placement.path, placement.size_bytes, placement.already_on_disk)
         try:
-            recorded = self.recorder.record(stored, peer, before_commit=dirs_synced.result)
+            # The directory entries are durable before the transaction starts: under concurrent associations the
+            # database's write lock is never held while waiting for the disk.
+            self.spool.sync_dirs(placement)
+            recorded = self.recorder.record(stored, peer)
         except Exception:  # noqa: BLE001 - the sender gets a failure status and will retry; we stay up
             log.exception(
                 "C-STORE from %s: recording SOP Instance %s failed", peer.calling_ae_title, header.sop_instance_uid

@@ -31,8 +31,8 @@ from sqlalchemy.orm import Session
 
 from dicom_node.config import CompletionRule, CompletionSettings, SelectionRule
 from dicom_node.db import Database, Instance, Series, Study, StudyState
+from dicom_node.db.batch import with_retry
 from dicom_node.db.models import utcnow
-from dicom_node.studies.records import with_retry
 from dicom_node.studies.selection import SeriesAttributes, select_series
 
 log = logging.getLogger(__name__)

@@ -13,17 +13,17 @@ import logging
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from typing import TypeVar, cast
 
 from sqlalchemy import Connection, Table, case, select, update
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.exc import IntegrityError, OperationalError
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from dicom_node.db import AuditEvent, Database, Instance, Series, Study, StudyState
+from dicom_node.db.batch import Attempt, GroupCommit, with_retry
 from dicom_node.db.models import utcnow
 from dicom_node.storage.spool import StoredInstance
 
@@ -48,24 +48,6 @@ class Recorded:
     after_completion: bool
 
 
-def with_retry(db: Database, work: Callable[[Session], T], attempts: int = 8, deadline: float | None = None) -> T:
-    """Run ``work`` in a transaction, retrying when SQLite reports the database locked by another process; no new
-    attempt starts after ``deadline`` (time.monotonic())."""
-    delay = 0.05
-    for attempt in range(attempts):
-        try:
-            with db.session() as session:
-                return work(session)
-        except OperationalError as err:
-            late = deadline is not None and time.monotonic() + delay >= deadline
-            if "locked" not in str(err).lower() or attempt == attempts - 1 or late:
-                raise
-            log.warning("job database busy, retrying (%s)", type(err.orig).__name__)
-            time.sleep(delay)
-            delay = min(delay * 2, 1.0)
-    raise AssertionError("unreachable")
-
-
 _STUDIES = cast(Table, Study.__table__)
 _SERIES = cast(Table, Series.__table__)
 _INSTANCES = cast(Table, Instance.__table__)
@@ -79,7 +61,7 @@ class InstanceRecorder:
 
     It also counts, per study, the associations delivering it that have not ended (``studies.open_associations``),
     and marks a study interrupted when one of them ends abnormally (:meth:`association_ended`) or was still open
-    when the node stopped (:meth:`recover_open_associations`). ``deadline_seconds`` bounds :meth:`record`'s
+    when the node stopped (:func:`recover_open_associations`). ``deadline_seconds`` bounds :meth:`record`'s
     retries; the database's own lock timeout should not exceed it."""
 
     def __init__(self, db: Database, cache_size: int = 4096, deadline_seconds: float | None = None) -> None:
@@ -95,43 +77,43 @@ class InstanceRecorder:
         self._insert_instance = insert(_INSTANCES).on_conflict_do_nothing(index_elements=["sop_instance_uid"])
         self._insert_study = insert(_STUDIES).on_conflict_do_nothing(index_elements=["study_instance_uid"])
         self._insert_series = insert(_SERIES).on_conflict_do_nothing(index_elements=["series_instance_uid"])
+        self._commits = GroupCommit(db, deadline_seconds=deadline_seconds)
 
-    def record(
-        self,
-        stored: StoredInstance,
-        peer: Peer,
-        now: datetime | None = None,
-        before_commit: Callable[[], object] | None = None,
-    ) -> Recorded:
-        """Record one stored instance. ``before_commit`` (e.g. waiting for the spool's fsync) runs inside the
-        transaction after its statements, so the row is committed only once the file is durable."""
+    def record(self, stored: StoredInstance, peer: Peer, now: datetime | None = None) -> Recorded:
+        """Record one stored instance (its file already durable); returns once the row is committed, in a
+        transaction shared with the instances other associations of this process delivered meanwhile."""
 
-        deadline = None if self.deadline_seconds is None else time.monotonic() + self.deadline_seconds
-
-        def work(session: Session) -> Recorded:
+        def work(session: Session, attempt: Attempt) -> Recorded:
             recorded = self._record(session, stored, peer, now or utcnow())
-            if peer.association is not None and not self._counted(peer.association, recorded.study_id):
-                session.execute(
-                    update(_STUDIES)
-                    .where(_STUDIES.c.id == recorded.study_id)
-                    .values(open_associations=_STUDIES.c.open_associations + 1)
-                )
-            if before_commit is not None:
-                before_commit()
+            if peer.association is not None:
+                # Count each (association, study) once, also when two of its instances share one transaction.
+                counted: set[tuple[str, int]] = attempt.scratch.setdefault("counted", set())
+                key = (peer.association, recorded.study_id)
+                if key not in counted and not self._counted(*key):
+                    counted.add(key)
+                    session.execute(
+                        update(_STUDIES)
+                        .where(_STUDIES.c.id == recorded.study_id)
+                        .values(open_associations=_STUDIES.c.open_associations + 1)
+                    )
             return recorded
 
         try:
-            recorded = with_retry(self.db, work, deadline=deadline)
+            recorded = self._commits.run(work)
         except IntegrityError:
             # A cached id whose row was deleted meanwhile (e.g. an admin purge): forget the cache, try once more.
             with self._lock:
                 self._ids.clear()
                 self._image_types.clear()
-            recorded = with_retry(self.db, work, deadline=deadline)
+            recorded = self._commits.run(work)
         if peer.association is not None:
             with self._lock:
                 self._open.setdefault(peer.association, set()).add(recorded.study_id)
         return recorded
+
+    def close(self) -> None:
+        """Commit what is queued and stop the committer thread."""
+        self._commits.close()
 
     def _counted(self, association: str, study_id: int) -> bool:
         with self._lock:
@@ -166,29 +148,6 @@ class InstanceRecorder:
 
         with_retry(self.db, work)
         return studies
-
-    def recover_open_associations(self, now: datetime | None = None) -> int:
-        """At start-up: associations still counted open were cut by the node stopping (kill -9, power cut); their
-        studies are interrupted. Returns how many studies."""
-        when = now or utcnow()
-
-        def work(session: Session) -> int:
-            return int(
-                session.execute(
-                    update(_STUDIES)
-                    .where(_STUDIES.c.open_associations > 0)
-                    .values(
-                        open_associations=0,
-                        interrupted_at=when,
-                        interruption_reason="the node stopped while an association was delivering the study",
-                    )
-                ).rowcount  # type: ignore[attr-defined]
-            )
-
-        count = with_retry(self.db, work)
-        if count:
-            log.warning("%d study(ies) were being received when the node stopped: marked interrupted", count)
-        return count
 
     def _cached(self, series_uid: str) -> tuple[int, int] | None:
         with self._lock:
@@ -352,3 +311,27 @@ def _merge_modalities(current: str | None, modality: str | None) -> str | None:
         values.append(modality)
     merged = "\\".join(values)
     return merged[:64] or None
+
+
+def recover_open_associations(db: Database, now: datetime | None = None) -> int:
+    """At start-up: associations still counted open were cut by the node stopping (kill -9, power cut); their
+    studies are interrupted. Returns how many studies."""
+    when = now or utcnow()
+
+    def work(session: Session) -> int:
+        return int(
+            session.execute(
+                update(_STUDIES)
+                .where(_STUDIES.c.open_associations > 0)
+                .values(
+                    open_associations=0,
+                    interrupted_at=when,
+                    interruption_reason="the node stopped while an association was delivering the study",
+                )
+            ).rowcount  # type: ignore[attr-defined]
+        )
+
+    count = with_retry(db, work)
+    if count:
+        log.warning("%d study(ies) were being received when the node stopped: marked interrupted", count)
+    return count
