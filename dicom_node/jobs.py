@@ -666,8 +666,11 @@ def complete_job(
     image_threshold: float,
     is_abnormal: bool,
     result_path: str,
+    timing: str = "",
 ) -> bool:
-    """Mark the job succeeded with its result; False (nothing changed) when the lease was lost meanwhile."""
+    """Mark the job succeeded with its result; False (nothing changed) when the lease was lost meanwhile.
+    ``timing`` (where the time went) is added to the event's detail."""
+    verdict = f"score {series_score:.4g} (threshold {image_threshold:.4g}){', abnormal' if is_abnormal else ''}"
     with db.session() as session:
         return transition(
             session,
@@ -675,7 +678,7 @@ def complete_job(
             JobState.RUNNING,
             JobState.SUCCEEDED,
             "succeeded",
-            detail=f"score {series_score:.4g} (threshold {image_threshold:.4g}){', abnormal' if is_abnormal else ''}",
+            detail=f"{verdict} {timing}".rstrip(),
             where=_held_by(lease),
             series_score=series_score,
             image_threshold=image_threshold,

@@ -27,6 +27,7 @@ from sqlalchemy.exc import OperationalError
 
 from dicom_node.config import Settings
 from dicom_node.db import Database
+from dicom_node.delivery import handover
 from dicom_node.jobs import (
     Dispatcher,
     Lease,
@@ -159,10 +160,15 @@ def run_detection(
     with LeaseKeeper(db, lease, settings.workers.lease_seconds) as keeper:
         try:
             detector = detectors(lease.detector)
-            result = detector.score_series(read_series(lease.file_paths))
+            began = time.perf_counter()
+            datasets = read_series(lease.file_paths)
+            read = time.perf_counter()
+            result = detector.score_series(datasets)
+            scored = time.perf_counter()
             if keeper.lost.is_set():
                 return DetectionOutcome(job_id, "lost", "lease lost while scoring; result discarded")
             path = save_result(result, settings.results_dir, job_id)
+            saved = time.perf_counter()
         except SoftTimeLimitExceeded:
             limit = settings.detector(lease.detector).soft_time_limit_seconds
             return _failed(db, lease, f"time limit: the detector ran longer than the soft limit of {limit:g} s")
@@ -172,6 +178,12 @@ def run_detection(
                 return _retry(db, settings, dispatcher, lease, reason)
             log.exception("job %d: failed", job_id)
             return _failed(db, lease, reason)
+    deliver = bool(settings.destinations or settings.webhooks)
+    if deliver:
+        # The delivery task usually runs next in this very process: it gets the result and the headers from here
+        # instead of reading them back from disk (dicom_node.delivery.handover).
+        handover.keep(job_id, path, result, datasets)
+    timing = f"read {read - began:.2f} s, score {scored - read:.2f} s, save {saved - scored:.2f} s"
     if not complete_job(
         db,
         lease,
@@ -179,16 +191,19 @@ def run_detection(
         image_threshold=float(result.image_threshold),
         is_abnormal=result.is_abnormal,
         result_path=str(path),
+        timing=f"in {saved - began:.2f} s ({timing})",
     ):
+        handover.clear()
         return DetectionOutcome(job_id, "lost", "lease lost before the result was recorded")
     log.info(
-        "job %d: succeeded in %.1f s, score %.4g, %s",
+        "job %d: succeeded in %.1f s (%s), score %.4g, %s",
         job_id,
         time.monotonic() - started,
+        timing,
         result.series_score,
         "abnormal" if result.is_abnormal else "normal",
     )
-    if settings.destinations or settings.webhooks:
+    if deliver:
         send_delivery(db, dispatcher, job_id)
     return DetectionOutcome(job_id, "succeeded")
 

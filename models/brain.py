@@ -222,7 +222,7 @@ class BrainMRIDetector(ImageAnomalyDetector):
             source_maps = reformat.inverse(axial_maps)
             maps = [m for m in source_maps]
             scores = np.array([self._map_score(m) for m in maps])
-            scored = np.array([self._has_head(s) for s in list(reformat.inverse(axial))])
+            scored = np.array([self._has_head(s) for s in unit])  # unit is reformat.inverse(axial), exactly
             scores = np.where(scored, scores, 0.0)
             series_score = self.series_aggregate(axial_scores[axial_scored])
             logger.info("scored %s series as %d axial slices", "/".join(sorted(planes)), int(axial_scored.sum()))
@@ -288,13 +288,14 @@ class BrainMRIDetector(ImageAnomalyDetector):
 
 def _volume_unit(volume: np.ndarray) -> np.ndarray:
     """Scale a volume to [0, 1] on its own 99.5th percentile of non-zero voxels (one scale for all slices)."""
-    values = volume.astype(np.float32)
-    values = values - float(values.min())
+    values = volume.astype(np.float32)  # a copy: the steps below work in place (the same values, half the time)
+    values -= float(values.min())
     nonzero = values[values > 0]
     if nonzero.size == 0:
         return np.zeros_like(values)
-    hi = float(np.percentile(nonzero, 99.5))
-    return np.clip(values / max(hi, 1e-6), 0.0, 1.0)
+    hi = float(np.percentile(nonzero, 99.5, overwrite_input=True))
+    np.divide(values, max(hi, 1e-6), out=values)
+    return np.clip(values, 0.0, 1.0, out=values)
 
 
 def _interpolate_between(maps: np.ndarray, chosen: np.ndarray, candidates: np.ndarray) -> None:

@@ -21,8 +21,10 @@ from sqlalchemy import func, select
 from dicom_node.config import Settings, load_settings
 from dicom_node.db import Database
 from dicom_node.db.models import DeliveryAttempt, Job, JobEvent, JobState, ResultObject
+from dicom_node.delivery import handover
 from dicom_node.delivery.pipeline import deliver_job
 from dicom_node.delivery.scu import classify_status
+from models.base import SeriesResult
 
 STORESCU = Path("/usr/bin/storescu")
 SEG_STORAGE = "1.2.840.10008.5.1.4.1.1.66.4"
@@ -533,3 +535,86 @@ def test_rerun_after_late_images_names_the_earlier_sr(tmp_path: Path, sqlite_url
     finally:
         pacs.close()
         db.dispose()
+
+
+# Stamped at build time (highdicom: the creation and content times, a random Dimension Organization UID).
+BUILD_TIME_TAGS = {"00080013", "00080033", "0018A002", "00209164"}
+
+
+def _stable(ds: pydicom.Dataset) -> Any:
+    """A result object's JSON model without what differs between two builds of the same object."""
+
+    def scrub(node: Any) -> Any:
+        if isinstance(node, dict):
+            return {key: scrub(value) for key, value in node.items() if key not in BUILD_TIME_TAGS}
+        if isinstance(node, list):
+            return [scrub(value) for value in node]
+        return node
+
+    return scrub(ds.to_json_dict(bulk_data_threshold=1 << 30))
+
+
+def test_result_kept_in_memory_builds_the_same_objects_and_the_files_go_as_written(
+    tmp_path: Path, sqlite_url: str
+) -> None:
+    """The detection's hand-over (result and headers kept in the worker process) builds the objects that reading
+    the result and the headers from disk builds; the SCU sends each file's own data set."""
+    scp = RefusingScp(0x0000)
+    db = Database(sqlite_url)
+    try:
+        destination = {
+            "name": "pacs",
+            "ae_title": "REFUSER",
+            "host": "127.0.0.1",
+            "port": scp.port,
+            "profile": {"objects": ["SEG", "SR"]},
+        }
+        settings = make_settings(tmp_path, [destination])
+        result = synthetic_result([CR_CHEST], "chest_xray")
+        job_id = create_job(db, [CR_CHEST], result, settings.results_dir, detector="chest_xray")
+        assert deliver_job(db, settings, job_id).state == JobState.DELIVERED
+        with db.session() as session:
+            paths = [
+                Path(p) for p in session.scalars(select(ResultObject.file_path).where(ResultObject.job_id == job_id))
+            ]
+        assert sorted(path.name for path in paths) == ["SEG-all-frames.dcm", "SR.dcm"]
+        from_disk = [_stable(pydicom.dcmread(path)) for path in paths]
+        for path, received in zip(paths, scp.datasets, strict=True):
+            assert received == pydicom.dcmread(path)  # the data set of the file, as written
+
+        source = pydicom.dcmread(CR_CHEST)  # as the detection read it: with its pixel data, decoded
+        assert source.pixel_array.size
+        result_path = job_row(db, job_id).result_path or ""
+        handover.keep(job_id, result_path, SeriesResult.load(Path(result_path)), [source])
+        assert "PixelData" not in source
+        assert deliver_job(db, settings, job_id, force=True).state == JobState.DELIVERED
+        assert [_stable(pydicom.dcmread(path)) for path in paths] == from_disk
+        with db.session() as session:
+            built = [
+                detail or ""
+                for detail in session.scalars(
+                    select(JobEvent.detail).where(JobEvent.job_id == job_id, JobEvent.event == "results_built")
+                )
+            ]
+        assert "kept in memory" not in built[0] and "(kept in memory: load " in built[1]
+        assert len(scp.datasets) == 4
+    finally:
+        handover.clear()
+        scp.close()
+        db.dispose()
+
+
+def test_a_kept_result_is_given_once_and_only_while_its_file_is_unchanged(tmp_path: Path) -> None:
+    result = synthetic_result([CR_CHEST], "chest_xray")
+    path = tmp_path / "job-7"
+    result.save(path)
+    handover.keep(7, path, result, [pydicom.dcmread(CR_CHEST)])
+    assert handover.take(8, path) is None  # another job's delivery leaves it in place
+    kept = handover.take(7, path)
+    assert kept is not None and kept.result is result and list(kept.headers) == result.sop_instance_uids
+    assert handover.take(7, path) is None  # once
+    handover.keep(7, path, result, [pydicom.dcmread(CR_CHEST)])
+    result.save(path.parent / "staging")
+    (path / "series_result.npz").unlink()
+    (path.parent / "staging" / "series_result.npz").rename(path / "series_result.npz")  # a re-run elsewhere
+    assert handover.take(7, path) is None

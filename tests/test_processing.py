@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from conftest import REPO
 from workers_support import RecordingDispatcher, make_study
@@ -13,7 +14,7 @@ from dicom_node.config import load_settings
 from dicom_node.db import Database, Instance, Job, JobState
 from dicom_node.jobs import JobScheduler
 from dicom_node.processing import run_detection
-from models.base import SeriesResult
+from models.base import ModelIdentity, SeriesResult
 
 sys.path.insert(0, str(REPO / "tests" / "plugins"))
 from dn_test_detectors import IntensityTestDetector  # noqa: E402
@@ -130,3 +131,31 @@ def test_unreadable_spool_fails_the_job_at_once_with_the_reason(
         assert (job.error or "").startswith("SpoolUnreadable: ") and "permission denied for this worker (uid" in (
             job.error or ""
         )
+
+
+def test_series_result_maps_keep_every_bit_and_older_results_still_load(tmp_path: Path) -> None:
+    rng = np.random.default_rng(3)
+    maps = np.where(rng.random((3, 17, 23)) < 0.4, rng.normal(size=(3, 17, 23)), 0).astype(np.float32)
+    maps[0, 0, :3] = [-0.0, np.nan, np.inf]
+    result = SeriesResult(
+        model=ModelIdentity("brain_mri", "test", "1", "ab" * 32),
+        series_score=0.7,
+        image_threshold=0.5,
+        pixel_threshold=0.2,
+        sop_instance_uids=["1.2.3", "1.2.4", "1.2.5"],
+        image_scores=np.array([0.1, 0.7, 0.2]),
+        anomaly_maps=maps,
+        scored=np.array([True, True, False]),
+    )
+    loaded = SeriesResult.load(result.save(tmp_path / "new"))
+    assert loaded.anomaly_maps.dtype == np.float32 and loaded.anomaly_maps.tobytes() == maps.tobytes()
+    assert loaded.image_scores.tolist() == [0.1, 0.7, 0.2] and loaded.scored.tolist() == [True, True, False]
+    assert loaded.series_score == 0.7 and loaded.sop_instance_uids == result.sop_instance_uids
+
+    # A result written before the maps were stored sparse: one compressed ``anomaly_maps`` array.
+    old = tmp_path / "old"
+    old.mkdir()
+    (tmp_path / "new" / "series_result.json").rename(old / "series_result.json")
+    np.savez_compressed(old / "series_result.npz", image_scores=result.image_scores, anomaly_maps=maps,
+                        scored=result.scored)  # fmt: skip
+    assert SeriesResult.load(old).anomaly_maps.tobytes() == maps.tobytes()

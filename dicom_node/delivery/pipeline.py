@@ -21,12 +21,14 @@ from pathlib import Path
 import pydicom
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
+from pydicom.filereader import read_file_meta_info
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from dicom_node.config import Destination, Settings, Webhook
 from dicom_node.db import Database
 from dicom_node.db.models import DeliveryAttempt, Instance, Job, JobEvent, JobState, ResultObject
+from dicom_node.delivery import handover
 from dicom_node.delivery.commitment import Reference, request_commitment
 from dicom_node.delivery.scu import ScuTimeouts, SendOutcome, store_files
 from dicom_node.delivery.stow import stow_files
@@ -124,6 +126,14 @@ def _predecessor_srs(session: Session, job: Job) -> list[Dataset]:
     return [pydicom.dcmread(row.file_path, stop_before_pixels=True) for row in rows if Path(row.file_path).exists()]
 
 
+def _headers(uids: Sequence[str], paths: dict[str, str], kept: handover.Handover | None) -> list[Dataset]:
+    """The source instances' headers, in the result's order: from the detection's hand-over when it has them all,
+    else read from the spool."""
+    if kept is not None and all(uid in kept.headers for uid in uids):
+        return [kept.headers[uid] for uid in uids]
+    return [pydicom.dcmread(paths[uid], stop_before_pixels=True) for uid in uids]
+
+
 def _write(dataset: Dataset, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
@@ -173,8 +183,8 @@ def _send(target: _Target, files: Sequence[Path], settings: Settings, event: Tri
         return stored
     references = []
     for path in files:
-        header = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["SOPClassUID", "SOPInstanceUID"])
-        references.append(Reference(str(header.SOPClassUID), str(header.SOPInstanceUID)))
+        meta = read_file_meta_info(path)  # our own files: the file meta names the SOP class and instance
+        references.append(Reference(str(meta.MediaStorageSOPClassUID), str(meta.MediaStorageSOPInstanceUID)))
     committed = request_commitment(destination, references, calling_ae=settings.node.ae_title, timeouts=timeouts)
     if committed.outcome in DONE:
         return SendOutcome(stored.outcome, stored.status, f"{stored.detail}; {committed.detail}")
@@ -192,6 +202,8 @@ def _seconds_since(start: datetime | None, end: datetime) -> float | None:
 def deliver_job(db: Database, settings: Settings, job_id: int, *, force: bool = False) -> DeliveryReport:
     """Build, record and send the results of job ``job_id``; ``force`` re-sends to destinations that already
     stored or refused them (the admin's "redeliver")."""
+    began = time.perf_counter()
+    kept: handover.Handover | None = None
     with db.session() as session:
         job = session.get(Job, job_id)
         if job is None:
@@ -199,8 +211,10 @@ def deliver_job(db: Database, settings: Settings, job_id: int, *, force: bool = 
         if job.state not in DELIVERABLE_STATES or not job.result_path:
             return DeliveryReport(job_id, str(job.state), skipped_reason=f"job is {job.state}, nothing to deliver")
         problem: str | None = None
+        # The detection that just ran in this process left its result and headers here: no need to read them back.
+        kept = handover.take(job_id, job.result_path)
         try:
-            result = SeriesResult.load(Path(job.result_path))
+            result = kept.result if kept is not None else SeriesResult.load(Path(job.result_path))
         except (OSError, ValueError, KeyError) as err:
             problem = f"cannot read the detection result at {job.result_path}: {type(err).__name__}: {err}"
     if problem is not None:
@@ -229,6 +243,7 @@ def deliver_job(db: Database, settings: Settings, job_id: int, *, force: bool = 
         )
         predecessors = _predecessor_srs(session, job)
         history = _attempts(session, job.id)
+    loaded = time.perf_counter()
 
     targets = _targets(settings, result.is_abnormal)
     pending = [t for t in targets if force or not history.get(t.name) or history[t.name][-1].outcome == "retry"]
@@ -250,9 +265,9 @@ def deliver_job(db: Database, settings: Settings, job_id: int, *, force: bool = 
         if missing:
             reason = f"{len(missing)} source instance(s) not in the database, e.g. {missing[0]}"
             return _fail(db, job_id, report, reason)
-        started = time.perf_counter()
         try:
-            headers = [pydicom.dcmread(paths[uid], stop_before_pixels=True) for uid in result.sop_instance_uids]
+            headers = _headers(result.sop_instance_uids, paths, kept)
+            headed = time.perf_counter()
             built = build_results(
                 headers,
                 result,
@@ -267,10 +282,17 @@ def deliver_job(db: Database, settings: Settings, job_id: int, *, force: bool = 
         with db.session() as session:
             job = session.get_one(Job, job_id)
             directory = settings.results_dir / f"job-{job_id}" / "dicom"
+            objects_built = time.perf_counter()
             files_by_key = _record_objects(session, job, built.objects, directory)
-            took = time.perf_counter() - started
+            done = time.perf_counter()
             if files_by_key:
-                _event(session, job, "results_built", f"{', '.join(sorted(files_by_key))} in {took:.2f} s")
+                timing = (
+                    f"{'kept in memory: ' if kept is not None else ''}load {loaded - began:.2f} s, "
+                    f"headers {headed - loaded:.2f} s, build {objects_built - headed:.2f} s, "
+                    f"write {done - objects_built:.2f} s"
+                )
+                names = ", ".join(sorted(files_by_key))
+                _event(session, job, "results_built", f"{names} in {done - began:.2f} s ({timing})")
         report.objects = {key: str(path) for key, path in files_by_key.items()}
         if built.findings.findings and result.is_abnormal:
             strongest = built.findings.findings[0]

@@ -20,7 +20,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pydicom
-from pynetdicom import AE
+from pydicom.dataset import Dataset
+from pydicom.filereader import read_file_meta_info
+from pynetdicom import AE, _config
 from pynetdicom.association import Association
 from pynetdicom.status import code_to_category
 
@@ -108,36 +110,70 @@ def _as_accepted(assoc: Association, ds: pydicom.Dataset) -> pydicom.Dataset:
     return ds
 
 
+@dataclass(frozen=True)
+class _File:
+    """A file to send, known from its file meta information alone (PS3.10 7.1)."""
+
+    path: Path
+    sop_class: str
+    sop_instance: str
+    syntax: str
+
+
+def _describe(path: Path) -> _File:
+    meta = read_file_meta_info(path)
+    if all(keyword in meta for keyword in ("MediaStorageSOPClassUID", "MediaStorageSOPInstanceUID")):
+        return _File(
+            path, str(meta.MediaStorageSOPClassUID), str(meta.MediaStorageSOPInstanceUID), str(meta.TransferSyntaxUID)
+        )
+    header = pydicom.dcmread(path, stop_before_pixels=True)
+    return _File(path, str(header.SOPClassUID), str(header.SOPInstanceUID), str(header.file_meta.TransferSyntaxUID))
+
+
+def _send_one(assoc: Association, item: _File, accepted: set[tuple[str, str]]) -> Dataset:
+    """C-STORE one file. When the PACS accepted the file's own transfer syntax for its SOP class, the file's bytes
+    go as they are (pynetdicom streams the data set from the file: no parsing, no encoding again); otherwise it is
+    read and converted (Explicit → Implicit VR, or decompressed) as ``_as_accepted`` says."""
+    if (item.sop_class, item.syntax) in accepted:
+        previous = _config.STORE_SEND_CHUNKED_DATASET
+        _config.STORE_SEND_CHUNKED_DATASET = True
+        try:
+            return assoc.send_c_store(item.path)
+        finally:
+            _config.STORE_SEND_CHUNKED_DATASET = previous
+    return assoc.send_c_store(_as_accepted(assoc, pydicom.dcmread(item.path)))
+
+
 def store_files(
     destination: Destination, files: Sequence[Path], *, calling_ae: str, timeouts: ScuTimeouts | None = None
 ) -> SendOutcome:
     """Send ``files`` over one association and classify the attempt."""
     timeouts = timeouts or ScuTimeouts()
-    datasets = [pydicom.dcmread(path) for path in files]
-    sop_classes = sorted({str(ds.SOPClassUID) for ds in datasets})
+    items = [_describe(Path(path)) for path in files]
+    sop_classes = sorted({item.sop_class for item in items})
     compressed = sorted(
-        {(str(ds.SOPClassUID), str(ds.file_meta.TransferSyntaxUID)) for ds in datasets}
-        - {(c, ts) for c in sop_classes for ts in UNCOMPRESSED}
+        {(item.sop_class, item.syntax) for item in items} - {(c, ts) for c in sop_classes for ts in UNCOMPRESSED}
     )
     assoc, problem = _associate(destination, calling_ae, sop_classes, timeouts, compressed)
     if assoc is None:
         outcome, _, reason = problem.partition(":")
         log.warning("delivery to %s: %s", destination.name, reason)
         return SendOutcome(outcome, None, reason)
+    accepted = {(str(cx.abstract_syntax), str(cx.transfer_syntax[0])) for cx in assoc.accepted_contexts}
     outcomes: list[SendOutcome] = []
     try:
-        for ds in datasets:
-            response = assoc.send_c_store(_as_accepted(assoc, ds))
+        for item in items:
+            response = _send_one(assoc, item, accepted)
             if "Status" not in response:
-                lost = f"no C-STORE response for {ds.SOPInstanceUID} (connection lost or timed out)"
+                lost = f"no C-STORE response for {item.sop_instance} (connection lost or timed out)"
                 outcomes.append(SendOutcome("retry", None, lost))
                 break
             status = int(response.Status)
             outcome = classify_status(status)
             comment = response.get("ErrorComment", "")
-            detail = f"{ds.SOPInstanceUID}: 0x{status:04X} {code_to_category(status)} {comment}".rstrip()
+            detail = f"{item.sop_instance}: 0x{status:04X} {code_to_category(status)} {comment}".rstrip()
             outcomes.append(SendOutcome(outcome, status, detail))
-            log.info("C-STORE %s to %s: 0x%04X (%s)", ds.SOPInstanceUID, destination.name, status, outcome)
+            log.info("C-STORE %s to %s: 0x%04X (%s)", item.sop_instance, destination.name, status, outcome)
             if outcome in ("failed", "retry"):
                 break
     finally:
