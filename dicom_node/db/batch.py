@@ -90,20 +90,30 @@ class GroupCommit:
         self.max_batch = max_batch
         self.deadline_seconds = deadline_seconds
         self._queue: queue.SimpleQueue[_Unit[Any] | None] = queue.SimpleQueue()
+        self._closed = False
+        self._closing = threading.Lock()  # nothing is queued behind the last item, close()'s None
         self._thread = threading.Thread(target=self._serve, name="group-commit", daemon=True)
         self._thread.start()
 
     def run(self, work: Work[T]) -> T:
         """Run ``work`` in a transaction shared with others; returns once that transaction is committed."""
         unit: _Unit[T] = _Unit(work)
-        self._queue.put(unit)
+        with self._closing:
+            if self._closed:
+                raise RuntimeError("the group commit is closed")
+            self._queue.put(unit)
         unit.done.wait()
         if unit.error is not None:
             raise unit.error
         return unit.result  # type: ignore[return-value]
 
     def close(self) -> None:
-        self._queue.put(None)
+        """Commit what is queued, then stop; later :meth:`run` calls raise RuntimeError."""
+        with self._closing:
+            if self._closed:
+                return
+            self._closed = True
+            self._queue.put(None)
         self._thread.join()
 
     def _serve(self) -> None:

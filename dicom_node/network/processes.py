@@ -123,7 +123,7 @@ class ReceivingProcesses:
                 process.terminate()
                 process.join(5)
         if self._supervisor is not None:
-            self._supervisor.join(5)
+            self._supervisor.join(5)  # it returns once every receiver has exited
         if self._socket is not None:
             self._socket.close()
             self._socket = None
@@ -149,18 +149,23 @@ class ReceivingProcesses:
 
     def _supervise(self) -> None:
         """Replace a receiving process that died while the node runs."""
-        while not self._stopping.is_set():
+        # Linux's parent-death signal follows the thread that started a child: this thread, for a replacement, so
+        # it lives until every receiver has exited.
+        while True:
             sentinels = {process.sentinel: index for index, process in self._processes.items()}
             ready = wait(list(sentinels), timeout=1.0)
             if self._stopping.is_set():
-                return
+                if not any(process.is_alive() for process in self._processes.values()):
+                    return
+                continue
             for sentinel in ready:
                 index = sentinels[sentinel]  # type: ignore[index]
+                self._processes[index].join(5)  # reaped: its exit code is known
                 code = self._processes[index].exitcode
                 log.error("receiving process %d exited with %s; starting a new one", index, code)
                 self.slots.clear(index)
                 if self._stopping.wait(_RESPAWN_DELAY_SECONDS):  # one that cannot start must not spin
-                    return
+                    continue
                 self._spawn(index)
                 try:
                     self._await_ready({index})
