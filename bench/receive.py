@@ -203,10 +203,28 @@ def send(receiver: Receiver, files: list[Path]) -> float:
 
 
 def peak_rss_kib(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1])
-    raise RuntimeError("no VmHWM")
+    """VmHWM of a process and its descendants, summed (the node receives in several processes)."""
+    total = 0
+    for member in [pid, *_descendants(pid)]:
+        try:
+            status = Path(f"/proc/{member}/status").read_text()
+        except OSError:
+            continue
+        for line in status.splitlines():
+            if line.startswith("VmHWM:"):
+                total += int(line.split()[1])
+    return total
+
+
+def _descendants(pid: int) -> list[int]:
+    try:
+        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    except OSError:
+        return []
+    found = [int(c) for c in children]
+    for child in list(found):
+        found.extend(_descendants(child))
+    return found
 
 
 def main(argv: list[str] | None = None) -> int:

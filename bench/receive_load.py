@@ -33,7 +33,7 @@ from pathlib import Path
 from pydicom import dcmread
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
-from bench.receive import REPO, SIEMENS, Receiver, dicom_node, free_port, orthanc, wait_port
+from bench.receive import REPO, SIEMENS, Receiver, dicom_node, free_port, orthanc, peak_rss_kib, wait_port
 
 POSTGRES_ADMIN_URL = "postgresql+psycopg2://postgres@127.0.0.1:5432/test"
 
@@ -191,33 +191,8 @@ def run_point(receiver: Receiver, studies: list[list[Path]], sender: str) -> dic
         "inst_per_s": (total - failures) / wall,
         "p50_ms": 1000 * statistics.median(latencies),
         "p99_ms": 1000 * latencies[int(0.99 * (len(latencies) - 1))],
-        "peak_rss_mib": tree_peak_rss_kib(receiver.process.pid) / 1024,
+        "peak_rss_mib": peak_rss_kib(receiver.process.pid) / 1024,
     }
-
-
-def tree_peak_rss_kib(pid: int) -> int:
-    """VmHWM of a process and its descendants, summed (a receiver may run several processes)."""
-    total = 0
-    for member in [pid, *_descendants(pid)]:
-        try:
-            status = Path(f"/proc/{member}/status").read_text()
-        except OSError:
-            continue
-        for line in status.splitlines():
-            if line.startswith("VmHWM:"):
-                total += int(line.split()[1])
-    return total
-
-
-def _descendants(pid: int) -> list[int]:
-    try:
-        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
-    except OSError:
-        return []
-    found = [int(c) for c in children]
-    for child in list(found):
-        found.extend(_descendants(child))
-    return found
 
 
 def main(argv: list[str] | None = None) -> int:
