@@ -18,10 +18,12 @@ from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import numpy as np
 import pydicom
-from pydicom.dataset import Dataset
+from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.errors import InvalidDicomError
 from pydicom.filereader import read_file_meta_info
+from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
@@ -34,7 +36,7 @@ from dicom_node.delivery.scu import ScuTimeouts, SendOutcome, store_files
 from dicom_node.delivery.stow import stow_files
 from dicom_node.delivery.webhook import TriageEvent, post_event
 from dicom_node.results.build import ObjectRequest, build_results
-from models.base import SeriesResult
+from models.base import ModelIdentity, SeriesResult
 
 log = logging.getLogger(__name__)
 
@@ -382,3 +384,42 @@ def _finish(db: Database, job_id: int, report: DeliveryReport, completed_at: dat
                 _event(session, job, "delivered", f"stored at {', '.join(report.stored)}{timing}", JobState.DELIVERED)
         report.state = str(job.state)
     return report
+
+
+def warm_up() -> None:
+    """Build a SEG and an SR once for a made-up two-slice series, so that the first real delivery of a worker does
+    not pay what the libraries do on first use (highdicom loads its tables of the standard: about a second). The
+    worker calls it before forking its pool (workers.delivery_tasks); nothing is written or sent."""
+    size, count = 16, 2
+    study, series, frame = generate_uid(), generate_uid(), generate_uid()
+    headers = []
+    for index in range(count):
+        ds = Dataset()
+        ds.file_meta = FileMetaDataset()
+        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds.SOPClassUID, ds.SOPInstanceUID = MRImageStorage, generate_uid()
+        ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = study, series, frame
+        ds.PatientID, ds.PatientName, ds.PatientBirthDate, ds.PatientSex = "WARMUP", "Warm^Up", "", "O"
+        ds.StudyDate, ds.StudyTime, ds.StudyID = "20000101", "000000", "1"
+        ds.AccessionNumber, ds.ReferringPhysicianName = "", ""
+        ds.Modality, ds.SeriesNumber, ds.InstanceNumber = "MR", 1, index + 1
+        ds.Rows = ds.Columns = size
+        ds.PixelSpacing, ds.SliceThickness = [1.0, 1.0], 1.0
+        ds.ImageOrientationPatient = [1.0, 0.0, 0.0, 0.0, 1.0, 0.0]
+        ds.ImagePositionPatient = [0.0, 0.0, float(index)]
+        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
+        headers.append(ds)
+    maps = np.zeros((count, size, size), dtype=np.float32)
+    maps[:, 4:12, 4:12] = 1.0
+    result = SeriesResult(
+        model=ModelIdentity("brain_mri", "warm-up", "0", "0" * 64),
+        series_score=1.0,
+        image_threshold=0.5,
+        pixel_threshold=0.5,
+        sop_instance_uids=[str(ds.SOPInstanceUID) for ds in headers],
+        image_scores=np.ones(count),
+        anomaly_maps=maps,
+        scored=np.ones(count, dtype=bool),
+    )
+    build_results(headers, result, [ObjectRequest("SEG"), ObjectRequest("SR")], read_pixels=lambda ds: ds)
