@@ -22,7 +22,7 @@ from dicom_node.config import Settings, load_settings
 from dicom_node.db import Database
 from dicom_node.db.models import DeliveryAttempt, Job, JobEvent, JobState, ResultObject
 from dicom_node.delivery import handover
-from dicom_node.delivery.pipeline import deliver_job
+from dicom_node.delivery.pipeline import deliver_job, warm_up
 from dicom_node.delivery.scu import classify_status
 from models.base import SeriesResult
 
@@ -618,3 +618,9 @@ def test_a_kept_result_is_given_once_and_only_while_its_file_is_unchanged(tmp_pa
     (path / "series_result.npz").unlink()
     (path.parent / "staging" / "series_result.npz").rename(path / "series_result.npz")  # a re-run elsewhere
     assert handover.take(7, path) is None
+
+
+def test_warm_up_builds_the_result_objects_of_a_made_up_series() -> None:
+    """The worker warms the builders up before forking (workers.delivery_tasks); a failure there is only logged, so
+    it is checked here."""
+    warm_up()
