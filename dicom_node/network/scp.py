@@ -117,6 +117,7 @@ class StorageSCP:
         self._server: ThreadedAssociationServer | None = None
         self._held: set[Association] = set()  # associations holding one of the node's slots
         self._held_lock = threading.Lock()
+        self._aborting = False
         self.ae = self._make_ae()
 
     def _make_ae(self) -> AE:
@@ -187,6 +188,7 @@ class StorageSCP:
             time.sleep(0.1)
         if self._established():
             log.warning("aborting %d association(s) still running", self._established())
+        self._aborting = True  # the associations cut now were cut by the node stopping, not by their peer
         self.ae.shutdown()
 
     def _established(self) -> int:
@@ -288,7 +290,11 @@ class StorageSCP:
 
     def _on_aborted(self, event: evt.Event) -> None:
         calling = text_of(event.assoc.requestor.ae_title)
-        self._ended(event, f"association from {calling} ({event.assoc.requestor.address}) ended without A-RELEASE")
+        peer = f"{calling} ({event.assoc.requestor.address})"
+        if self._aborting:
+            self._ended(event, f"the node stopped while an association from {peer} was delivering the study")
+        else:
+            self._ended(event, f"association from {peer} ended without A-RELEASE")
 
     def _ended(self, event: evt.Event, reason: str | None) -> None:
         self._let_go(event.assoc)
