@@ -55,6 +55,7 @@ SERIES: dict[str, tuple[str, list[Path]]] = {
     "cr": ("chest_xray", [DICOM / "cr" / "pydicom-data_RG1_J2KI_CR_chest.dcm"]),
 }
 LOADED = re.compile(r"detector (\w+) loaded on (\S+)")
+BATCH = re.compile(r"detector \w+ loaded on \S+ \(model [^,]+, batch (\d+)\)")
 
 
 def load_average() -> str:
@@ -145,6 +146,7 @@ def run(
     makespan = max((as_utc(job.finished_at) - queued).total_seconds() for job in done if job.finished_at)
     runs = [(as_utc(job.finished_at) - as_utc(job.started_at)).total_seconds() for job in done]
     threads = re.findall(r"torch threads (\d+)", output)
+    batches = BATCH.findall(output)
     return {
         "series": series,
         "detector": detector,
@@ -160,6 +162,7 @@ def run(
         "loads": len(loads),
         "processes": len(processes | warm_processes),
         "torch_threads": threads[0] if threads else (str(torch_threads) if torch_threads else "default"),
+        "batch": batches[0] if batches else str(batch_size or "default"),
     }
 
 
@@ -175,7 +178,9 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=4, help="jobs in the timed backlog (per series/concurrency)")
     parser.add_argument("--cr-jobs", type=int, default=20, help="jobs in the timed backlog for cr")
     parser.add_argument("--torch-threads", type=int, default=None, help="OMP_NUM_THREADS for the worker")
-    parser.add_argument("--batch-size", type=int, default=None, help="detectors.<name>.batch_size (default: config)")
+    parser.add_argument(
+        "--batch-size", type=int, default=None, help="detectors.<name>.batch_size (on CPU at most CPU_MAX_BATCH)"
+    )
     args = parser.parse_args()
     print(f"machine: {platform.platform()}, {os.cpu_count()} CPUs, Python {platform.python_version()}")
     print(f"started {datetime.now(UTC):%Y-%m-%d %H:%M} UTC, load average {load_average()}")
@@ -191,8 +196,8 @@ def main() -> None:
                 f"{result['jobs_per_hour']:.0f} jobs/hour ({result['per_process']:.0f} per pool process); "
                 f"{result['jobs']} jobs in {result['makespan_s']:.1f} s, run {result['run_mean_s']:.2f} s mean "
                 f"[{result['run_min_s']:.2f}-{result['run_max_s']:.2f}]; model loaded {result['loads']}x in "
-                f"{result['processes']} process(es); torch threads {result['torch_threads']}, batch size "
-                f"{args.batch_size or 'default'}; load average before "
+                f"{result['processes']} process(es); torch threads {result['torch_threads']}, batch "
+                f"{result['batch']}; load average before "
                 f"{before}, after {load_average()} ({time.monotonic() - start:.0f} s)",
                 flush=True,
             )

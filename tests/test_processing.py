@@ -88,7 +88,7 @@ def test_worker_context_loads_plugin_detectors_once_with_batch_size(
         overrides={
             "node": {"data_dir": str(tmp_path / "data")},
             "database": {"url": sqlite_url},
-            "detectors": {"brain_mri": {"model_dir": str(tmp_path / "model"), "batch_size": 3}},
+            "detectors": {"brain_mri": {"model_dir": str(tmp_path / "model"), "batch_size": 1}},
             "workers": {"device": "cpu"},
         }
     )
@@ -98,7 +98,7 @@ def test_worker_context_loads_plugin_detectors_once_with_batch_size(
     try:
         assert get_context(app) is context and context.settings is settings and context.device == "cpu"
         detector = context.detector("brain_mri")
-        assert isinstance(detector, IntensityTestDetector) and detector.batch_size == 3
+        assert isinstance(detector, IntensityTestDetector) and detector.batch_size == 1  # its own default is 4
         assert context.detector("brain_mri") is detector  # loaded once, kept warm
     finally:
         context.close()

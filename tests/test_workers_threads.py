@@ -1,4 +1,5 @@
-"""CPU pool processes share the CPUs out as torch threads (issue 22): 2 processes on 2 cores get 1 thread each."""
+"""CPU pool processes share the CPUs out as torch threads (issue 22): 2 processes on 2 cores get 1 thread each; on
+the CPU a forward pass takes at most CPU_MAX_BATCH slices (larger batches cost more CPU per slice there)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import pytest
 import torch
 
 from workers import context
-from workers.context import cpu_threads, set_cpu_threads
+from workers.context import CPU_MAX_BATCH, batch_size_for, cpu_threads, set_cpu_threads
 
 
 @pytest.fixture
@@ -36,3 +37,9 @@ def test_omp_num_threads_wins(monkeypatch: pytest.MonkeyPatch, keep_threads: Non
     monkeypatch.setenv("OMP_NUM_THREADS", "3")
     assert set_cpu_threads(1) is None
     assert torch.get_num_threads() == 1
+
+
+def test_cpu_batch_is_capped() -> None:
+    assert batch_size_for(16, "cpu") == CPU_MAX_BATCH == 2
+    assert batch_size_for(1, "cpu") == 1
+    assert batch_size_for(16, "cuda:0") == 16

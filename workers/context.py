@@ -83,6 +83,18 @@ def pool_process_index() -> int:
         return 0
 
 
+# On CPU a forward pass takes at most this many slices, whatever ``detectors.<name>.batch_size`` says: larger batches
+# cost more CPU per slice there (176-slice MR, one thread, CPU seconds per series: batch 16 8.5-8.7, batch 4
+# 5.7-5.8, batch 2 4.6-5.3, batch 1 4.8-5.8; the same scores to 1e-6). Measured on a 2-core x86 host: re-measure
+# before raising it for a larger CPU (docs/workers.md, "CPU workers").
+CPU_MAX_BATCH = 2
+
+
+def batch_size_for(configured: int, device: str) -> int:
+    """Slices per forward pass: ``detectors.<name>.batch_size``, at most ``CPU_MAX_BATCH`` on the CPU."""
+    return min(configured, CPU_MAX_BATCH) if device == "cpu" else configured
+
+
 def apply_batch_size(detector: Detector, batch_size: int) -> None:
     """Slices per forward pass, from ``detectors.<name>.batch_size``: the detector's own ``batch_size`` attribute,
     or that of its ``config`` (the shipped image detectors keep it in their DetectorConfig)."""
@@ -121,8 +133,11 @@ class WorkerContext:
                     self._registry = detector_registry()
                 model_dir = self.settings.detector(name).model_dir
                 detector = self._registry.load(name, model_dir, self.device)
-                apply_batch_size(detector, self.settings.detector(name).batch_size)
-                log.info("detector %s loaded on %s (model %s)", name, self.device, detector.identity.version)
+                batch = batch_size_for(self.settings.detector(name).batch_size, self.device)
+                apply_batch_size(detector, batch)
+                log.info(
+                    "detector %s loaded on %s (model %s, batch %d)", name, self.device, detector.identity.version, batch
+                )
                 self._detectors[name] = detector
             return self._detectors[name]
 
