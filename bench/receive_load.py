@@ -10,7 +10,8 @@ be; the latency of every C-STORE is taken from storescu's own log lines ("Sendin
 Response"), time-stamped as they arrive. ``--sender pynetdicom`` uses Python senders instead (heavier on the CPU the
 receivers share). Reports per receiver and point: instances stored, aggregate instances/s (all instances / wall
 time), p50 and p99 latency per instance, failures, and the receiver's peak RSS (VmHWM, summed over its processes).
-dicom-node runs as ``dicom-node serve`` with its defaults (fsync, completion monitor) and without embedded workers,
+dicom-node runs as ``dicom-node serve`` with its defaults (fsync, completion monitor; ``max_associations`` 32 for the
+20-sender point) and without embedded workers (``node-sqlite-x1`` / ``-x4``: 1 or 4 receiving processes),
 so the figure is the receive path's; Orthanc with its defaults and no plugins. Each receiver is started once and
 receives every point (new UIDs at every point).
 """
@@ -69,21 +70,29 @@ def postgres_database() -> Iterator[str]:
         admin.dispose()
 
 
+# Room for the 20-sender point (the node's default allows 16 associations at once; Orthanc has no limit by default).
+NETWORK = {"max_associations": 32}
+
+
 @contextmanager
-def node_sqlite(work: Path) -> Iterator[Receiver]:
-    with dicom_node(work) as receiver:
-        yield Receiver("node-sqlite", receiver.ae_title, receiver.port, receiver.process)
+def node_sqlite(work: Path, processes: int | None = None) -> Iterator[Receiver]:
+    network = NETWORK if processes is None else {**NETWORK, "receive_processes": processes}
+    with dicom_node(work, {"network": network}) as receiver:
+        name = "node-sqlite" if processes is None else f"node-sqlite-x{processes}"
+        yield Receiver(name, receiver.ae_title, receiver.port, receiver.process)
 
 
 @contextmanager
 def node_postgresql(work: Path) -> Iterator[Receiver]:
-    with postgres_database() as url, dicom_node(work, {"database": {"url": url}}) as receiver:
+    with postgres_database() as url, dicom_node(work, {"database": {"url": url}, "network": NETWORK}) as receiver:
         yield Receiver("node-postgresql", receiver.ae_title, receiver.port, receiver.process)
 
 
 RECEIVERS: dict[str, Callable[[Path], AbstractContextManager[Receiver]]] = {
     "node-sqlite": node_sqlite,
     "node-postgresql": node_postgresql,
+    "node-sqlite-x1": lambda work: node_sqlite(work, 1),
+    "node-sqlite-x4": lambda work: node_sqlite(work, 4),
     "orthanc": orthanc,
     "pynetdicom": bare_pynetdicom,
     "pynetdicom-x2": lambda work: bare_pynetdicom(work, 2),
