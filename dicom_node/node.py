@@ -120,13 +120,17 @@ def run_receiver(settings: Settings, context: ReceiverContext) -> None:
     # pynetdicom's chunked receive writes each data set to a NamedTemporaryFile; placing those in the spool's file
     # system lets the spool publish them with a hard link instead of a copy. Process-wide, set once here.
     tempfile.tempdir = str(spool.incoming_dir)
-    # Its lock waits end before the sender's DIMSE timeout, so a locked database gives the sender 0xC211 (retry
-    # later) instead of no answer.
-    db = Database(settings.database_url, upgrade=False, lock_timeout_seconds=storage.record_deadline_seconds)
-    recorder = InstanceRecorder(db, deadline_seconds=storage.record_deadline_seconds)
-    receiver = InstanceReceiver(spool, recorder)
-    listener = SharedListener(context.listening, context.slots, context.index)
-    scp = StorageSCP(settings.node, settings.network, receiver, recorder, listener)
+    try:
+        # Its lock waits end before the sender's DIMSE timeout, so a locked database gives the sender 0xC211 (retry
+        # later) instead of no answer.
+        db = Database(settings.database_url, upgrade=False, lock_timeout_seconds=storage.record_deadline_seconds)
+        recorder = InstanceRecorder(db, deadline_seconds=storage.record_deadline_seconds)
+        receiver = InstanceReceiver(spool, recorder)
+        listener = SharedListener(context.listening, context.slots, context.index)
+        scp = StorageSCP(settings.node, settings.network, receiver, recorder, listener)
+    except Exception as err:  # noqa: BLE001 - the node fails its start with this reason instead of waiting
+        context.reports.put(("failed", context.index, f"receiving process {context.index}: {err}"))
+        raise
     context.reports.put(("ready", context.index, None))
     while not (stopped.is_set() or context.stop.is_set() or context.go.wait(0.5)):
         pass
@@ -138,7 +142,10 @@ def run_receiver(settings: Settings, context: ReceiverContext) -> None:
     finally:
         # The node asked (its stop event): running associations get their grace. The node is gone (SIGTERM):
         # end now, as the node did; the senders send their unacknowledged instances again.
-        scp.stop(grace_seconds=0.0) if stopped.is_set() else scp.stop()
+        if stopped.is_set():
+            scp.stop(grace_seconds=0.0)
+        else:
+            scp.stop()
         receiver.close()
         recorder.close()
         db.dispose()

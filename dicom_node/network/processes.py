@@ -55,8 +55,9 @@ class ReceiverContext:
 ReceiverTarget = Callable[[Any, ReceiverContext], None]
 
 
-class ReceiverStartError(RuntimeError):
-    """A receiving process could not start (its reason is the message)."""
+class ReceiverStartError(OSError):
+    """A receiving process could not start (its reason is the message); an OSError, so ``serve`` reports it as the
+    one-line start-up error it gives for a port in use."""
 
 
 class ReceivingProcesses:
