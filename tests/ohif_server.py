@@ -106,7 +106,7 @@ class _Handler(BaseHTTPRequestHandler):
         self.server.requests.append(self.path)
         headers = {k: v for k, v in self.headers.items() if k.lower() in {"accept", "range"}}
         path, patient_id = _without_spaced_patient_id(self.path)
-        response = self.server.client.get(f"{self.server.orthanc_url}{path}", headers=headers)
+        response = self._get(f"{self.server.orthanc_url}{path}", headers)
         body = response.content
         if patient_id is not None and response.status_code == 200:
             body = json.dumps([s for s in response.json() if _patient_id(s) == patient_id]).encode()
@@ -117,6 +117,18 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
         self.wfile.write(body)
+
+    def _get(self, url: str, headers: dict[str, str], attempts: int = 3) -> httpx.Response:
+        """A GET to Orthanc, tried again when the connection fails: under the viewer's burst of frame requests
+        Orthanc may close a kept-alive connection just as it is reused, and the browser would see an empty
+        response (net::ERR_EMPTY_RESPONSE) from the proxy, not from Orthanc."""
+        for attempt in range(attempts):
+            try:
+                return self.server.client.get(url, headers=headers)
+            except httpx.TransportError:
+                if attempt == attempts - 1:
+                    raise
+        raise AssertionError("unreachable")
 
     def _static(self, path: str) -> None:
         target = (OHIF_DIST / path.lstrip("/")).resolve()
