@@ -29,6 +29,16 @@ class ModelIdentity:
 
 
 @dataclass(frozen=True)
+class ImageInfo:
+    """What the header or a labels file says about one image besides its pixels, where known: the acquisition view
+    (View Position (0018,5101), e.g. AP or PA) and the patient (to keep one patient's images in one fold). Detectors
+    that do not use a field ignore it."""
+
+    view: str | None = None
+    patient: str | None = None
+
+
+@dataclass(frozen=True)
 class ImageScores:
     """Scores of a batch of 2-D images in the detector's own input geometry.
 

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import pydicom
 
-from models.base import DetectorError, SeriesResult
+from models.base import DetectorError, ImageInfo, SeriesResult
 from models.geometry import axial_reformat, plane_of, sort_slices
 from models.image_detector import DetectorConfig, ImageAnomalyDetector, Prepared
 from models.metrics import top_mean
@@ -162,9 +162,21 @@ class BrainMRIDetector(ImageAnomalyDetector):
         size = self.config.image_size
         mask = foreground_mask(image)
         box = square_crop_box(mask)
-        square = resize(crop_square(image, box), (size, size))
+        crop = crop_square(image, box)
+        resolution = self.prep_resolution
+        if resolution and box.size > resolution:
+            # One effective resolution for every source: a head crop with more pixels than ``resolution`` across is
+            # first reduced to that (anti-aliased), so sharpness no longer tells a large image from a small one.
+            crop = resize(crop, (resolution, resolution))
+        square = resize(crop, (size, size))
         square_mask = resize(crop_square(mask.astype(np.float32), box), (size, size), order=0) > 0.5
         return Prepared(image=normalise_foreground(square, square_mask), mask=square_mask, box=box)
+
+    @property
+    def prep_resolution(self) -> int:
+        """``extra["prep_resolution"]`` (read at load time; 0 or absent: off, today's preparation): the most pixels
+        across the head crop may have before it is resized to ``image_size``."""
+        return int(self.config.extra.get("prep_resolution") or 0)
 
     def _param(self, name: str) -> float:
         return float(self.config.extra.get(name, SERIES_DEFAULTS[name]))
@@ -174,7 +186,12 @@ class BrainMRIDetector(ImageAnomalyDetector):
         """Threshold for the series score (the aggregate of slice scores); falls back to the image threshold."""
         return float(self.config.extra.get("series_threshold", self.image_threshold))
 
-    def calibrate(self, normal_images: Sequence[np.ndarray], specificity: float | None = None) -> dict[str, float]:
+    def calibrate(
+        self,
+        normal_images: Sequence[np.ndarray],
+        specificity: float | None = None,
+        info: Sequence[ImageInfo] | None = None,
+    ) -> dict[str, float]:
         """Image and pixel thresholds as in the generic detector, plus the series threshold.
 
         The top-slices aggregate of a normal series lies above most single normal slices, so comparing it with the
@@ -182,7 +199,7 @@ class BrainMRIDetector(ImageAnomalyDetector):
         is the ``specificity`` quantile of the aggregate over bootstrap pseudo-series of ``max_scored_slices``
         slices drawn from the calibration normals' slice scores (independent draws: an approximation; a site should
         recalibrate on its own normal series)."""
-        stats = super().calibrate(normal_images, specificity)
+        stats = super().calibrate(normal_images, specificity, info)
         scores = np.asarray(self.config.extra["calibration"]["normal_scores"], dtype=np.float64)
         rng = np.random.default_rng(self.config.seed)
         n = int(self._param("max_scored_slices"))

@@ -60,9 +60,17 @@ from safetensors.torch import load_file
 from scipy import ndimage
 
 from models.backbones import EfficientNetLiteBackbone
-from models.base import DetectorError, SeriesResult
+from models.base import DetectorError, ImageInfo, SeriesResult
 from models.image_detector import METHODS, WEIGHTS_FILE, DetectorConfig, ImageAnomalyDetector, Prepared, _batches
 from models.preprocessing import CropBox, PreprocessingError, crop_square, dicom_image, resize
+from models.radiograph_views import (
+    VIEWS,
+    ViewCalibration,
+    ViewClassifier,
+    declared_view,
+    view_features,
+    view_of_logit,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -357,6 +365,35 @@ class PositionalGaussian:
         return model
 
 
+def lung_mean(dist: torch.Tensor, cells: torch.Tensor) -> np.ndarray:
+    """Per image: the mean distance over its lung-field cells (over all cells when it has none)."""
+    out = np.zeros(len(dist), dtype=np.float64)
+    for i, (d, inside) in enumerate(zip(dist, cells, strict=True)):
+        selected = d[inside]
+        out[i] = float((selected if selected.numel() else d).mean())
+    return out
+
+
+STRIDE_CHANNELS = {
+    8: {"efficientnet-lite0": 40, "efficientnet-lite2": 48},
+    16: {"efficientnet-lite0": 112, "efficientnet-lite2": 120},
+}
+VIEW_STRIDE = 16  # the view classifier's features: layout of the thorax, scapulae, clavicles
+
+
+def stride_channel_ranges(strides: Sequence[int], backbone: str) -> dict[int, tuple[int, int]]:
+    """Channel range of each stride's block inside the backbone's concatenated patch features (ascending order)."""
+    ranges: dict[int, tuple[int, int]] = {}
+    start = 0
+    for stride in sorted(strides):
+        if stride not in STRIDE_CHANNELS:
+            raise DetectorError(f"stride {stride} not available")
+        width = STRIDE_CHANNELS[stride][backbone]
+        ranges[stride] = (start, start + width)
+        start += width
+    return ranges
+
+
 # --------------------------------------------------------------------------------------------------- detector
 class ChestXrayDetector(ImageAnomalyDetector):
     name = "chest_xray"
@@ -367,6 +404,7 @@ class ChestXrayDetector(ImageAnomalyDetector):
         super().__init__(config, device)
         self.atlas: dict[str, torch.Tensor] = {}  # "mean", "std": (atlas_size, atlas_size) over the normals
         self.padim: PositionalGaussian | None = None
+        self.view_classifier = ViewClassifier()
         self._normal_field: tuple[int, np.ndarray | None] | None = None  # (image size, normal_lung_field())
 
     @property
@@ -387,8 +425,15 @@ class ChestXrayDetector(ImageAnomalyDetector):
         centre = small[size // 16 : size - size // 16, size // 16 : size - size // 16]
         return ((small - centre.mean()) / max(float(centre.std()), 1e-6)).astype(np.float32)
 
-    def fit(self, images: Iterable[np.ndarray], progress: Callable[[int], None] | None = None) -> None:
-        """Fit the backbone method (super) and, in the same pass, the per-position intensity atlas of the normals."""
+    def fit(
+        self,
+        images: Iterable[np.ndarray],
+        progress: Callable[[int], None] | None = None,
+        info: Sequence[ImageInfo] | None = None,
+    ) -> None:
+        """Fit the backbone method (super) and, in the same pass, the per-position intensity atlas of the normals.
+        With ``padim`` and the training images' views (``info``), also the view classifier and the per-view score
+        normalisation (:mod:`models.radiograph_views`); without views the model has one score scale for both."""
         total: list[np.ndarray] = []
 
         def tap(source: Iterable[np.ndarray]) -> Iterator[np.ndarray]:
@@ -397,9 +442,9 @@ class ChestXrayDetector(ImageAnomalyDetector):
                 yield image
 
         if self.config.method == "padim":
-            self._fit_padim(tap(images), progress)
+            self._fit_padim(tap(images), progress, info)
         else:
-            super().fit(tap(images), progress)
+            super().fit(tap(images), progress, info)
         stack = torch.from_numpy(np.stack(total))
         self.atlas = {"mean": stack.mean(0), "std": stack.std(0).clamp_min(0.05)}
         self._normal_field = None
@@ -408,26 +453,77 @@ class ChestXrayDetector(ImageAnomalyDetector):
     def _padim_params(self) -> PadimParams:
         return PadimParams.from_extra(dict(self._extra("padim")))
 
-    def _padim_features(self, batch: Sequence[Prepared]) -> torch.Tensor:
-        """The ``config.strides`` features (the backbone stops at the last block needed), averaged to the grid."""
+    def _padim_features(self, batch: Sequence[Prepared]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The ``config.strides`` features averaged to the grid, and the view classifier's input (the stride-16
+        features averaged to 7 x 7); the backbone runs once, to the stride-16 block."""
         images = np.stack([p.image for p in batch])
         cfg = self.config
-        feats = self.backbone.features(images, strides=cfg.strides, pooled=False, pool_size=cfg.pool_size)
+        strides = tuple(sorted(set(cfg.strides) | {VIEW_STRIDE}))
+        feats = self.backbone.features(images, strides=strides, pooled=False, pool_size=cfg.pool_size)
         assert feats.patches is not None
+        patches = feats.patches.float()
+        ranges = stride_channel_ranges(strides, cfg.backbone)
+        padim = torch.cat([patches[:, a:b] for s, (a, b) in ranges.items() if s in cfg.strides], dim=1)
         grid = self._padim_params().grid
-        return F.adaptive_avg_pool2d(feats.patches.float(), (grid, grid)).cpu()
+        view_start, view_end = ranges[VIEW_STRIDE]
+        return F.adaptive_avg_pool2d(padim, (grid, grid)).cpu(), view_features(patches[:, view_start:view_end]).cpu()
 
-    def _fit_padim(self, images: Iterable[np.ndarray], progress: Callable[[int], None] | None) -> None:
+    def _fit_padim(
+        self,
+        images: Iterable[np.ndarray],
+        progress: Callable[[int], None] | None,
+        info: Sequence[ImageInfo] | None,
+    ) -> None:
         rows: list[torch.Tensor] = []
+        cells: list[torch.Tensor] = []
+        views: list[torch.Tensor] = []
         count = 0
+        params = self._padim_params()
         for batch in _batches((self.prepare(img) for img in images), self.config.batch_size):
-            rows.append(self._padim_features(batch))
+            grid, view_input = self._padim_features(batch)
+            rows.append(grid)
+            cells.append(self._lung_cells(batch, params.grid))
+            views.append(view_input)
             count += len(batch)
             if progress:
                 progress(count)
         if count == 0:
             raise DetectorError("no training images")
-        self.padim = PositionalGaussian(self._padim_params().ridge).fit(torch.cat(rows))
+        features = torch.cat(rows)
+        self.padim = PositionalGaussian(params.ridge).fit(features)
+        self.config.extra.pop("views", None)
+        self.view_classifier = ViewClassifier()
+        known = [i for i, item in enumerate(info or []) if item.view in VIEWS]
+        if info is None or not known:
+            logger.warning("chest_xray fitted without the training images' views: one score scale for AP and PA")
+            return
+        if len(info) != count:
+            raise DetectorError(f"{len(info)} image descriptions for {count} training images")
+        labels = [str(info[i].view) for i in known]
+        self.view_classifier.fit(torch.cat(views)[known], labels)
+        out_of_fold = self._out_of_fold_scores(features, torch.cat(cells), info)
+        calibration = ViewCalibration.from_normals(out_of_fold[known], labels)
+        self.config.extra["views"] = calibration.to_extra()
+        logger.info("per-view normal scores (out of fold): %s", calibration.stats)
+
+    def _out_of_fold_scores(
+        self, features: torch.Tensor, cells: torch.Tensor, info: Sequence[ImageInfo], folds: int = 5
+    ) -> np.ndarray:
+        """Each training normal's raw score from a model fitted on the other folds (a patient's images in one fold):
+        the scores a normal the model has not seen gets, which the per-view normalisation must describe."""
+        params = self._padim_params()
+        groups = [item.patient or f"image-{i}" for i, item in enumerate(info)]
+        order = {g: k for k, g in enumerate(np.random.default_rng(self.config.seed).permutation(sorted(set(groups))))}
+        fold = np.array([order[g] % folds for g in groups])
+        scores = np.zeros(len(groups), dtype=np.float64)
+        for k in range(folds):
+            held = np.flatnonzero(fold == k)
+            if len(held) == 0:
+                continue
+            model = PositionalGaussian(params.ridge).fit(features[np.flatnonzero(fold != k)])
+            dist = model.distances(features[held], radius=params.radius)
+            scores[held] = lung_mean(dist, cells[held])
+        return scores
 
     def _lung_cells(self, batch: Sequence[Prepared], grid: int) -> torch.Tensor:
         """(n, grid, grid): cells that are more than ``lung_fraction`` lung field (all cells when not used)."""
@@ -444,16 +540,63 @@ class ChestXrayDetector(ImageAnomalyDetector):
         scores: list[float] = []
         maps = np.zeros((len(prepared), size, size), dtype=np.float32)
         offset = 0
+        logits: list[float] = []
         for batch in _batches(iter(prepared), cfg.batch_size):
-            dist = self.padim.distances(self._padim_features(batch), radius=self._padim_params().radius)
+            grid, view_input = self._padim_features(batch)
+            dist = self.padim.distances(grid, radius=self._padim_params().radius)
             inside = self._lung_cells(batch, int(dist.shape[-1]))
-            for i in range(len(batch)):
-                selected = dist[i][inside[i]]
-                scores.append(float((selected if selected.numel() else dist[i]).mean()))
+            scores.extend(lung_mean(dist, inside).tolist())
+            if self.view_classifier.fitted:
+                logits.extend(self.view_classifier.logits(view_input).tolist())
             if self._extra("map") != "atlas":
                 maps[offset : offset + len(batch)] = self._distance_maps(batch, dist, inside)
             offset += len(batch)
-        return {"padim": np.asarray(scores, dtype=np.float64)}, maps
+        components = {"padim": np.asarray(scores, dtype=np.float64)}
+        if logits:
+            components["view_logit"] = np.asarray(logits, dtype=np.float64)
+        return components, maps
+
+    # ---------------------------------------------------------------------------------------- views (AP / PA)
+    def view_calibration(self) -> ViewCalibration | None:
+        """The per-view normalisation of a model fitted with views (1.3.0 on); None for older models."""
+        value = self.config.extra.get("views")
+        return ViewCalibration.from_extra(value) if value else None
+
+    def views_of(self, prepared: Sequence[Prepared], components: dict[str, np.ndarray]) -> list[str]:
+        """Each image's view: the declared one (View Position, a labels file) where AP or PA, else the classifier's.
+        A declared view the image does not look like is logged (a wrong header is worth an admin's look)."""
+        logits = components.get("view_logit")
+        if logits is None:
+            raise DetectorError("the model has no view classifier (fit it again with the training images' views)")
+        views = []
+        for p, logit in zip(prepared, logits, strict=True):
+            seen = view_of_logit(float(logit))
+            declared = p.info.view if p.info.view in VIEWS else None
+            if declared is not None and declared != seen and abs(float(logit)) > 4.0:
+                logger.warning(
+                    "View Position %s, but the image looks %s (logit %.1f): using %s", declared, seen, logit, declared
+                )
+            views.append(declared or seen)
+        return views
+
+    def _scores(self, prepared: Sequence[Prepared], components: dict[str, np.ndarray]) -> np.ndarray:
+        calibration = self.view_calibration()
+        if calibration is None:
+            return super()._scores(prepared, components)
+        return calibration.scores(components["padim"], self.views_of(prepared, components))
+
+    def _calibrated_scores(
+        self, prepared: Sequence[Prepared], components: dict[str, np.ndarray]
+    ) -> tuple[np.ndarray, float]:
+        """With per-view normalisation: a threshold per view (``models.radiograph_views.ViewCalibration``), recorded
+        in the model card; the scores returned are the reported ones, the threshold the pooled one."""
+        calibration = self.view_calibration()
+        if calibration is None:
+            return super()._calibrated_scores(prepared, components)
+        views = self.views_of(prepared, components)
+        scores = calibration.calibrate(components["padim"], views, self.config.specificity)
+        self.config.extra["views"] = calibration.to_extra()
+        return scores, calibration.threshold
 
     def normal_lung_field(self) -> np.ndarray | None:
         """Where the normals' lungs are, at the prepared size: the lung-field heuristic on the atlas mean (the average
@@ -514,6 +657,8 @@ class ChestXrayDetector(ImageAnomalyDetector):
         if self.padim is not None:
             out.update(self.padim.state("padim."))
         out.update({f"atlas.{k}": v.float().contiguous() for k, v in self.atlas.items()})
+        if self.view_classifier.fitted:
+            out.update(self.view_classifier.state("view."))
         return out
 
     @classmethod
@@ -525,6 +670,7 @@ class ChestXrayDetector(ImageAnomalyDetector):
         detector._normal_field = None
         if any(k.startswith("padim.") for k in tensors):
             detector.padim = PositionalGaussian.from_state(tensors, "padim.", detector._padim_params().ridge)
+        detector.view_classifier = ViewClassifier.from_state(tensors, "view.")
         return detector
 
     def _extra(self, key: str) -> Any:
@@ -586,24 +732,18 @@ class ChestXrayDetector(ImageAnomalyDetector):
     def _stride_channels(self, stride: int) -> tuple[int, int]:
         """Channel range of one stride's block inside the concatenated patch features (strides in ascending
         order)."""
-        widths = {
-            8: {"efficientnet-lite0": 40, "efficientnet-lite2": 48},
-            16: {"efficientnet-lite0": 112, "efficientnet-lite2": 120},
-        }
-        wanted = sorted(set(self.config.strides) | {int(self._extra("pooled_stride"))})
-        start = 0
-        for s in wanted:
-            width = widths[s][self.config.backbone]
-            if s == stride:
-                return start, start + width
-            start += width
-        raise DetectorError(f"stride {stride} not available")
+        wanted = tuple(sorted(set(self.config.strides) | {int(self._extra("pooled_stride"))}))
+        ranges = stride_channel_ranges(wanted, self.config.backbone)
+        if stride not in ranges:
+            raise DetectorError(f"stride {stride} not available")
+        return ranges[stride]
 
     def _combine(self, components: dict[str, np.ndarray]) -> np.ndarray:
         """Weighted sum of the components, each z-scored on the calibration normals (weights in the config)."""
-        if len(components) == 1:
-            return next(iter(components.values()))
-        weights = {"atlas": 0.0, **self._extra("score_weights")}
+        scored = {k: v for k, v in components.items() if k != "view_logit"}
+        if len(scored) == 1:
+            return next(iter(scored.values()))
+        weights = {"atlas": 0.0, "view_logit": 0.0, **self._extra("score_weights")}
         total = np.zeros_like(next(iter(components.values())))
         for name, values in components.items():
             weight = float(weights.get(name, 1.0))
@@ -618,7 +758,7 @@ class ChestXrayDetector(ImageAnomalyDetector):
         if not datasets:
             raise DetectorError("empty series")
         images = [radiograph_image(ds) for ds in datasets]
-        scores, maps = self.score_each(images)
+        scores, maps = self.score_each(images, [ImageInfo(view=declared_view(ds)) for ds in datasets])
         rows = max(m.shape[0] for m in maps)
         cols = max(m.shape[1] for m in maps)
         stacked = np.zeros((len(maps), rows, cols), dtype=np.float32)

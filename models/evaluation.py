@@ -10,7 +10,7 @@ file decoding).
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,7 +18,9 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from models.base import ImageInfo
 from models.image_detector import ImageAnomalyDetector
+from models.labels import info_for
 from models.metrics import auroc, average_precision, dice, sensitivity_specificity
 from models.preprocessing import list_image_files, load_image_file, resize
 
@@ -52,14 +54,17 @@ def score_files(
     files: Sequence[Path],
     batch: int = 32,
     progress: Callable[[int], None] | None = None,
+    known: Mapping[str, ImageInfo] | None = None,
 ) -> Scored:
+    """Score ``files`` in batches; each image with what ``known`` or its DICOM header says about it (its view)."""
     scores: list[float] = []
     maps: list[np.ndarray] = []
     seconds = 0.0
     for start in range(0, len(files), batch):
-        images = load_images(files[start : start + batch])
+        chunk = files[start : start + batch]
+        images = load_images(chunk)
         began = time.perf_counter()
-        s, m = detector.score_each(images)
+        s, m = detector.score_each(images, info_for(chunk, known))
         seconds += time.perf_counter() - began
         scores.extend(float(v) for v in s)
         maps.extend(m)
@@ -103,16 +108,18 @@ def evaluate(
     masks_dirs: Sequence[Path] = (),
     progress: Callable[[int], None] | None = None,
     scored_out: list[Scored] | None = None,
+    known: Mapping[str, ImageInfo] | None = None,
 ) -> dict[str, Any]:
-    """Metrics of ``detector`` on the folders; keys :data:`REPORT_KEYS` plus counts and thresholds.
+    """Metrics of ``detector`` on the folders; keys :data:`REPORT_KEYS` plus counts and thresholds. ``known``: what
+    is known of each file by name (:func:`models.labels.read_labels`), used in scoring as a DICOM header would be.
 
     ``scored_out``, when given, receives the normal and the abnormal :class:`Scored` (for per-view metrics)."""
     normal_files = [f for d in normal_dirs for f in list_image_files(Path(d))]
     abnormal_files = [f for d in abnormal_dirs for f in list_image_files(Path(d))]
     if not normal_files or not abnormal_files:
         raise ValueError("evaluate needs at least one normal and one abnormal image")
-    normal = score_files(detector, normal_files, progress=progress)
-    abnormal = score_files(detector, abnormal_files, progress=progress)
+    normal = score_files(detector, normal_files, progress=progress, known=known)
+    abnormal = score_files(detector, abnormal_files, progress=progress, known=known)
     if scored_out is not None:
         scored_out.extend((normal, abnormal))
     labels = np.r_[np.zeros(len(normal_files), dtype=bool), np.ones(len(abnormal_files), dtype=bool)]

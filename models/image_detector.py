@@ -38,7 +38,7 @@ from safetensors.torch import load_file, save_file
 from scipy import ndimage
 
 from models.backbones import EfficientNetLiteBackbone, select_device
-from models.base import Detector, DetectorError, ImageScores, ModelIdentity, SeriesResult
+from models.base import Detector, DetectorError, ImageInfo, ImageScores, ModelIdentity, SeriesResult
 from models.lesion_segmenter import (
     STATE_PREFIX as SEGMENTER_PREFIX,
 )
@@ -124,6 +124,7 @@ class Prepared:
     image: np.ndarray
     mask: np.ndarray
     box: CropBox
+    info: ImageInfo = ImageInfo()
 
 
 class ImageAnomalyDetector(Detector):
@@ -255,8 +256,14 @@ class ImageAnomalyDetector(Detector):
         return torch.from_numpy(np.ascontiguousarray(grid_mask))
 
     # ------------------------------------------------------------------------------------------------ fitting
-    def fit(self, images: Iterable[np.ndarray], progress: Callable[[int], None] | None = None) -> None:
-        """Fit on normal images ([0, 1] floats of any size)."""
+    def fit(
+        self,
+        images: Iterable[np.ndarray],
+        progress: Callable[[int], None] | None = None,
+        info: Sequence[ImageInfo] | None = None,
+    ) -> None:
+        """Fit on normal images ([0, 1] floats of any size); ``info`` (per image, where known) is for detectors that
+        use views or patients (the generic methods do not)."""
         cfg = self.config
         torch.manual_seed(cfg.seed)
         if cfg.method == "autoencoder":
@@ -508,16 +515,38 @@ class ImageAnomalyDetector(Detector):
             size = self.config.image_size
             return np.zeros(0), np.zeros((0, size, size), dtype=np.float32)
         components, maps = self._raw(prepared)
-        scores = self._combine(components)
+        scores = self._scores(prepared, components)
         if "patchcore" not in components and self.config.method == "msde":
             maps = np.broadcast_to(scores[:, None, None], maps.shape).astype(np.float32) * np.stack(
                 [p.mask for p in prepared]
             )
         return scores, self._map_scale(maps).astype(np.float32)
 
-    def score_each(self, images: Sequence[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
-        """Scores (n,) and one map per image in that image's own geometry (images may differ in size)."""
+    def _scores(self, prepared: Sequence[Prepared], components: dict[str, np.ndarray]) -> np.ndarray:
+        """The reported image scores from the component scores (subclasses may use ``Prepared.info``)."""
+        return self._combine(components)
+
+    def _calibrated_scores(
+        self, prepared: Sequence[Prepared], components: dict[str, np.ndarray]
+    ) -> tuple[np.ndarray, float]:
+        """The calibration normals' reported scores and the image threshold at ``config.specificity`` on them."""
+        scores = self._combine(components)
+        return scores, threshold_at_specificity(scores, self.config.specificity)
+
+    def prepare_all(self, images: Sequence[np.ndarray], info: Sequence[ImageInfo] | None = None) -> list[Prepared]:
+        """:meth:`prepare` each image and attach its ``info`` (where given)."""
         prepared = [self.prepare(np.asarray(img, dtype=np.float32)) for img in images]
+        if info is None:
+            return prepared
+        if len(info) != len(prepared):
+            raise DetectorError(f"{len(info)} image descriptions for {len(prepared)} images")
+        return [replace(p, info=i) for p, i in zip(prepared, info, strict=True)]
+
+    def score_each(
+        self, images: Sequence[np.ndarray], info: Sequence[ImageInfo] | None = None
+    ) -> tuple[np.ndarray, list[np.ndarray]]:
+        """Scores (n,) and one map per image in that image's own geometry (images may differ in size)."""
+        prepared = self.prepare_all(images, info)
         scores, maps = self.score_prepared(prepared)
         return scores, [uncrop_square(m, p.box) for m, p in zip(maps, prepared, strict=True)]
 
@@ -530,22 +559,26 @@ class ImageAnomalyDetector(Detector):
         return ImageScores(scores=scores, maps=stacked)
 
     # -------------------------------------------------------------------------------------------- calibration
-    def calibrate(self, normal_images: Sequence[np.ndarray], specificity: float | None = None) -> dict[str, float]:
+    def calibrate(
+        self,
+        normal_images: Sequence[np.ndarray],
+        specificity: float | None = None,
+        info: Sequence[ImageInfo] | None = None,
+    ) -> dict[str, float]:
         """Set thresholds from held-out normal images: image threshold at ``specificity`` (default from the
         config), pixel threshold at the ``pixel_quantile`` of the normal maps' foreground pixels."""
         cfg = self.config
         if specificity is not None:
             cfg.specificity = float(specificity)
-        prepared = [self.prepare(np.asarray(img, dtype=np.float32)) for img in normal_images]
+        prepared = self.prepare_all(normal_images, info)
         if not prepared:
             raise DetectorError("no normal images to calibrate on")
         components, maps = self._raw(prepared, calibrating=True)
         cfg.score_stats.update({name: [float(v.mean()), float(v.std() + 1e-12)] for name, v in components.items()})
-        scores = self._combine(components)
+        scores, cfg.image_threshold = self._calibrated_scores(prepared, components)
         maps = self._map_scale(maps)
         masks = np.stack([p.mask for p in prepared])
         fg = maps[masks] if masks.any() else maps.ravel()
-        cfg.image_threshold = threshold_at_specificity(scores, cfg.specificity)
         cfg.pixel_threshold = float(np.quantile(fg, cfg.pixel_quantile))
         stats = {
             "n_normals": len(prepared),

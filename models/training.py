@@ -12,6 +12,7 @@ import numpy as np
 
 from models.base import DetectorError
 from models.image_detector import ImageAnomalyDetector
+from models.labels import info_for, read_labels
 from models.preprocessing import list_image_files, load_image_file
 from models.registry import detector_class
 
@@ -59,9 +60,11 @@ def fit_detector(
     holdout_fraction: float = 0.1,
     spade: dict[str, Any] | None = None,
     segmenter: dict[str, Any] | None = None,
+    labels: Path | None = None,
     **overrides: Any,
 ) -> ImageAnomalyDetector:
-    """Fit on the normals, calibrate on ``calibration_dirs`` (or a held-out share of the normals), save to ``out``."""
+    """Fit on the normals, calibrate on ``calibration_dirs`` (or a held-out share of the normals), save to ``out``.
+    ``labels``: CSV of the images' views and patients (:mod:`models.labels`; DICOM files need none)."""
     detector = new_detector(name, device, spade, segmenter, **overrides)
     files = image_files(normal_dirs)
     if calibration_dirs:
@@ -73,8 +76,10 @@ def fit_detector(
         calibration_files, train_files = shuffled[:cut], shuffled[cut:]
         logger.info("no calibration folder: holding out %d of %d normals for thresholds", cut, len(files))
     logger.info("fitting %s (%s) on %d normal images", name, detector.config.method, len(train_files))
-    detector.fit(load_image_file(f) for f in train_files)
-    stats = detector.calibrate([load_image_file(f) for f in calibration_files], specificity)
+    table = read_labels(labels) if labels is not None else None
+    detector.fit((load_image_file(f) for f in train_files), info=info_for(train_files, table))
+    calibration_info = info_for(calibration_files, table)
+    stats = detector.calibrate([load_image_file(f) for f in calibration_files], specificity, calibration_info)
     detector.card["training_images"] = len(train_files)
     detector.card["calibration_images"] = len(calibration_files)
     detector.card["training_folders"] = [str(d) for d in normal_dirs]
@@ -90,12 +95,15 @@ def calibrate_detector(
     specificity: float,
     out: Path,
     pixel_quantile: float | None = None,
+    labels: Path | None = None,
 ) -> dict[str, float]:
-    """Recalibrate thresholds on a site's own normal images and save the model (weights unchanged) to ``out``."""
+    """Recalibrate thresholds on a site's own normal images and save the model (weights unchanged) to ``out``.
+    ``labels``: CSV of the images' views (:mod:`models.labels`); DICOM files carry theirs in View Position."""
     if pixel_quantile is not None:
         detector.config.pixel_quantile = float(pixel_quantile)
     files = image_files(normal_dirs)
-    stats = detector.calibrate([load_image_file(f) for f in files], specificity)
+    table = read_labels(labels) if labels is not None else None
+    stats = detector.calibrate([load_image_file(f) for f in files], specificity, info_for(files, table))
     detector.card["calibration_folders"] = [str(d) for d in normal_dirs]
     detector.card["calibration_images"] = len(files)
     detector.save(out)

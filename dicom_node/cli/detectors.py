@@ -34,6 +34,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
         help="held-out normal folder for the thresholds (repeat); default: 10%% of the --normal images",
     )
     fit.add_argument("--out", type=Path, required=True, help="model directory to write")
+    fit.add_argument(
+        "--labels",
+        type=Path,
+        default=None,
+        help="CSV with columns file, view (AP/PA), patient_id: chest_xray learns each view's normal scores from it "
+        "(DICOM files carry View Position and Patient ID themselves)",
+    )
     fit.add_argument("--specificity", type=float, default=0.95, help="image threshold specificity (default 0.95)")
     fit.add_argument(
         "--method",
@@ -80,6 +87,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     calibrate.add_argument("--specificity", type=float, default=0.95)
     calibrate.add_argument("--pixel-quantile", type=float, default=None)
     calibrate.add_argument("--out", type=Path, default=None, help="where to write (default: --model, in place)")
+    calibrate.add_argument(
+        "--labels",
+        type=Path,
+        default=None,
+        help="CSV with columns file, view: chest_xray sets a threshold per view (DICOM files: View Position; "
+        "otherwise the view is read from the image)",
+    )
     calibrate.set_defaults(func=run_calibrate)
 
     evaluate = subparsers.add_parser("evaluate", help="measure a detector on normal and abnormal images")
@@ -89,7 +103,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     evaluate.add_argument("--abnormal", type=Path, action="append", required=True)
     evaluate.add_argument("--masks", type=Path, action="append", default=[], help="masks folder (same file names)")
     evaluate.add_argument(
-        "--labels", type=Path, default=None, help="CSV with columns file, view: also report AUROC per view (AP, PA)"
+        "--labels",
+        type=Path,
+        default=None,
+        help="CSV with columns file, view: the images are scored with their view, as View Position would give it, "
+        "and AUROC is also reported per view (AP, PA)",
     )
     evaluate.add_argument(
         "--boxes",
@@ -165,6 +183,7 @@ def run_fit(args: argparse.Namespace) -> int:
                 "seconds": args.segmenter_seconds,
                 "lesion_kinds": args.segmenter_lesion_kinds,
             },
+            labels=args.labels,
         )
     except (DetectorError, ValueError) as err:
         print(f"dicom-node: {err}", file=sys.stderr)
@@ -182,7 +201,7 @@ def run_calibrate(args: argparse.Namespace) -> int:
     detector = _load(args)
     out = args.out or _model_dir(args)
     try:
-        stats = calibrate_detector(detector, args.normal, args.specificity, out, args.pixel_quantile)
+        stats = calibrate_detector(detector, args.normal, args.specificity, out, args.pixel_quantile, args.labels)
     except (DetectorError, ValueError) as err:
         print(f"dicom-node: {err}", file=sys.stderr)
         return 1
@@ -198,7 +217,10 @@ def run_evaluate(args: argparse.Namespace) -> int:
     detector = _load(args)
     scored: list[Any] = []
     try:
-        report = evaluate(detector, args.normal, args.abnormal, args.masks, scored_out=scored)
+        from models.labels import read_labels
+
+        table = read_labels(args.labels) if args.labels is not None else None
+        report = evaluate(detector, args.normal, args.abnormal, args.masks, scored_out=scored, known=table)
         extra_text = _view_and_box_metrics(args, detector, report, scored)
         region_text = _region_metrics(args, detector, report, scored)
     except ValueError as err:
