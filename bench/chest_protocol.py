@@ -45,7 +45,8 @@ def cache_features(out: Path) -> None:
     from models.chest import ChestXrayDetector
 
     detector = ChestXrayDetector.load(Path("models/weights/chest_xray"))
-    rows = list(csv.DictReader(open(DATA / "labels.csv", newline="", encoding="utf-8")))
+    with open(DATA / "labels.csv", newline="", encoding="utf-8") as handle:
+        rows = list(csv.DictReader(handle))
     s8: list[torch.Tensor] = []
     s16: list[torch.Tensor] = []
     pooled: list[torch.Tensor] = []
@@ -92,6 +93,7 @@ class Data:
     s16: torch.Tensor  # (n, 112, 28, 28)
     pooled: torch.Tensor  # (n, 1280)
     cells: torch.Tensor  # (n, 28, 28) lung-field cells
+    atlas: torch.Tensor  # (n, 64, 64) brightness, z-scored per image (the atlas map's input)
     view: np.ndarray  # "AP" / "PA"
     patient: np.ndarray
     abnormal: np.ndarray  # bool
@@ -106,6 +108,7 @@ def load(path: Path) -> Data:
         s16=tensors["s16"].float(),
         pooled=tensors["pooled"],
         cells=tensors["cells"],
+        atlas=tensors["atlas"].float(),
         view=np.array([m["view"].upper() for m in meta]),
         patient=np.array([m["patient_id"] for m in meta]),
         abnormal=np.array([m["folder"] == "abnormal" for m in meta]),
@@ -244,6 +247,51 @@ def view_reference(radius: int = 2, layer: str = "s8") -> Variant:
     return run
 
 
+def atlas_scores(data: Data, fit: np.ndarray, query: np.ndarray, top: float, per_view: bool) -> np.ndarray:
+    """Brightness above the normals at the same place (the shipped map's z-score, smoothed, brighter side only),
+    averaged over the top ``top`` share of the lung-field pixels: opacities are denser than aerated lung."""
+    from scipy import ndimage
+
+    field = F.interpolate(data.cells[:, None].float(), size=data.atlas.shape[-2:], mode="nearest")[:, 0] > 0.5
+    out = np.zeros(len(query))
+    groups = ("AP", "PA") if per_view else (None,)
+    for view in groups:
+        f = fit if view is None else fit[data.view[fit] == view]
+        q = np.arange(len(query)) if view is None else np.flatnonzero(data.view[query] == view)
+        mean, std = data.atlas[f].mean(0), data.atlas[f].std(0).clamp_min(0.05)
+        for i in q:
+            z = ndimage.gaussian_filter(((data.atlas[query[i]] - mean) / std).numpy(), 1.5)
+            values = np.clip(z[field[query[i]].numpy()], 0, None)
+            values = values if values.size else np.clip(z.ravel(), 0, None)
+            k = max(1, int(round(top * values.size)))
+            out[i] = float(np.sort(values)[-k:].mean())
+    return out
+
+
+def atlas_variant(top: float = 0.1, per_view: bool = False, with_padim: float = 0.0) -> Variant:
+    """The atlas brightness score, z-scored per view on out-of-fold fitting normals; optionally plus the
+    view-normalised PaDiM score times ``with_padim``."""
+
+    def run(data: Data, fit: np.ndarray, query: np.ndarray) -> np.ndarray:
+        raw = atlas_scores(data, fit, query, top, per_view)
+        groups = np.unique(data.patient[fit])
+        fold_of = dict(zip(groups, np.random.default_rng(0).permutation(len(groups)) % 5, strict=True))
+        fold = np.array([fold_of[p] for p in data.patient[fit]])
+        ref = np.zeros(len(fit))
+        for k in range(5):
+            ref[fold == k] = atlas_scores(data, fit[fold != k], fit[fold == k], top, per_view)
+        out = np.zeros(len(query))
+        for view in ("AP", "PA"):
+            r = ref[data.view[fit] == view]
+            chosen = data.view[query] == view
+            out[chosen] = (raw[chosen] - r.mean()) / r.std()
+        if with_padim:
+            out = out + with_padim * view_normalised()(data, fit, query)
+        return out
+
+    return run
+
+
 def evaluate(data: Data, variants: dict[str, Variant], repeats: int, seed: int) -> dict[str, dict[str, list[float]]]:
     rng = np.random.default_rng(seed)
     normals = np.flatnonzero(~data.abnormal)
@@ -267,7 +315,9 @@ def evaluate(data: Data, variants: dict[str, Variant], repeats: int, seed: int) 
             row.setdefault("auroc_balanced", []).append(weighted_auroc(scores, labels, weights))
             for view in ("AP", "PA"):
                 chosen = views == view
-                row.setdefault(f"auroc_{view}", []).append(weighted_auroc(scores[chosen], labels[chosen], weights[chosen]))
+                row.setdefault(f"auroc_{view}", []).append(
+                    weighted_auroc(scores[chosen], labels[chosen], weights[chosen])
+                )
                 for spec in (0.90, 0.95):
                     row.setdefault(f"sens{int(spec * 100)}_{view}", []).append(
                         sensitivity_at(scores[chosen], labels[chosen], spec)
@@ -331,9 +381,15 @@ def main() -> None:
         "per-view reference": view_reference(),
         "view-normalised r1": view_normalised(radius=1),
         "view-normalised top25%": view_normalised(top=0.25),
+        "view-normalised s16": view_normalised(layer="s16"),
+        "view-normalised s8+s16": view_normalised(layer="s8+s16"),
+        "atlas top10%": atlas_variant(),
+        "atlas top10% per-view": atlas_variant(per_view=True),
+        "atlas top10% + padim": atlas_variant(with_padim=1.0),
+        "atlas top10% per-view + padim": atlas_variant(per_view=True, with_padim=1.0),
     }
     if args.only:
-        variants = {k: v for k, v in variants.items() if any(o in k for o in args.only)}
+        variants = {k: v for k, v in variants.items() if k in args.only}
     results = evaluate(data, variants, args.repeats, args.seed)
     print(summarise(results, next(iter(variants))))
 

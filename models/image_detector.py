@@ -591,6 +591,10 @@ class ImageAnomalyDetector(Detector):
         return stats
 
     # ----------------------------------------------------------------------------------------- persistence
+    def _card_thresholds(self) -> dict[str, Any]:
+        """Thresholds beyond the image, pixel and series ones, for the model card (none by default)."""
+        return {}
+
     def tensors(self) -> dict[str, torch.Tensor]:
         out: dict[str, torch.Tensor] = {}
         if self.bank is not None:
@@ -631,6 +635,7 @@ class ImageAnomalyDetector(Detector):
                 "image_specificity_on_calibration_normals": self.config.specificity,
                 "pixel_quantile_of_normal_maps": self.config.pixel_quantile,
                 "series": self.config.extra.get("series_threshold"),
+                **self._card_thresholds(),
             },
             "config": _jsonable(asdict(self.config)),
             **merged,
@@ -735,6 +740,7 @@ def render_model_card(document: dict[str, Any]) -> str:
         f"{document['thresholds']['image_specificity_on_calibration_normals']} on the calibration normals)",
         f"- Pixel threshold: {document['thresholds']['pixel']} (quantile "
         f"{document['thresholds']['pixel_quantile_of_normal_maps']} of the normal maps' foreground pixels)",
+        *_per_view_lines(document["thresholds"].get("per_view")),
         "",
     ]
     for key, title in (
@@ -761,6 +767,26 @@ def render_model_card(document: dict[str, Any]) -> str:
             lines.append(str(value))
         lines.append("")
     return "\n".join(lines)
+
+
+def _per_view_lines(per_view: dict[str, Any] | None) -> list[str]:
+    """Model-card lines for per-view thresholds (radiographs): the view's own or, with too few of its normals,
+    the pooled one; the reported score is shifted so that the image threshold above stands for each."""
+    if not per_view:
+        return []
+    lines = [
+        "- Per view (View Position, else the view classifier): scores in standard deviations above that view's "
+        "normals (out-of-fold training scores), shifted so that the image threshold applies to every view"
+    ]
+    for view, threshold in sorted(per_view.get("thresholds", {}).items()):
+        mean, spread = per_view["stats"][view]
+        count = per_view.get("counts", {}).get(view, 0)
+        source = "own" if threshold != per_view.get("threshold") else "pooled"
+        lines.append(
+            f"  - {view}: threshold {threshold:.4g} ({source}; {count} calibration normals), normal raw score "
+            f"{mean:.4g} ± {spread:.3g}"
+        )
+    return lines
 
 
 def timed(fn: Callable[[], Any]) -> tuple[Any, float]:

@@ -292,7 +292,7 @@ def test_padim_method_fits_saves_and_loads(tmp_path: Path) -> None:
     from models.preprocessing import load_image_file
 
     config = default_config()
-    assert config.method == "padim" and config.version == "1.2.0"
+    assert config.method == "padim" and config.version == "1.3.0"
     assert config.extra["padim"]["radius"] == 2
     config.image_size = 128
     normals = [load_image_file(p) for p in sorted((CXR / "train" / "normal").iterdir())[:12]]
