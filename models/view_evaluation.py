@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from models.metrics import auroc, average_precision, sensitivity_specificity
+from models.metrics import auroc, average_precision, sensitivity_specificity, threshold_at_specificity
 from models.regions import map_maximum
 
 VIEWS = ("AP", "PA")
@@ -63,10 +63,21 @@ def per_view_metrics(
         if y.any() and (~y).any():
             sens, spec = sensitivity_specificity(y, s, threshold)
             entry.update(image_auroc=auroc(y, s), image_ap=average_precision(y, s), sensitivity=sens, specificity=spec)
+            entry.update(
+                {f"sensitivity_at_{int(q * 100)}": sensitivity_at_specificity(s[y], s[~y], q) for q in (0.9, 0.95)}
+            )
         else:
             entry.update(image_auroc=None, image_ap=None, sensitivity=None, specificity=None)
+            entry.update(sensitivity_at_90=None, sensitivity_at_95=None)
         out[view] = entry
     return out
+
+
+def sensitivity_at_specificity(abnormal: np.ndarray, normal: np.ndarray, specificity: float) -> float:
+    """Share of the abnormal scores above the threshold that holds ``specificity`` on these normals (the threshold a
+    site would set on them: ``models.metrics.threshold_at_specificity``)."""
+    threshold = threshold_at_specificity(normal, specificity)
+    return float((abnormal >= threshold).mean())
 
 
 def localisation_hit_rate(
@@ -93,7 +104,10 @@ def localisation_hit_rate(
 
 
 def format_per_view(per_view: dict[str, dict[str, Any]]) -> str:
-    lines = [f"{'view':<6} {'n_norm':>6} {'n_abn':>6} {'auroc':>7} {'ap':>7} {'sens':>7} {'spec':>7}"]
+    lines = [
+        f"{'view':<6} {'n_norm':>6} {'n_abn':>6} {'auroc':>7} {'ap':>7} {'sens':>7} {'spec':>7} "
+        f"{'sens@90':>7} {'sens@95':>7}"
+    ]
     for view, entry in per_view.items():
 
         def fmt(key: str, entry: dict[str, Any] = entry) -> str:
@@ -102,6 +116,7 @@ def format_per_view(per_view: dict[str, dict[str, Any]]) -> str:
 
         lines.append(
             f"{view:<6} {entry['n_normal']:>6} {entry['n_abnormal']:>6} {fmt('image_auroc'):>7} "
-            f"{fmt('image_ap'):>7} {fmt('sensitivity'):>7} {fmt('specificity'):>7}"
+            f"{fmt('image_ap'):>7} {fmt('sensitivity'):>7} {fmt('specificity'):>7} "
+            f"{fmt('sensitivity_at_90'):>7} {fmt('sensitivity_at_95'):>7}"
         )
     return "\n".join(lines)

@@ -173,6 +173,8 @@ def test_per_view_and_localisation_by_hand(tmp_path: Path) -> None:
     assert per_view["AP"]["image_auroc"] == pytest.approx(0.75)
     assert per_view["AP"]["sensitivity"] == pytest.approx(0.5) and per_view["AP"]["specificity"] == pytest.approx(0.5)
     assert per_view["PA"]["image_auroc"] == pytest.approx(0.0)
+    # At 90% specificity on the AP normals (threshold between 0.1 and 0.5, near 0.5) one AP abnormal of two is found.
+    assert per_view["AP"]["sensitivity_at_90"] == pytest.approx(0.5)
     boxes_csv = tmp_path / "boxes.csv"
     boxes_csv.write_text("file,x,y,w,h\na1.png,0,0,512,512\na2.png,512,512,512,512\n")
     maps = [np.zeros((64, 64), dtype=np.float32) for _ in range(2)]
