@@ -134,9 +134,9 @@ CHEST_CARD: dict[str, Any] = {
     "view (their out-of-fold scores, 5 patient-grouped folds), shifted by the view's threshold minus the pooled one, "
     "so that the image threshold holds each view at its own specificity. Anomaly map = smoothed brightness z-score "
     "against a per-position atlas of the normals (64x64), brighter side only, inside the image's lung field or where "
-    "the normals' lungs are (one region, the strongest). Thresholds: per view at 90% specificity (a triage operating point) on the "
-    "calibration normals of that view (the pooled one for a view with fewer than 20); pixel threshold at the 99.9th percentile "
-    "of the normal maps inside the image's lung field.",
+    "the normals' lungs are (one region, the strongest). Thresholds: per view at 90% specificity (a triage "
+    "operating point) on the calibration normals of that view (the pooled one for a view with fewer than 20); pixel "
+    "threshold at the 99.9th percentile of the normal maps inside the image's lung field.",
     "training_command": TRAINING_COMMAND,
     "limitations": [
         "Frontal (PA/AP) chest radiographs only; lateral views and other body parts must be routed elsewhere.",
