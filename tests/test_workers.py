@@ -7,7 +7,6 @@ queue, a detector that raises, a job over its time limit.
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import time
 from collections.abc import Iterator
@@ -26,16 +25,6 @@ from models.base import SeriesResult
 pytestmark = [pytest.mark.slow, pytest.mark.redis]
 
 DONE = {"succeeded", "failed"}
-
-
-@pytest.fixture
-def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
-    if shutil.which("redis-server") is None:
-        pytest.skip("redis-server is not installed (Debian package redis-server; make test-deps installs it)")
-    server = RedisServer(tmp_path / "redis")
-    server.start()
-    yield server
-    server.stop()
 
 
 def make_node(tmp_path: Path, database_url: str, broker_url: str | None, **workers: object) -> Node:

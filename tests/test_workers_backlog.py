@@ -8,10 +8,8 @@ again once, and then every job again has exactly one.
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -27,16 +25,6 @@ from workers.inspect import UNACKED, RedisInspector, _parse, message_job
 pytestmark = [pytest.mark.slow, pytest.mark.redis]
 
 BACKLOG = 300
-
-
-@pytest.fixture
-def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
-    if shutil.which("redis-server") is None:
-        pytest.skip("redis-server is not installed (Debian package redis-server; make test-deps installs it)")
-    server = RedisServer(tmp_path / "redis")
-    server.start()
-    yield server
-    server.stop()
 
 
 def detect_messages(url: str) -> Counter[int]:
