@@ -80,6 +80,29 @@ class NeighbourPatchBank:
         logger.info("neighbour bank: %d images, %d patches, %d dims", len(images), self.patches.shape[0], dims)
         return self
 
+    @property
+    def image_count(self) -> int:
+        """Reference images in the bank."""
+        return 0 if self.offsets is None else len(self.offsets) - 1
+
+    def add_images(self, per_image: Sequence[torch.Tensor]) -> int:
+        """Add reference images (``per_image[i]``: (P_i, C) foreground patch features; those without foreground are
+        skipped) to a fitted bank, in its projection and descriptor scale (both stay as fitted). Returns how many
+        were added; a fitted residual head is kept as it is."""
+        if self.descriptors is None or self.patches is None or self.offsets is None:
+            raise RuntimeError("neighbour bank not fitted")
+        assert self.descriptor_mean is not None and self.descriptor_std is not None
+        images = [rows for rows in per_image if rows.shape[0] > 0]
+        if not images:
+            return 0
+        descriptors = torch.stack([self.descriptor(rows) for rows in images])
+        standardised = (descriptors - self.descriptor_mean) / self.descriptor_std
+        self.descriptors = torch.cat([self.descriptors, standardised])
+        self.patches = torch.cat([self.patches, *(self.project(rows).to(torch.float16) for rows in images)])
+        counts = torch.tensor([rows.shape[0] for rows in images])
+        self.offsets = torch.cat([self.offsets, self.offsets[-1] + torch.cumsum(counts, 0)])
+        return len(images)
+
     def project(self, rows: torch.Tensor) -> torch.Tensor:
         assert self.patch_mean is not None and self.projection is not None, "bank not fitted"
         return (rows.float() - self.patch_mean.to(rows.device)) @ self.projection.to(rows.device)

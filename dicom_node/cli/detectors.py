@@ -59,6 +59,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     )
     fit.add_argument("--head-weight", type=float, default=None, help="spade: weight of the residual head")
     fit.add_argument(
+        "--degraded-copies",
+        nargs="+",
+        default=None,
+        metavar="SETTING",
+        help="brain_mri spade: degraded copies of each training normal that join the bank (resN: head crop reduced "
+        "to N px, e.g. res128 res192; xscaleF: width scaled by F, e.g. xscale0.8 xscale1.25); default none",
+    )
+    fit.add_argument(
         "--segmenter-steps",
         type=int,
         default=None,
@@ -177,7 +185,11 @@ def run_fit(args: argparse.Namespace) -> int:
             image_size=args.image_size,
             coreset_size=args.coreset_size,
             version=args.version,
-            spade={"synthetic_copies": args.synthetic_copies, "head_weight": args.head_weight},
+            spade={
+                "synthetic_copies": args.synthetic_copies,
+                "head_weight": args.head_weight,
+                "degraded_copies": args.degraded_copies,
+            },
             segmenter={
                 "steps": args.segmenter_steps,
                 "seconds": args.segmenter_seconds,
