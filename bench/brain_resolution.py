@@ -32,6 +32,9 @@ and the paired differences against ``shipped``); ``--series`` scores the healthy
 the cached parts with other segmenter weights (no rescoring). Extra versions (``--version``): ``boxN`` for any N,
 ``aliasN`` (boxN without anti-aliasing, as OpenCV's default resize), ``stretchN`` (N x N, aspect not kept), ``jpegN``
 (boxN, then a JPEG q75 round trip).
+``--model NAME=DIR`` (repeatable) scores another model directory (e.g. a refit) as a variant NAME with the shipped
+preparation, recalibrated the same way, with paired differences against ``shipped`` (AUROC, and with ``--lgg`` the
+pooled Dice, patient-resampled); bench/brain_degraded_bank.py uses it for a bank with degraded copies.
 
 Results (shipped 2.2.1, val; fused image AUROC, 95% interval): Kaggle as given 0.938 (0.904-0.969),
 box256 0.930, box512 0.935, size shuffle 0.937, box192 0.919, box128 0.904, stretch256 0.901, jpeg256 0.922; LGG
@@ -66,7 +69,7 @@ from models.brain import WEIGHTS_DIR, BrainMRIDetector
 from models.evaluation import load_images, mask_for
 from models.image_detector import Prepared
 from models.lesion_segmenter import full_size
-from models.metrics import auroc, dice, threshold_at_specificity, top_mean
+from models.metrics import auroc, threshold_at_specificity, top_mean
 from models.preprocessing import (
     CropBox,
     crop_square,
@@ -87,6 +90,7 @@ SERIES = DATA / "dicom" / "mr_brain_t1_siemens"
 VERSIONS = ("given", "box256", "box512", "shuffle")
 BATCH = 32
 DRAWS = 2000
+MODELS: dict[str, Path] = {}  # --model NAME=DIR: other model directories, scored with the shipped preparation
 
 
 # ------------------------------------------------------------------------------------------------ image versions
@@ -170,7 +174,7 @@ class CappedBrainDetector(BrainMRIDetector):
 def set_variant(detector: CappedBrainDetector, variant: str) -> None:
     if variant.startswith("res"):
         detector.resolution = int(variant[3:])
-    elif variant == "shipped":
+    elif variant == "shipped" or variant in MODELS:
         detector.resolution = 0
     else:
         raise ValueError(f"unknown variant {variant!r}")
@@ -277,9 +281,9 @@ def paired_difference(labels: np.ndarray, a: np.ndarray, b: np.ndarray, groups: 
     return auroc(labels, b) - auroc(labels, a), float(low), float(high)
 
 
-def pooled_dice(raw: Raw, maps: np.ndarray, files: list[Path], threshold: float) -> float:
-    """Dice of ``map >= threshold`` in each source image's geometry against the LGG masks, pooled (as evaluate)."""
-    marked, truths = [], []
+def dice_counts(raw: Raw, maps: np.ndarray, files: list[Path], threshold: float) -> np.ndarray:
+    """Per image (overlap, marked, truth) pixel counts of ``map >= threshold`` against the LGG masks (n, 3)."""
+    counts = []
     masks_dir = DATA / LGG_MASKS
     for amap, box, path in zip(maps, raw.boxes, files, strict=True):
         crop = CropBox(top=int(box[0]), left=int(box[1]), size=int(box[2]), source_shape=(int(box[3]), int(box[4])))
@@ -287,9 +291,27 @@ def pooled_dice(raw: Raw, maps: np.ndarray, files: list[Path], threshold: float)
         truth = mask_for([masks_dir], path, source.shape)
         if truth.shape != source.shape:
             source = resize(source, truth.shape)
-        marked.append((source >= threshold).ravel())
-        truths.append(truth.ravel())
-    return dice(np.concatenate(marked), np.concatenate(truths))
+        marked = source >= threshold
+        counts.append((int((marked & truth).sum()), int(marked.sum()), int(truth.sum())))
+    return np.asarray(counts, dtype=np.float64)
+
+
+def paired_dice_difference(a: np.ndarray, b: np.ndarray, groups: np.ndarray) -> tuple[float, ...]:
+    """Pooled Dice(b) - Dice(a) from per-image counts (:func:`dice_counts`) and its 95% interval, resampling
+    patients."""
+
+    def pooled(counts: np.ndarray) -> float:
+        total = counts.sum(0)
+        return float(2 * total[0] / max(total[1] + total[2], 1.0))
+
+    rng = np.random.default_rng(2)
+    members = [np.nonzero(groups == g)[0] for g in np.unique(groups)]
+    diffs = []
+    for _ in range(DRAWS):
+        pick = np.concatenate([members[i] for i in rng.integers(0, len(members), len(members))])
+        diffs.append(pooled(b[pick]) - pooled(a[pick]))
+    low, high = np.quantile(diffs, [0.025, 0.975])
+    return pooled(b) - pooled(a), float(low), float(high)
 
 
 def fmt(value: tuple[float, ...]) -> str:
@@ -344,6 +366,13 @@ def main() -> None:
         help=f"of {', '.join(VERSIONS)} (default), boxN, aliasN (boxN without anti-aliasing), "
         "stretchN (no aspect), jpegN (boxN + JPEG q75)",
     )
+    parser.add_argument(
+        "--model",
+        action="append",
+        default=[],
+        metavar="NAME=DIR",
+        help="another model directory (e.g. a refit), a variant NAME scored with the shipped preparation; repeatable",
+    )
     parser.add_argument("--lgg", action="store_true", help="also brain_lgg/val (AUROC, Dice)")
     parser.add_argument("--series", action="store_true", help="also the healthy Siemens T1 series")
     parser.add_argument(
@@ -351,12 +380,25 @@ def main() -> None:
     )
     args = parser.parse_args()
     torch.set_num_threads(1)
+    for spec in args.model:
+        name, _, folder = spec.partition("=")
+        if not folder or name == "shipped" or name.startswith("res"):
+            parser.error(f"--model {spec!r}: NAME=DIR, NAME neither shipped nor resN")
+        MODELS[name] = Path(folder)
     variants = args.variant or ["shipped"]
     if "shipped" not in variants:
         variants.insert(0, "shipped")
+    variants += [name for name in MODELS if name not in variants]
     versions = args.version or list(VERSIONS)
     detector = CappedBrainDetector.load(WEIGHTS_DIR, "cpu")
     assert isinstance(detector, CappedBrainDetector)
+    detectors = {variant: detector for variant in variants}
+    for name, folder in MODELS.items():
+        other = CappedBrainDetector.load(folder, "cpu")
+        assert isinstance(other, CappedBrainDetector)
+        if other.segmenter_settings().score_weight != detector.segmenter_settings().score_weight:
+            parser.error(f"--model {name}: another segmenter weight than the shipped model's")
+        detectors[name] = other
     weight = detector.segmenter_settings().score_weight
     size = detector.config.image_size
     spec, quantile = detector.config.specificity, detector.config.pixel_quantile
@@ -374,7 +416,9 @@ def main() -> None:
 
     scores: dict[tuple[str, str], dict[str, np.ndarray]] = {}
     raws: dict[tuple[str, str], tuple[Raw, Calibration]] = {}
+    lgg_dice: dict[str, np.ndarray] = {}
     for variant in variants:
+        detector = detectors[variant]
         lines = []
         kaggle_given = cached_raw(detector, variant, "kaggle", kaggle_files, "given")
         lgg_given = cached_raw(detector, variant, "lgg", lgg_files, "given")
@@ -402,7 +446,9 @@ def main() -> None:
             cells = "  ".join(
                 f"{k} {fmt(bootstrap_auroc(lgg_labels, parts[k], lgg_groups))}" for k in ("fused", "spade", "seg")
             )
-            score_dice = pooled_dice(lgg_given, parts["maps"], lgg_files, calibration.pixel_threshold)
+            lgg_dice[variant] = dice_counts(lgg_given, parts["maps"], lgg_files, calibration.pixel_threshold)
+            total = lgg_dice[variant].sum(0)
+            score_dice = float(2 * total[0] / max(total[1] + total[2], 1.0))
             lines.append(f"  lgg    {'given':<10} {cells}  Dice {score_dice:.3f}")
         if args.series:
             lines.append(f"  siemens T1 series: {series_verdict(detector, variant, calibration)}")
@@ -420,7 +466,10 @@ def main() -> None:
                 diff = paired_difference(
                     labels, scores[("shipped", key)]["fused"], scores[(variant, key)]["fused"], groups
                 )
-                print(f"  {variant:<8} {key:<16} {fmt_diff(diff)}")
+                print(f"  {variant:<8} {key:<16} {fmt_diff(diff)}  half-width {(diff[2] - diff[1]) / 2:.3f}")
+            if args.lgg:
+                diff = paired_dice_difference(lgg_dice["shipped"], lgg_dice[variant], lgg_groups)
+                print(f"  {variant:<8} {'lgg/Dice':<16} {fmt_diff(diff)}")
 
     if args.weights:
         keys = [f"kaggle/{v}" for v in versions] + (["lgg/given"] if args.lgg else [])
