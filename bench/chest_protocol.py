@@ -292,6 +292,44 @@ def atlas_variant(top: float = 0.1, per_view: bool = False, with_padim: float = 
     return run
 
 
+def knn_variant(k: int = 5, with_padim: float = 0.0, dims: int = 64) -> Variant:
+    """Global: mean distance to the k nearest fitting normals of the same view in the whitened PCA space of the
+    pooled head features (1280-d), z-scored per view on out-of-fold fitting normals; optionally plus the
+    view-normalised PaDiM score."""
+
+    def raw(data: Data, fit: np.ndarray, query: np.ndarray, exclude_same: bool) -> np.ndarray:
+        x = data.pooled.double()
+        ref = x[fit]
+        mean = ref.mean(0)
+        u, sv, vt = torch.linalg.svd(ref - mean, full_matrices=False)
+        basis = vt[:dims].T / (sv[:dims] / np.sqrt(len(fit)))
+        zr, zq = (ref - mean) @ basis, (x[query] - mean) @ basis
+        d = torch.cdist(zq, zr)
+        if exclude_same:
+            d = d + torch.from_numpy(data.patient[query][:, None] == data.patient[fit][None, :]) * 1e9
+        out = np.zeros(len(query))
+        for view in ("AP", "PA"):
+            cols = torch.from_numpy(data.view[fit] == view)
+            rows = data.view[query] == view
+            dv = d[torch.from_numpy(rows)][:, cols]
+            out[rows] = dv.topk(k, dim=1, largest=False).values.mean(1).numpy()
+        return out
+
+    def run(data: Data, fit: np.ndarray, query: np.ndarray) -> np.ndarray:
+        score = raw(data, fit, query, False)
+        ref = raw(data, fit, fit, True)  # leave-one-patient-out within the fitting normals
+        out = np.zeros(len(query))
+        for view in ("AP", "PA"):
+            r = ref[data.view[fit] == view]
+            chosen = data.view[query] == view
+            out[chosen] = (score[chosen] - r.mean()) / r.std()
+        if with_padim:
+            out = out + with_padim * view_normalised()(data, fit, query)
+        return out
+
+    return run
+
+
 def evaluate(data: Data, variants: dict[str, Variant], repeats: int, seed: int) -> dict[str, dict[str, list[float]]]:
     rng = np.random.default_rng(seed)
     normals = np.flatnonzero(~data.abnormal)
@@ -383,6 +421,8 @@ def main() -> None:
         "view-normalised top25%": view_normalised(top=0.25),
         "view-normalised s16": view_normalised(layer="s16"),
         "view-normalised s8+s16": view_normalised(layer="s8+s16"),
+        "knn pooled": knn_variant(),
+        "knn pooled + padim": knn_variant(with_padim=1.0),
         "atlas top10%": atlas_variant(),
         "atlas top10% per-view": atlas_variant(per_view=True),
         "atlas top10% + padim": atlas_variant(with_padim=1.0),
