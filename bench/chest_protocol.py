@@ -389,9 +389,10 @@ def summarise(results: dict[str, dict[str, list[float]]], reference: str) -> str
             lo, hi = np.percentile(v, [2.5, 97.5])
             parts.append(f"{key} {v.mean():.3f} [{lo:.3f}, {hi:.3f}]")
         if name != reference:
-            d = np.asarray(row["auroc_balanced"]) - np.asarray(results[reference]["auroc_balanced"])
-            lo, hi = np.percentile(d, [2.5, 97.5])
-            parts.append(f"paired d(auroc_balanced) {d.mean():+.3f} [{lo:+.3f}, {hi:+.3f}]")
+            for key in ("auroc_balanced", "sens90_AP", "sens95_AP", "sens90_PA", "sens95_PA"):
+                d = np.asarray(row[key]) - np.asarray(results[reference][key])
+                lo, hi = np.percentile(d, [2.5, 97.5])
+                parts.append(f"paired d({key}) {d.mean():+.3f} [{lo:+.3f}, {hi:+.3f}]")
         lines.append("\n  ".join(parts))
     return "\n".join(lines)
 
