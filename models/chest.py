@@ -62,15 +62,9 @@ from scipy import ndimage
 from models.backbones import EfficientNetLiteBackbone
 from models.base import DetectorError, ImageInfo, SeriesResult
 from models.image_detector import METHODS, WEIGHTS_FILE, DetectorConfig, ImageAnomalyDetector, Prepared, _batches
+from models.labels import VIEWS, declared_view
 from models.preprocessing import CropBox, PreprocessingError, crop_square, dicom_image, resize
-from models.radiograph_views import (
-    VIEWS,
-    ViewCalibration,
-    ViewClassifier,
-    declared_view,
-    view_features,
-    view_of_logit,
-)
+from models.radiograph_views import ViewCalibration, ViewClassifier, view_features, view_of_logit
 
 logger = logging.getLogger(__name__)
 

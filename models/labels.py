@@ -17,6 +17,15 @@ import pydicom
 from models.base import ImageInfo
 from models.preprocessing import is_dicom_file
 
+VIEWS = ("AP", "PA")  # the frontal radiograph views the chest detector knows
+
+
+def declared_view(ds: pydicom.Dataset) -> str | None:
+    """AP or PA from View Position (0018,5101) (CR Series, PS3.3 C.8.1.1; DX Positioning, PS3.3 C.8.11.5); None
+    when absent or another value (LL, RL, ...)."""
+    value = str(ds.get("ViewPosition", "") or "").strip().upper()
+    return value if value in VIEWS else None
+
 
 def read_labels(path: Path) -> dict[str, ImageInfo]:
     """file name -> :class:`ImageInfo` from a CSV with a ``file`` column and optional ``view`` and ``patient_id`` (or
@@ -42,8 +51,7 @@ def info_for(files: Sequence[Path], labels: Mapping[str, ImageInfo] | None = Non
             out.append(known)
         elif is_dicom_file(Path(path)):
             ds = pydicom.dcmread(path, stop_before_pixels=True)
-            view = str(ds.get("ViewPosition", "") or "").strip().upper() or None
-            out.append(ImageInfo(view=view, patient=str(ds.get("PatientID", "") or "") or None))
+            out.append(ImageInfo(view=declared_view(ds), patient=str(ds.get("PatientID", "") or "") or None))
         else:
             out.append(ImageInfo())
     return out

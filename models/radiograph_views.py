@@ -25,22 +25,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-import pydicom
 import torch
 import torch.nn.functional as F
 
 from models.base import DetectorError
+from models.labels import VIEWS
 from models.metrics import threshold_at_specificity
 
-VIEWS = ("AP", "PA")
 MIN_VIEW_NORMALS = 20  # fewer calibration normals of a view: its threshold is the pooled one
 VIEW_GRID = 7  # the classifier reads the stride-16 features averaged to 7 x 7 (layout, not detail)
-
-
-def declared_view(ds: pydicom.Dataset) -> str | None:
-    """AP or PA from View Position (0018,5101); None when absent or another value (LL, RL, ...)."""
-    value = str(ds.get("ViewPosition", "") or "").strip().upper()
-    return value if value in VIEWS else None
 
 
 def view_features(patches: torch.Tensor) -> torch.Tensor:

@@ -18,19 +18,18 @@ from typing import Any
 
 import numpy as np
 
+from models.labels import VIEWS, read_labels
 from models.metrics import auroc, average_precision, sensitivity_specificity, threshold_at_specificity
 from models.regions import map_maximum
 
-VIEWS = ("AP", "PA")
-
 
 def read_views(path: Path) -> dict[str, str]:
-    """file name → view (upper case) from a CSV with columns ``file`` and ``view``."""
+    """file name → view (upper case) from a CSV with columns ``file`` and ``view`` (:func:`models.labels.read_labels`
+    reads it)."""
     with open(path, newline="", encoding="utf-8") as handle:
-        reader = csv.DictReader(handle)
-        if not reader.fieldnames or not {"file", "view"} <= set(reader.fieldnames):
+        if "view" not in (csv.DictReader(handle).fieldnames or []):
             raise ValueError(f"{path}: needs columns 'file' and 'view'")
-        return {row["file"]: row["view"].strip().upper() for row in reader}
+    return {name: info.view or "" for name, info in read_labels(path).items()}
 
 
 def read_boxes(path: Path, default_width: float = 1024.0) -> dict[str, list[tuple[float, float, float, float, float]]]:

@@ -14,7 +14,8 @@ import torch
 from conftest import DATA, DICOM_DATA
 
 from models.base import DetectorError, ImageInfo
-from models.radiograph_views import MIN_VIEW_NORMALS, ViewCalibration, ViewClassifier, declared_view
+from models.labels import declared_view
+from models.radiograph_views import MIN_VIEW_NORMALS, ViewCalibration, ViewClassifier
 
 CXR = DATA / "cxr_nih"
 
