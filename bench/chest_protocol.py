@@ -211,22 +211,29 @@ def _oof(data: Data, fit: np.ndarray, radius: int, layer: str, top: float, folds
     return out
 
 
+def per_view_z(
+    data: Data, fit: np.ndarray, query: np.ndarray, raw: np.ndarray, ref: np.ndarray, robust: bool = False
+) -> np.ndarray:
+    """Query scores ``raw`` in units of the fitting normals' reference scores ``ref`` of the same view (mean and SD,
+    or median and IQR / 1.349 when ``robust``)."""
+    out = np.zeros(len(query))
+    for view in ("AP", "PA"):
+        r = ref[data.view[fit] == view]
+        if robust:
+            centre, spread = np.median(r), np.subtract(*np.percentile(r, [75, 25])) / 1.349
+        else:
+            centre, spread = r.mean(), r.std()
+        chosen = data.view[query] == view
+        out[chosen] = (raw[chosen] - centre) / spread
+    return out
+
+
 def view_normalised(radius: int = 2, layer: str = "s8", robust: bool = False, top: float = 1.0) -> Variant:
     """The shipped score z-scored per view against the fitting normals' out-of-fold scores of that view."""
 
     def run(data: Data, fit: np.ndarray, query: np.ndarray) -> np.ndarray:
         raw = shipped(radius, layer, top)(data, fit, query)
-        ref = oof_scores(data, fit, radius, layer, top)
-        out = np.zeros(len(query))
-        for view in ("AP", "PA"):
-            r = ref[data.view[fit] == view]
-            if robust:
-                centre, spread = np.median(r), np.subtract(*np.percentile(r, [75, 25])) / 1.349
-            else:
-                centre, spread = r.mean(), r.std()
-            chosen = data.view[query] == view
-            out[chosen] = (raw[chosen] - centre) / spread
-        return out
+        return per_view_z(data, fit, query, raw, oof_scores(data, fit, radius, layer, top), robust)
 
     return run
 
@@ -280,11 +287,7 @@ def atlas_variant(top: float = 0.1, per_view: bool = False, with_padim: float = 
         ref = np.zeros(len(fit))
         for k in range(5):
             ref[fold == k] = atlas_scores(data, fit[fold != k], fit[fold == k], top, per_view)
-        out = np.zeros(len(query))
-        for view in ("AP", "PA"):
-            r = ref[data.view[fit] == view]
-            chosen = data.view[query] == view
-            out[chosen] = (raw[chosen] - r.mean()) / r.std()
+        out = per_view_z(data, fit, query, raw, ref)
         if with_padim:
             out = out + with_padim * view_normalised()(data, fit, query)
         return out
@@ -318,11 +321,7 @@ def knn_variant(k: int = 5, with_padim: float = 0.0, dims: int = 64) -> Variant:
     def run(data: Data, fit: np.ndarray, query: np.ndarray) -> np.ndarray:
         score = raw(data, fit, query, False)
         ref = raw(data, fit, fit, True)  # leave-one-patient-out within the fitting normals
-        out = np.zeros(len(query))
-        for view in ("AP", "PA"):
-            r = ref[data.view[fit] == view]
-            chosen = data.view[query] == view
-            out[chosen] = (score[chosen] - r.mean()) / r.std()
+        out = per_view_z(data, fit, query, score, ref)
         if with_padim:
             out = out + with_padim * view_normalised()(data, fit, query)
         return out
