@@ -18,13 +18,12 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from dicom_node.models.metrics import auroc, average_precision, dice, sensitivity_specificity
+from dicom_node.models.msde import MSDE
+from dicom_node.models.patchcore import PatchMemoryBank
+from dicom_node.models.preprocessing import CropBox, uncrop_square
 from PIL import Image
 from scipy import ndimage
-
-from models.metrics import auroc, average_precision, dice, sensitivity_specificity
-from models.msde import MSDE
-from models.patchcore import PatchMemoryBank
-from models.preprocessing import CropBox, uncrop_square
 
 
 def load(features: Path, split: str, tag: str) -> dict[str, Any]:
@@ -157,9 +156,9 @@ def main() -> None:
             knn[d] = torch.cdist(q, ref).topk(5, largest=False).values.mean(1).numpy()
         report("global kNN k=5", knn, labels, {})
     if "autoencoder" in args.methods:
-        from models.autoencoder import fit_autoencoder, score_autoencoder
-        from models.brain import default_config
-        from models.image_detector import Prepared
+        from dicom_node.models.autoencoder import fit_autoencoder, score_autoencoder
+        from dicom_node.models.brain import default_config
+        from dicom_node.models.image_detector import Prepared
 
         def prepared(data: dict[str, Any]) -> list[Prepared]:
             images = data["images"].numpy().astype(np.float32) / 255.0

@@ -47,9 +47,8 @@ from pathlib import Path
 
 import pydicom
 import torch
-
-from models.brain import BRAIN_CARD, WEIGHTS_DIR, BrainMRIDetector
-from models.training import calibrate_detector
+from dicom_node.models.brain import BRAIN_CARD, WEIGHTS_DIR, BrainMRIDetector
+from dicom_node.models.training import calibrate_detector
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 SERIES = DATA / "dicom" / "mr_brain_t1_siemens"

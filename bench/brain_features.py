@@ -14,9 +14,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
-from models.brain import BrainMRIDetector, default_config
-from models.preprocessing import list_image_files, load_image_file
+from dicom_node.models.brain import BrainMRIDetector, default_config
+from dicom_node.models.preprocessing import list_image_files, load_image_file
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 

@@ -62,15 +62,12 @@ import numpy as np
 import pydicom
 import torch
 import torch.nn.functional as F
-from PIL import Image
-
-from bench.brain_variants import patient
-from models.brain import WEIGHTS_DIR, BrainMRIDetector
-from models.evaluation import load_images, mask_for
-from models.image_detector import Prepared
-from models.lesion_segmenter import full_size
-from models.metrics import auroc, threshold_at_specificity, top_mean
-from models.preprocessing import (
+from dicom_node.models.brain import WEIGHTS_DIR, BrainMRIDetector
+from dicom_node.models.evaluation import load_images, mask_for
+from dicom_node.models.image_detector import Prepared
+from dicom_node.models.lesion_segmenter import full_size
+from dicom_node.models.metrics import auroc, threshold_at_specificity, top_mean
+from dicom_node.models.preprocessing import (
     CropBox,
     crop_square,
     foreground_mask,
@@ -80,6 +77,9 @@ from models.preprocessing import (
     square_crop_box,
     uncrop_square,
 )
+from PIL import Image
+
+from bench.brain_variants import patient
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 CACHE = Path("/tmp/brain_resolution")

@@ -42,7 +42,7 @@ DATA = Path("../shared/data/cxr_nih")
 # ------------------------------------------------------------------------------------------------ feature cache
 def cache_features(out: Path) -> None:
     """Backbone features of every cxr_nih image, prepared as the shipped detector prepares them."""
-    from models.chest import ChestXrayDetector
+    from dicom_node.models.chest import ChestXrayDetector
 
     detector = ChestXrayDetector.load(Path("models/weights/chest_xray"))
     with open(DATA / "labels.csv", newline="", encoding="utf-8") as handle:
@@ -145,7 +145,7 @@ Variant = Callable[[Data, np.ndarray, np.ndarray], np.ndarray]  # (data, fit idx
 
 
 def padim_fit(features: torch.Tensor, ridge: float = 1e-2):  # type: ignore[no-untyped-def]
-    from models.chest import PositionalGaussian
+    from dicom_node.models.chest import PositionalGaussian
 
     return PositionalGaussian(ridge).fit(features)
 

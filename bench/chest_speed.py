@@ -31,9 +31,9 @@ from pydicom.uid import UID, ExplicitVRLittleEndian, generate_uid
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from models.chest import radiograph_image  # noqa: E402
-from models.regions import find_regions  # noqa: E402
-from models.registry import default_registry  # noqa: E402
+from dicom_node.models.chest import radiograph_image  # noqa: E402
+from dicom_node.models.regions import find_regions  # noqa: E402
+from dicom_node.models.registry import default_registry  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data"
 REAL_CR = DATA / "dicom" / "cr" / "pydicom-data_RG1_J2KI_CR_chest.dcm"

@@ -41,9 +41,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
-
-from models.lesion_segmenter import (
+from dicom_node.models.lesion_segmenter import (
     STATE_PREFIX,
     SegmenterSettings,
     fit_segmenter,
@@ -53,7 +51,8 @@ from models.lesion_segmenter import (
     segmenter_state,
     to_model_size,
 )
-from models.metrics import auroc
+from dicom_node.models.metrics import auroc
+from safetensors.torch import load_file, save_file
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 SPLITS = {
@@ -70,8 +69,8 @@ LGG_MASKS = "brain_lgg/val/masks"
 
 def prepare(out: Path) -> None:
     """Prepared images (uint8), head masks, labels, source and LGG lesion masks (in the prepared geometry)."""
-    from models.brain import BrainMRIDetector, default_config
-    from models.preprocessing import crop_square, list_image_files, load_image_file, resize
+    from dicom_node.models.brain import BrainMRIDetector, default_config
+    from dicom_node.models.preprocessing import crop_square, list_image_files, load_image_file, resize
 
     detector = BrainMRIDetector(default_config())
     size = detector.config.image_size
@@ -115,9 +114,9 @@ def _val_aurocs(scores: np.ndarray, labels: np.ndarray, sources: np.ndarray) -> 
 
 def _time_detector(images: np.ndarray, masks: np.ndarray, device: torch.device, repeat: int = 3) -> dict[str, Any]:
     """ms per prepared slice through the shipped brain_mri detector (features, retrieval, head, maps)."""
-    from models.brain import load_brain_mri
-    from models.image_detector import Prepared
-    from models.preprocessing import CropBox
+    from dicom_node.models.brain import load_brain_mri
+    from dicom_node.models.image_detector import Prepared
+    from dicom_node.models.preprocessing import CropBox
 
     detector = load_brain_mri(None, str(device))
     size = detector.config.image_size
@@ -226,10 +225,10 @@ def _train_autoencoder(
     device: Any,
     weights: Path,
 ) -> dict[str, Any]:
-    from models.autoencoder import fit_autoencoder, score_autoencoder
-    from models.brain import default_config
-    from models.image_detector import Prepared
-    from models.preprocessing import CropBox
+    from dicom_node.models.autoencoder import fit_autoencoder, score_autoencoder
+    from dicom_node.models.brain import default_config
+    from dicom_node.models.image_detector import Prepared
+    from dicom_node.models.preprocessing import CropBox
 
     config = default_config()
     config.method = "autoencoder"
@@ -249,11 +248,10 @@ def _train_autoencoder(
 def assemble(weights: Path, record_file: Path, out: Path, version: str, base: Path | None) -> None:
     """A brain_mri model directory from segmenter weights trained by ``train``: method ``segmenter`` alone, or
     ``spade+segmenter`` when ``base`` is a fitted SPADE model directory."""
+    from dicom_node.models.brain import BRAIN_CARD, TRAINING_COMMAND, BrainMRIDetector, default_config
+    from dicom_node.models.lesion_segmenter import STATE_PREFIX, load_segmenter
+    from dicom_node.models.training import calibrate_detector, new_detector
     from safetensors.torch import load_file
-
-    from models.brain import BRAIN_CARD, TRAINING_COMMAND, BrainMRIDetector, default_config
-    from models.lesion_segmenter import STATE_PREFIX, load_segmenter
-    from models.training import calibrate_detector, new_detector
 
     record = json.loads(record_file.read_text(encoding="utf-8"))
     trained = record["segmenter"]

@@ -109,9 +109,9 @@ def compute_result_key(
 
 def shipped_model_dir(detector: str) -> Path:
     """``models/weights/<detector>``, found without importing torch or the detector code."""
-    import models
+    import dicom_node.models
 
-    return Path(models.__file__).resolve().parent / "weights" / detector
+    return Path(dicom_node.models.__file__).resolve().parent / "weights" / detector
 
 
 def model_version(settings: Settings, detector: str) -> str:

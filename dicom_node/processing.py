@@ -40,7 +40,7 @@ from dicom_node.jobs import (
     send_delivery,
     send_detection,
 )
-from models.base import Detector, SeriesResult
+from dicom_node.models.base import Detector, SeriesResult
 
 log = logging.getLogger(__name__)
 

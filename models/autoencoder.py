@@ -19,13 +19,12 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from dicom_node.models.metrics import top_mean
 from scipy import ndimage
 from torch import nn
 
-from models.metrics import top_mean
-
 if TYPE_CHECKING:
-    from models.image_detector import DetectorConfig, Prepared
+    from dicom_node.models.image_detector import DetectorConfig, Prepared
 
 logger = logging.getLogger(__name__)
 

@@ -22,12 +22,11 @@ from typing import Any
 import numpy as np
 import pydicom
 import torch
-
-from models.base import DetectorError, ImageInfo, SeriesResult
-from models.geometry import axial_reformat, plane_of, sort_slices
-from models.image_detector import SPADE_METHODS, DetectorConfig, ImageAnomalyDetector, Prepared
-from models.metrics import top_mean
-from models.preprocessing import (
+from dicom_node.models.base import DetectorError, ImageInfo, SeriesResult
+from dicom_node.models.geometry import axial_reformat, plane_of, sort_slices
+from dicom_node.models.image_detector import SPADE_METHODS, DetectorConfig, ImageAnomalyDetector, Prepared
+from dicom_node.models.metrics import top_mean
+from dicom_node.models.preprocessing import (
     PreprocessingError,
     crop_square,
     foreground_fraction,

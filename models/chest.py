@@ -56,15 +56,21 @@ import numpy as np
 import pydicom
 import torch
 import torch.nn.functional as F
+from dicom_node.models.backbones import EfficientNetLiteBackbone
+from dicom_node.models.base import DetectorError, ImageInfo, SeriesResult
+from dicom_node.models.image_detector import (
+    METHODS,
+    WEIGHTS_FILE,
+    DetectorConfig,
+    ImageAnomalyDetector,
+    Prepared,
+    _batches,
+)
+from dicom_node.models.labels import VIEWS, declared_view
+from dicom_node.models.preprocessing import CropBox, PreprocessingError, crop_square, dicom_image, resize
+from dicom_node.models.radiograph_views import ViewCalibration, ViewClassifier, view_features, view_of_logit
 from safetensors.torch import load_file
 from scipy import ndimage
-
-from models.backbones import EfficientNetLiteBackbone
-from models.base import DetectorError, ImageInfo, SeriesResult
-from models.image_detector import METHODS, WEIGHTS_FILE, DetectorConfig, ImageAnomalyDetector, Prepared, _batches
-from models.labels import VIEWS, declared_view
-from models.preprocessing import CropBox, PreprocessingError, crop_square, dicom_image, resize
-from models.radiograph_views import ViewCalibration, ViewClassifier, view_features, view_of_logit
 
 logger = logging.getLogger(__name__)
 
@@ -260,7 +266,7 @@ def lung_field_mask(image: np.ndarray, valid: np.ndarray | None = None) -> np.nd
 
 def _hull_mask(component: np.ndarray) -> np.ndarray:
     """Fill a component to its convex hull, row by row on the hull polygon (cheap: row-span fill per row)."""
-    from models.regions import polygon_of
+    from dicom_node.models.regions import polygon_of
 
     poly = polygon_of(component)
     rows = np.arange(component.shape[0])

@@ -16,13 +16,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from dicom_node.models.base import ImageInfo
+from dicom_node.models.image_detector import ImageAnomalyDetector
+from dicom_node.models.labels import info_for
+from dicom_node.models.metrics import auroc, average_precision, dice, sensitivity_specificity
+from dicom_node.models.preprocessing import list_image_files, load_image_file, resize
 from PIL import Image
-
-from models.base import ImageInfo
-from models.image_detector import ImageAnomalyDetector
-from models.labels import info_for
-from models.metrics import auroc, average_precision, dice, sensitivity_specificity
-from models.preprocessing import list_image_files, load_image_file, resize
 
 REPORT_KEYS = (
     "image_auroc",

@@ -34,15 +34,12 @@ import numpy as np
 import pydicom
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
-from scipy import ndimage
-
-from models.backbones import EfficientNetLiteBackbone, select_device
-from models.base import Detector, DetectorError, ImageInfo, ImageScores, ModelIdentity, SeriesResult
-from models.lesion_segmenter import (
+from dicom_node.models.backbones import EfficientNetLiteBackbone, select_device
+from dicom_node.models.base import Detector, DetectorError, ImageInfo, ImageScores, ModelIdentity, SeriesResult
+from dicom_node.models.lesion_segmenter import (
     STATE_PREFIX as SEGMENTER_PREFIX,
 )
-from models.lesion_segmenter import (
+from dicom_node.models.lesion_segmenter import (
     LesionUNet,
     SegmenterSettings,
     fit_segmenter,
@@ -53,11 +50,11 @@ from models.lesion_segmenter import (
     segmenter_state,
     to_model_size,
 )
-from models.metrics import threshold_at_specificity, top_mean
-from models.msde import MSDE
-from models.neighbour_bank import NeighbourPatchBank
-from models.patchcore import PatchMemoryBank
-from models.preprocessing import (
+from dicom_node.models.metrics import threshold_at_specificity, top_mean
+from dicom_node.models.msde import MSDE
+from dicom_node.models.neighbour_bank import NeighbourPatchBank
+from dicom_node.models.patchcore import PatchMemoryBank
+from dicom_node.models.preprocessing import (
     CropBox,
     crop_square,
     dicom_image,
@@ -65,7 +62,9 @@ from models.preprocessing import (
     square_crop_box,
     uncrop_square,
 )
-from models.synthetic import synthetic_lesion
+from dicom_node.models.synthetic import synthetic_lesion
+from safetensors.torch import load_file, save_file
+from scipy import ndimage
 
 logger = logging.getLogger(__name__)
 
@@ -267,7 +266,7 @@ class ImageAnomalyDetector(Detector):
         cfg = self.config
         torch.manual_seed(cfg.seed)
         if cfg.method == "autoencoder":
-            from models.autoencoder import fit_autoencoder
+            from dicom_node.models.autoencoder import fit_autoencoder
 
             self.autoencoder = fit_autoencoder([self.prepare(img) for img in images], cfg, self.device)
             return
@@ -378,7 +377,7 @@ class ImageAnomalyDetector(Detector):
         images are the calibration normals (methods that scale a component on them set the scale first)."""
         cfg = self.config
         if cfg.method == "autoencoder":
-            from models.autoencoder import score_autoencoder
+            from dicom_node.models.autoencoder import score_autoencoder
 
             scores, maps = score_autoencoder(self.autoencoder, prepared, cfg, self.device)
             return {"autoencoder": scores}, maps
@@ -667,7 +666,7 @@ class ImageAnomalyDetector(Detector):
                 tensors, "spade.", k_images=k_images, head_weight=detector.head_params()[1]
             )
         if any(k.startswith("autoencoder.") for k in tensors):
-            from models.autoencoder import load_autoencoder
+            from dicom_node.models.autoencoder import load_autoencoder
 
             detector.autoencoder = load_autoencoder(
                 {k[len("autoencoder.") :]: v for k, v in tensors.items() if k.startswith("autoencoder.")},

@@ -13,9 +13,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import pydicom
-
-from models.base import ImageInfo
-from models.preprocessing import is_dicom_file
+from dicom_node.models.base import ImageInfo
+from dicom_node.models.preprocessing import is_dicom_file
 
 VIEWS = ("AP", "PA")  # the frontal radiograph views the chest detector knows
 

@@ -23,9 +23,8 @@ import logging
 from collections.abc import Sequence
 
 import torch
-
-from models.patchcore import PatchMemoryBank
-from models.residual_head import ResidualHead
+from dicom_node.models.patchcore import PatchMemoryBank
+from dicom_node.models.residual_head import ResidualHead
 
 logger = logging.getLogger(__name__)
 

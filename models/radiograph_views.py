@@ -27,10 +27,9 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-
-from models.base import DetectorError
-from models.labels import VIEWS
-from models.metrics import threshold_at_specificity
+from dicom_node.models.base import DetectorError
+from dicom_node.models.labels import VIEWS
+from dicom_node.models.metrics import threshold_at_specificity
 
 MIN_VIEW_NORMALS = 20  # fewer calibration normals of a view: its threshold is the pooled one
 VIEW_GRID = 7  # the classifier reads the stride-16 features averaged to 7 x 7 (layout, not detail)

@@ -19,8 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
-from models.regions import RegionRules, rules_for, select_regions
+from dicom_node.models.regions import RegionRules, rules_for, select_regions
 
 REGION_KEYS = (
     "fp_regions_per_normal",

@@ -6,27 +6,27 @@ import importlib
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from models.base import Detector, DetectorError, DetectorRegistry
+from dicom_node.models.base import Detector, DetectorError, DetectorRegistry
 
 if TYPE_CHECKING:
-    from models.image_detector import DetectorConfig, ImageAnomalyDetector
+    from dicom_node.models.image_detector import DetectorConfig, ImageAnomalyDetector
 
 # name -> (module, detector class, default-config function). Imported lazily: loading one detector does not import
 # the others (or torch, until a detector is used).
 DETECTOR_CLASSES: dict[str, tuple[str, str, str]] = {
-    "brain_mri": ("models.brain", "BrainMRIDetector", "default_config"),
-    "chest_xray": ("models.chest", "ChestXrayDetector", "default_config"),
+    "brain_mri": ("dicom_node.models.brain", "BrainMRIDetector", "default_config"),
+    "chest_xray": ("dicom_node.models.chest", "ChestXrayDetector", "default_config"),
 }
 
 
 def _load_brain_mri(model_dir: Path | None, device: str) -> Detector:
-    from models.brain import load_brain_mri
+    from dicom_node.models.brain import load_brain_mri
 
     return load_brain_mri(model_dir, device)
 
 
 def _load_chest_xray(model_dir: Path | None, device: str) -> Detector:
-    from models.chest import load_chest_xray
+    from dicom_node.models.chest import load_chest_xray
 
     return load_chest_xray(model_dir, device)
 

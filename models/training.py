@@ -9,12 +9,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
-from models.base import DetectorError
-from models.image_detector import ImageAnomalyDetector
-from models.labels import info_for, read_labels
-from models.preprocessing import list_image_files, load_image_file
-from models.registry import detector_class
+from dicom_node.models.base import DetectorError
+from dicom_node.models.image_detector import ImageAnomalyDetector
+from dicom_node.models.labels import info_for, read_labels
+from dicom_node.models.preprocessing import list_image_files, load_image_file
+from dicom_node.models.registry import detector_class
 
 logger = logging.getLogger(__name__)
 

@@ -17,10 +17,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
-from models.labels import VIEWS, read_labels
-from models.metrics import auroc, average_precision, sensitivity_specificity, threshold_at_specificity
-from models.regions import map_maximum
+from dicom_node.models.labels import VIEWS, read_labels
+from dicom_node.models.metrics import auroc, average_precision, sensitivity_specificity, threshold_at_specificity
+from dicom_node.models.regions import map_maximum
 
 
 def read_views(path: Path) -> dict[str, str]:

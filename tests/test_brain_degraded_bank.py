@@ -7,10 +7,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-
-from models.base import DetectorError
-from models.brain import BrainMRIDetector
-from models.training import new_detector
+from dicom_node.models.base import DetectorError
+from dicom_node.models.brain import BrainMRIDetector
+from dicom_node.models.training import new_detector
 
 SIZE = 96
 

@@ -48,7 +48,7 @@ def _assert_chest_upright(image: np.ndarray) -> None:
 
 @pytest.mark.parametrize("path", [J2K_CHEST, None], ids=["monochrome1-jpeg2000", "secondary-capture-jpeg"])
 def test_real_cr_files_come_out_bright_bone_dark_lung(path: Path | None) -> None:
-    from models.chest import radiograph_image
+    from dicom_node.models.chest import radiograph_image
 
     ds = pydicom.dcmread(path or _siim())
     image = radiograph_image(ds)
@@ -59,7 +59,7 @@ def test_real_cr_files_come_out_bright_bone_dark_lung(path: Path | None) -> None
 
 def test_monochrome1_is_inverted() -> None:
     """Without the MONOCHROME1 inversion the J2K CR would have dark bone: the inversion is what makes it right."""
-    from models.chest import radiograph_image
+    from dicom_node.models.chest import radiograph_image
 
     ds = pydicom.dcmread(J2K_CHEST)
     assert ds.PhotometricInterpretation == "MONOCHROME1"
@@ -72,14 +72,14 @@ def test_monochrome1_is_inverted() -> None:
 def test_inverted_copy_matches_original_after_preprocessing(caplog: pytest.LogCaptureFixture) -> None:
     """txv_Fake_MONOHR1 holds the SIIM pixels but says MONOCHROME1: shown as stored it would be a negative. The
     polarity check turns it back, so both files give the same image, and says so in the log."""
-    from models.chest import radiograph_image
+    from dicom_node.models.chest import radiograph_image
 
     original = radiograph_image(pydicom.dcmread(_siim()))
     fake = pydicom.dcmread(FAKE_MONO1)
     negative = radiograph_image(fake, check_polarity=False)
     r = _regions(negative)
     assert r["mediastinum"] < r["lung_left"] and r["mediastinum"] < r["lung_right"]
-    with caplog.at_level("WARNING", logger="models.chest"):
+    with caplog.at_level("WARNING", logger="dicom_node.models.chest"):
         corrected = radiograph_image(fake)
     assert "treating the pixel data as inverted" in caplog.text
     np.testing.assert_allclose(corrected, original, atol=1e-5)
@@ -107,7 +107,7 @@ def _synthetic_cr(photometric: str, rows: int = 300, cols: int = 240) -> pydicom
 
 
 def test_16_bit_window_and_photometric_agree() -> None:
-    from models.chest import radiograph_image
+    from dicom_node.models.chest import radiograph_image
 
     mono2 = radiograph_image(_synthetic_cr("MONOCHROME2"))
     mono1 = radiograph_image(_synthetic_cr("MONOCHROME1"))
@@ -116,8 +116,8 @@ def test_16_bit_window_and_photometric_agree() -> None:
 
 
 def test_prepare_keeps_aspect_ratio_and_maps_return_to_source_geometry() -> None:
-    from models.chest import ChestXrayDetector, default_config
-    from models.preprocessing import uncrop_square
+    from dicom_node.models.chest import ChestXrayDetector, default_config
+    from dicom_node.models.preprocessing import uncrop_square
 
     config = default_config()
     config.image_size = 64
@@ -134,7 +134,7 @@ def test_prepare_keeps_aspect_ratio_and_maps_return_to_source_geometry() -> None
 
 
 def test_find_regions_mask_and_closed_polygon() -> None:
-    from models.regions import find_regions, map_maximum
+    from dicom_node.models.regions import find_regions, map_maximum
 
     amap = np.zeros((100, 120), dtype=np.float32)
     amap[20:40, 70:100] = 2.0  # strongest finding
@@ -161,7 +161,7 @@ def test_regions_module_does_not_import_torch() -> None:
 
 
 def test_per_view_and_localisation_by_hand(tmp_path: Path) -> None:
-    from models.view_evaluation import localisation_hit_rate, per_view_metrics, read_boxes, read_views
+    from dicom_node.models.view_evaluation import localisation_hit_rate, per_view_metrics, read_boxes, read_views
 
     files = [Path(f"{n}.png") for n in ("n1", "n2", "a1", "a2", "n3", "a3")]
     labels = np.array([False, False, True, True, False, True])
@@ -187,8 +187,8 @@ def test_per_view_and_localisation_by_hand(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_fit_evaluate_and_score_a_real_cr_series(tmp_path: Path) -> None:
     """Smoke: fit on 8 normals (small size), evaluate with views and boxes, score the real J2K CR as a series."""
-    from models.chest import ChestXrayDetector
-    from models.regions import find_regions
+    from dicom_node.models.chest import ChestXrayDetector
+    from dicom_node.models.regions import find_regions
 
     with open(CXR / "labels.csv", newline="") as handle:
         labels = {r["file"]: r for r in csv.DictReader(handle)}
@@ -245,8 +245,7 @@ def test_positional_gaussian_scores_each_position_against_its_own_mean() -> None
     """The per-position mean is subtracted before the shared covariance: a normal feature that is normal at its own
     position scores low, the same feature moved to a position where it is unusual scores high; state round-trips."""
     import torch
-
-    from models.chest import PositionalGaussian
+    from dicom_node.models.chest import PositionalGaussian
 
     gen = torch.Generator().manual_seed(0)
     layout = torch.zeros(4, 6, 6)
@@ -268,8 +267,7 @@ def test_positional_gaussian_radius_tolerates_a_shift_of_the_layout() -> None:
     one cell is far from the means at the edge of the pattern with r = 0 and normal with r = 1; a value unusual
     everywhere stays unusual; r = 0 is the plain per-position distance."""
     import torch
-
-    from models.chest import PadimParams, PositionalGaussian
+    from dicom_node.models.chest import PadimParams, PositionalGaussian
 
     gen = torch.Generator().manual_seed(0)
     layout = torch.zeros(4, 6, 6)
@@ -290,8 +288,8 @@ def test_positional_gaussian_radius_tolerates_a_shift_of_the_layout() -> None:
 def test_padim_method_fits_saves_and_loads(tmp_path: Path) -> None:
     """The shipped method: fit on a few normals at a small size, score, save, load, same scores; the image score is
     the mean per-position distance inside the lung field, so an added bright blob inside the lungs raises it."""
-    from models.chest import ChestXrayDetector, default_config
-    from models.preprocessing import load_image_file
+    from dicom_node.models.chest import ChestXrayDetector, default_config
+    from dicom_node.models.preprocessing import load_image_file
 
     config = default_config()
     assert config.method == "padim" and config.version == "1.3.0"
@@ -317,10 +315,9 @@ def test_the_map_covers_an_opacity_that_the_image_own_lung_field_leaves_out() ->
     """The image's lung field is its dark (aerated) lung, so a consolidated base falls outside it; the map (and so
     the regions) also covers where the normals' lungs are (the lung-field heuristic on the atlas mean)."""
     import torch
-
-    from models.chest import ChestXrayDetector, default_config, lung_field_mask
-    from models.image_detector import Prepared
-    from models.preprocessing import CropBox
+    from dicom_node.models.chest import ChestXrayDetector, default_config, lung_field_mask
+    from dicom_node.models.image_detector import Prepared
+    from dicom_node.models.preprocessing import CropBox
 
     config = default_config()
     size = config.image_size = 128

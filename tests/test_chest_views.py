@@ -12,10 +12,9 @@ import pydicom
 import pytest
 import torch
 from conftest import DATA, DICOM_DATA
-
-from models.base import DetectorError, ImageInfo
-from models.labels import declared_view
-from models.radiograph_views import MIN_VIEW_NORMALS, ViewCalibration, ViewClassifier
+from dicom_node.models.base import DetectorError, ImageInfo
+from dicom_node.models.labels import declared_view
+from dicom_node.models.radiograph_views import MIN_VIEW_NORMALS, ViewCalibration, ViewClassifier
 
 CXR = DATA / "cxr_nih"
 
@@ -79,7 +78,7 @@ def test_view_position_is_read_from_the_header() -> None:
 
 
 def test_labels_and_dicom_headers_describe_files(tmp_path: Path) -> None:
-    from models.labels import info_for, read_labels
+    from dicom_node.models.labels import info_for, read_labels
 
     table = read_labels(CXR / "labels.csv")
     first = next(iter(_labels().values()))
@@ -94,8 +93,8 @@ def test_labels_and_dicom_headers_describe_files(tmp_path: Path) -> None:
 
 
 def _fit_small(views_known: bool) -> tuple[object, list[np.ndarray], list[str]]:
-    from models.chest import ChestXrayDetector, default_config
-    from models.preprocessing import load_image_file
+    from dicom_node.models.chest import ChestXrayDetector, default_config
+    from dicom_node.models.preprocessing import load_image_file
 
     labels = _labels()
     files = sorted((CXR / "train" / "normal").iterdir())
@@ -116,7 +115,7 @@ def _fit_small(views_known: bool) -> tuple[object, list[np.ndarray], list[str]]:
 def test_chest_fit_with_views_scores_each_image_against_its_view(tmp_path: Path) -> None:
     """Fitted with the training views, the detector keeps a view classifier and per-view statistics; the declared
     view (View Position) decides which statistics an image is scored against; save and load keep all of it."""
-    from models.chest import ChestXrayDetector
+    from dicom_node.models.chest import ChestXrayDetector
 
     detector, images, views = _fit_small(views_known=True)
     assert isinstance(detector, ChestXrayDetector)
@@ -139,7 +138,7 @@ def test_chest_fit_with_views_scores_each_image_against_its_view(tmp_path: Path)
 
 
 def test_a_dicom_radiograph_is_scored_with_its_view_position() -> None:
-    from models.chest import ChestXrayDetector
+    from dicom_node.models.chest import ChestXrayDetector
 
     detector, _, _ = _fit_small(views_known=True)
     assert isinstance(detector, ChestXrayDetector)

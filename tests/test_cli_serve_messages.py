@@ -134,10 +134,10 @@ def test_worker_start_has_no_superuser_warning(restore_logging: None, monkeypatc
 def test_worker_command_prepares_its_logging(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """``dicom-node worker`` (which ``serve`` runs for its embedded workers) calls prepare_worker_logging before
     Celery starts."""
-    import workers.worker
+    import dicom_node.workers.worker
 
     calls: list[str] = []
     monkeypatch.setattr("dicom_node.logconfig.prepare_worker_logging", lambda: calls.append("prepared"))
-    monkeypatch.setattr(workers.worker, "run_worker", lambda settings, **kwargs: calls.append("run") or 0)
+    monkeypatch.setattr(dicom_node.workers.worker, "run_worker", lambda settings, **kwargs: calls.append("run") or 0)
     assert main(["worker", "--data-dir", str(tmp_path), "--queues", "chest_xray"]) == 0
     assert calls == ["prepared", "run"]

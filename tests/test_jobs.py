@@ -210,7 +210,7 @@ def test_cli_jobs_retry_sends_to_the_embedded_broker(
     broker.dispose()
     assert len(payloads) == 1 and job.broker_task_id in payloads[0]
     # The sweeper sees the message waiting there (a queued job, not a lost one).
-    from workers.inspect import inspector_for
+    from dicom_node.workers.inspect import inspector_for
 
     snapshot = inspector_for(f"sqlite:///{tmp_path / 'data' / 'broker' / 'broker.sqlite'}").snapshot()  # type: ignore[union-attr]
     assert snapshot is not None and snapshot.pending() == {("dicom_node.detect", job_id)}
@@ -294,7 +294,7 @@ def test_urgent_rules_set_priority(database: Database, tmp_path: Path) -> None:
 
 
 def test_device_resolution() -> None:
-    from workers.context import resolve_device
+    from dicom_node.workers.context import resolve_device
 
     assert resolve_device("cpu") == "cpu"
     assert resolve_device("cuda:1", 3) == "cuda:1"

@@ -6,8 +6,7 @@ import math
 
 import numpy as np
 import pytest
-
-from models.metrics import (
+from dicom_node.models.metrics import (
     auroc,
     average_precision,
     dice,

@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import torch
-
-from models.neighbour_bank import NeighbourPatchBank
+from dicom_node.models.neighbour_bank import NeighbourPatchBank
 
 
 def _two_kinds(per_kind: int = 6, patches: int = 20, channels: int = 8) -> list[torch.Tensor]:

@@ -6,8 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-from models.region_evaluation import (
+from dicom_node.models.region_evaluation import (
     ImageRegions,
     box_mask,
     evaluate_regions,
@@ -15,7 +14,7 @@ from models.region_evaluation import (
     image_regions,
     region_metrics,
 )
-from models.regions import RegionRules
+from dicom_node.models.regions import RegionRules
 
 SHAPE = (64, 64)
 MM = (1.0, 1.0)
@@ -114,7 +113,7 @@ def test_evaluate_regions_over_scored_files() -> None:
 
 
 def test_a_radiograph_shows_its_strongest_region_only_and_other_detectors_keep_the_defaults() -> None:
-    from models.regions import rules_for
+    from dicom_node.models.regions import rules_for
 
     assert rules_for("brain_mri") == RegionRules() and rules_for(None) == RegionRules()
     assert rules_for("chest_xray").max_regions == 1

@@ -5,9 +5,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-from models.metrics import auroc
-from models.residual_head import ResidualHead
+from dicom_node.models.metrics import auroc
+from dicom_node.models.residual_head import ResidualHead
 
 
 def _residuals(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -14,12 +14,12 @@ import highdicom as hd
 import numpy as np
 import pydicom
 import pytest
+from dicom_node.models.base import SeriesResult
+from dicom_node.models.regions import RegionRules, select_regions
 from pydicom.dataset import Dataset
 from result_data import CR_CHEST, DCIODVFY, brain_files, dciodvfy_errors, synthetic_result
 
 from dicom_node.results.build import BuiltObjects, ObjectRequest, build_results
-from models.base import SeriesResult
-from models.regions import RegionRules, select_regions
 
 SPACING = (1.0, 1.0, 1.0)
 
@@ -402,7 +402,7 @@ def test_shipped_models_on_the_real_studies_tell_one_story(detector: str, data_d
     """The README's two studies through the shipped weights: the verdict decides the objects. The healthy Siemens
     T1 is Normal (it got a 20-segment SEG before): an SR alone. Made Abnormal (its threshold lowered below its
     score), every object together stays within a quarter of the 176-slice source."""
-    from models.registry import default_registry
+    from dicom_node.models.registry import default_registry
 
     files = brain_files() if detector == "brain_mri" else [CR_CHEST]
     result = default_registry().load(detector, None, "cpu").score_series([pydicom.dcmread(f) for f in files])

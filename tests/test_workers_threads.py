@@ -7,9 +7,8 @@ from collections.abc import Iterator
 
 import pytest
 import torch
-
-from workers import context
-from workers.context import CPU_MAX_BATCH, batch_size_for, cpu_threads, set_cpu_threads
+from dicom_node.workers import context
+from dicom_node.workers.context import CPU_MAX_BATCH, batch_size_for, cpu_threads, set_cpu_threads
 
 
 @pytest.fixture

@@ -19,23 +19,23 @@ import importlib.util
 from typing import Any
 
 from celery import Celery
-from kombu import Exchange, Queue
-
-from dicom_node.config import Settings
-from dicom_node.db import Job
-from workers.broker import (
+from dicom_node.workers.broker import (
     TRANSPORT_PATH,
     embedded_broker_url,
     embedded_transport_options,
     is_embedded,
 )
+from kombu import Exchange, Queue
+
+from dicom_node.config import Settings
+from dicom_node.db import Job
 
 DETECT_TASK = "dicom_node.detect"
 DELIVER_TASK = "dicom_node.deliver"
 DETECTION_QUEUES: tuple[str, ...] = ("brain_mri", "chest_xray")
 DELIVERY_QUEUE = "delivery"
 DELIVERY_PRIORITY = 0  # the most urgent step: a finished detection's results go out before the next detection
-DELIVERY_TASKS_MODULE = "workers.delivery_tasks"
+DELIVERY_TASKS_MODULE = "dicom_node.workers.delivery_tasks"
 
 # A message that cannot be sent fails fast: the job stays queued in the database and the sweeper sends it again.
 SEND_RETRY_POLICY = {"max_retries": 1, "interval_start": 0.2, "interval_step": 0.5, "interval_max": 1.0}
@@ -87,7 +87,7 @@ def create_app(settings: Settings, *, broker: str | None = None) -> Celery:
     url = broker_url(settings, broker)
     embedded = is_embedded(url)
     app = Celery("dicom_node", set_as_current=True)
-    include = ["workers.tasks"]
+    include = ["dicom_node.workers.tasks"]
     if delivery_tasks_available():
         include.append(DELIVERY_TASKS_MODULE)
     limits = [settings.detector(name) for name in DETECTION_QUEUES]

@@ -191,6 +191,6 @@ def _release(
         db, settings, job_id, holder=holder, attempts=attempts, event=event, reason=reason, failure=failure
     )
     if moved == JobState.QUEUED and send:
-        from workers.app import CeleryDispatcher
+        from dicom_node.workers.app import CeleryDispatcher
 
         send_detection(db, CeleryDispatcher(app, settings), [job_id])

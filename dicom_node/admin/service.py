@@ -49,8 +49,8 @@ def celery_actions(settings: Settings, db: Database) -> AdminActions | None:
     """The admin actions over the node's Celery broker, or None (actions answer 503) when the worker package is
     not installed in this process."""
     try:
-        from workers.app import CeleryDispatcher
-        from workers.app import create_app as create_celery_app
+        from dicom_node.workers.app import CeleryDispatcher
+        from dicom_node.workers.app import create_app as create_celery_app
     except ImportError as err:
         log.warning("admin actions disabled: the workers package is not available (%s)", err)
         return None

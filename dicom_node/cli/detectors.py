@@ -146,8 +146,8 @@ def _logging(args: argparse.Namespace) -> None:
 
 
 def _load(args: argparse.Namespace) -> Any:
-    from models.base import DetectorError
-    from models.registry import default_registry
+    from dicom_node.models.base import DetectorError
+    from dicom_node.models.registry import default_registry
 
     try:
         return default_registry().load(args.detector, args.model, args.device)
@@ -161,7 +161,7 @@ def _model_dir(args: argparse.Namespace) -> Path:
         return Path(args.model)
     import importlib
 
-    from models.registry import DETECTOR_CLASSES
+    from dicom_node.models.registry import DETECTOR_CLASSES
 
     module = importlib.import_module(DETECTOR_CLASSES[args.detector][0])
     return Path(module.WEIGHTS_DIR)
@@ -169,8 +169,8 @@ def _model_dir(args: argparse.Namespace) -> Path:
 
 def run_fit(args: argparse.Namespace) -> int:
     _logging(args)
-    from models.base import DetectorError
-    from models.training import fit_detector
+    from dicom_node.models.base import DetectorError
+    from dicom_node.models.training import fit_detector
 
     try:
         detector = fit_detector(
@@ -207,8 +207,8 @@ def run_fit(args: argparse.Namespace) -> int:
 
 def run_calibrate(args: argparse.Namespace) -> int:
     _logging(args)
-    from models.base import DetectorError
-    from models.training import calibrate_detector
+    from dicom_node.models.base import DetectorError
+    from dicom_node.models.training import calibrate_detector
 
     detector = _load(args)
     out = args.out or _model_dir(args)
@@ -224,12 +224,12 @@ def run_calibrate(args: argparse.Namespace) -> int:
 
 def run_evaluate(args: argparse.Namespace) -> int:
     _logging(args)
-    from models.evaluation import evaluate, format_report
+    from dicom_node.models.evaluation import evaluate, format_report
 
     detector = _load(args)
     scored: list[Any] = []
     try:
-        from models.labels import read_labels
+        from dicom_node.models.labels import read_labels
 
         table = read_labels(args.labels) if args.labels is not None else None
         report = evaluate(detector, args.normal, args.abnormal, args.masks, scored_out=scored, known=table)
@@ -263,7 +263,7 @@ def _view_and_box_metrics(args: argparse.Namespace, detector: Any, report: dict[
     print."""
     import numpy as np
 
-    from models.view_evaluation import (
+    from dicom_node.models.view_evaluation import (
         format_per_view,
         localisation_hit_rate,
         per_view_metrics,
@@ -293,10 +293,10 @@ def _region_metrics(args: argparse.Namespace, detector: Any, report: dict[str, A
     to ``report``; the text to print."""
     import numpy as np
 
-    from models.evaluation import mask_for
-    from models.preprocessing import resize
-    from models.region_evaluation import box_mask, evaluate_regions, format_region_report
-    from models.view_evaluation import read_boxes
+    from dicom_node.models.evaluation import mask_for
+    from dicom_node.models.preprocessing import resize
+    from dicom_node.models.region_evaluation import box_mask, evaluate_regions, format_region_report
+    from dicom_node.models.view_evaluation import read_boxes
 
     normal, abnormal = scored
     boxes = read_boxes(args.boxes) if args.boxes is not None else {}

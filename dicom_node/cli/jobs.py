@@ -131,7 +131,7 @@ def retry_job_command(args: argparse.Namespace) -> int:
     settings = settings_from(args, {"broker": {"url": args.broker}} if args.broker else None)
     from dicom_node.admin.actions import ActionError, JobActions
     from dicom_node.admin.schemas import ActionResult
-    from workers.app import CeleryDispatcher, create_app
+    from dicom_node.workers.app import CeleryDispatcher, create_app
 
     db = Database(settings.database_url)
     app = create_app(settings)

@@ -79,7 +79,7 @@ def run(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGINT, on_signal)
 
     node = build_node(settings)
-    from workers.service import add_job_services
+    from dicom_node.workers.service import add_job_services
 
     add_job_services(node)  # scheduler on study completion, sweeper, embedded workers (unless --no-workers)
     try:

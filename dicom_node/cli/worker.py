@@ -45,7 +45,9 @@ def run(args: argparse.Namespace) -> int:
         overrides.setdefault("workers", {})["concurrency"] = args.concurrency
     settings = settings_from(args, overrides)
     from dicom_node.logconfig import prepare_worker_logging
-    from workers.worker import run_worker  # lazy: `dicom-node jobs list` must not import Celery workers or torch
+    from dicom_node.workers.worker import (
+        run_worker,  # lazy: `dicom-node jobs list` must not import Celery workers or torch
+    )
 
     queues = [name.strip() for name in args.queues.split(",") if name.strip()] if args.queues else None
     problem = check_queues(queues)
@@ -68,7 +70,7 @@ def check_queues(queues: list[str] | None) -> str | None:
     discarded by Celery, so refuse rather than lose it."""
     if queues is None:
         return None
-    from workers.app import DELIVERY_QUEUE, DETECTION_QUEUES, delivery_tasks_available
+    from dicom_node.workers.app import DELIVERY_QUEUE, DETECTION_QUEUES, delivery_tasks_available
 
     if not queues:
         return "no queue given"

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from pydicom.dataset import Dataset
 
-from models.base import SeriesResult
+from dicom_node.models.base import SeriesResult
 
 RESULT_FILE = "series_result.npz"
 FIRST_PIXEL_TAG = 0x7FE00008  # Float Pixel Data; (7FE0,0009) Double Float and (7FE0,0010) Pixel Data follow

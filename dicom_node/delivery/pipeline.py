@@ -35,8 +35,8 @@ from dicom_node.delivery.commitment import Reference, request_commitment
 from dicom_node.delivery.scu import ScuTimeouts, SendOutcome, store_files
 from dicom_node.delivery.stow import stow_files
 from dicom_node.delivery.webhook import TriageEvent, post_event
+from dicom_node.models.base import ModelIdentity, SeriesResult
 from dicom_node.results.build import ObjectRequest, build_results
-from models.base import ModelIdentity, SeriesResult
 
 log = logging.getLogger(__name__)
 

@@ -8,13 +8,13 @@ from dataclasses import dataclass
 from pydicom.dataset import Dataset
 from pydicom.uid import JPEG2000Lossless
 
+from dicom_node.models.base import SeriesResult
+from dicom_node.models.regions import RegionRules, rules_for
 from dicom_node.results.common import Findings, SourceSeries, align, find_findings, result_uids
 from dicom_node.results.pm import build_pm
 from dicom_node.results.sc import build_sc
 from dicom_node.results.seg import build_seg, seg_variant
 from dicom_node.results.sr import build_sr, key_frame
-from models.base import SeriesResult
-from models.regions import RegionRules, rules_for
 
 
 @dataclass(frozen=True)

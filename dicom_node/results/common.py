@@ -30,8 +30,8 @@ from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 
 from dicom_node import __version__
-from models.base import ModelIdentity, SeriesResult
-from models.regions import RegionRules, polygon_of, select_regions
+from dicom_node.models.base import ModelIdentity, SeriesResult
+from dicom_node.models.regions import RegionRules, polygon_of, select_regions
 
 MANUFACTURER = "dicom-node"
 

@@ -18,6 +18,7 @@ import numpy as np
 from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian
 
+from dicom_node.models.base import ModelIdentity
 from dicom_node.results.common import (
     ANOMALY_SCORE,
     CONTENT_CREATOR,
@@ -28,7 +29,6 @@ from dicom_node.results.common import (
     finish,
     result_uids,
 )
-from models.base import ModelIdentity
 
 STORED_MAX = 65535
 

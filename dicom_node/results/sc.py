@@ -15,8 +15,8 @@ from PIL import Image, ImageDraw, ImageFont
 from pydicom.dataset import Dataset
 from pydicom.pixels import apply_modality_lut, apply_voi_lut
 
+from dicom_node.models.base import ModelIdentity
 from dicom_node.results.common import MANUFACTURER, RESULT_SERIES, finish, result_uids
-from models.base import ModelIdentity
 
 WARNING_TEXT = "NOT FOR DIAGNOSIS"
 MAX_SIDE = 1024

@@ -17,6 +17,7 @@ from __future__ import annotations
 import highdicom as hd
 from pydicom.dataset import Dataset
 
+from dicom_node.models.base import ModelIdentity
 from dicom_node.results.common import (
     ANATOMY,
     CONTENT_CREATOR,
@@ -32,7 +33,6 @@ from dicom_node.results.common import (
     projection_geometry,
     result_uids,
 )
-from models.base import ModelIdentity
 
 
 def seg_variant(keep_empty_frames: bool) -> str:

@@ -35,6 +35,7 @@ import numpy as np
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 
+from dicom_node.models.base import ModelIdentity
 from dicom_node.results.common import (
     ABNORMAL,
     ANATOMY,
@@ -59,7 +60,6 @@ from dicom_node.results.common import (
     model_name,
     result_uids,
 )
-from models.base import ModelIdentity
 
 Group = (
     hd.sr.MeasurementsAndQualitativeEvaluations

@@ -20,8 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import pydicom
-
-from models.base import Detector, DetectorError, ImageScores, ModelIdentity, SeriesResult
+from dicom_node.models.base import Detector, DetectorError, ImageScores, ModelIdentity, SeriesResult
 
 
 class IntensityTestDetector(Detector):
