@@ -46,7 +46,8 @@ from dicom_node.workers.app import CeleryDispatcher, create_app
 from bench.workers import DICOM, free_port, make_study, wait
 from dicom_node.config import load_settings
 from dicom_node.db import Database, Job
-from dicom_node.jobs import JobScheduler, as_utc
+from dicom_node.jobs import JobScheduler
+from dicom_node.timeutil import utc
 
 MR = sorted((DICOM / "mr_brain_t1_siemens").glob("*.dcm"))
 SERIES: dict[str, tuple[str, list[Path]]] = {
@@ -143,8 +144,8 @@ def run(
             f"the model was not kept loaded: {len(loads)} loads for {concurrency} pool processes, jobs ran in "
             f"{len(processes)} processes"
         )
-    makespan = max((as_utc(job.finished_at) - queued).total_seconds() for job in done if job.finished_at)
-    runs = [(as_utc(job.finished_at) - as_utc(job.started_at)).total_seconds() for job in done]
+    makespan = max((utc(job.finished_at) - queued).total_seconds() for job in done if job.finished_at)
+    runs = [(utc(job.finished_at) - utc(job.started_at)).total_seconds() for job in done]
     threads = re.findall(r"torch threads (\d+)", output)
     batches = BATCH.findall(output)
     return {

@@ -35,7 +35,8 @@ from pydicom.uid import generate_uid
 
 from dicom_node.config import load_settings
 from dicom_node.db import Database, Instance, Job, Series, Study, StudyState
-from dicom_node.jobs import JobScheduler, as_utc
+from dicom_node.jobs import JobScheduler
+from dicom_node.timeutil import utc
 
 REPO = Path(__file__).resolve().parents[1]
 DICOM = REPO.parent / "shared" / "data" / "dicom"
@@ -149,8 +150,8 @@ def run(broker: str, studies: int, workdir: Path, real: str | None = None) -> di
             started_at = wait(started, 120, f"job {job_id} to start")
             finished_at = wait(lambda job_id=job_id: _finished(db, job_id), 1800, f"job {job_id} to finish", 0.05)
             if index:
-                durations.append((as_utc(finished_at) - as_utc(started_at)).total_seconds())
-                overheads.append((as_utc(started_at) - t0).total_seconds() * 1000)
+                durations.append((utc(finished_at) - utc(started_at)).total_seconds())
+                overheads.append((utc(started_at) - t0).total_seconds() * 1000)
                 schedule_times.append(scheduled * 1000)
     finally:
         worker.terminate()

@@ -27,7 +27,7 @@ import os
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -38,6 +38,7 @@ from sqlalchemy.orm import Session
 from dicom_node.config import Settings
 from dicom_node.db import Database, Instance, Job, JobEvent, JobState, Series, Study
 from dicom_node.heartbeat import Liveness
+from dicom_node.timeutil import utc, utcnow
 
 log = logging.getLogger(__name__)
 
@@ -68,15 +69,6 @@ class Dispatcher(Protocol):
     def enqueue_detection(self, job: Job, *, countdown: float | None = None) -> str: ...
 
     def enqueue_delivery(self, job: Job, *, force: bool = False) -> str: ...
-
-
-def utcnow() -> datetime:
-    return datetime.now(UTC)
-
-
-def as_utc(value: datetime) -> datetime:
-    """SQLite hands back naive datetimes (stored in UTC); PostgreSQL aware ones."""
-    return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
 
 
 # --- identity of a result ---------------------------------------------------------------------------------------
@@ -585,14 +577,14 @@ def acquire_lease(
             return None
         now = utcnow()
         if job.state == JobState.QUEUED:
-            due = job.next_attempt_at is None or as_utc(job.next_attempt_at) <= now + timedelta(seconds=1)
+            due = job.next_attempt_at is None or utc(job.next_attempt_at) <= now + timedelta(seconds=1)
             if not due:
                 log.info("job %d: retry not due before %s; message dropped", job_id, job.next_attempt_at)
                 return None
             guard: list[ColumnElement[bool]] = []
             event, detail = "started", f"attempt {job.attempts + 1} on {worker}"
         elif job.state == JobState.RUNNING:
-            expired = job.lease_expires_at is None or as_utc(job.lease_expires_at) < now
+            expired = job.lease_expires_at is None or utc(job.lease_expires_at) < now
             if expired:
                 why: str | None = f"lease of {job.worker} expired"
             elif _holder_is_dead(job.worker, worker):

@@ -45,13 +45,12 @@ from dicom_node.heartbeat import Liveness, liveness, mark_stopped
 from dicom_node.jobs import (
     Dispatcher,
     JobScheduler,
-    as_utc,
     record_event,
     release_job,
     send_delivery,
     send_detection,
-    utcnow,
 )
+from dicom_node.timeutil import utc, utcnow
 
 log = logging.getLogger(__name__)
 
@@ -323,7 +322,7 @@ class Sweeper:
         lease = self.settings.workers.lease_seconds
         for job_id, worker, attempts, expires in jobs:
             why = (
-                f"lease of {worker} expired at {as_utc(expires or now):%H:%M:%S}: not renewed for {lease:g} s "
+                f"lease of {worker} expired at {utc(expires or now):%H:%M:%S}: not renewed for {lease:g} s "
                 "(worker stuck, or cut off from the job database)"
             )
             moved = release_job(

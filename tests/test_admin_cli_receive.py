@@ -9,9 +9,8 @@ from pathlib import Path
 import pytest
 
 from dicom_node.cli import main
-from dicom_node.cli._table import parse_duration
 from dicom_node.db import Database, Job, JobState, Series, Study, StudyState
-from dicom_node.db.models import utcnow
+from dicom_node.timeutil import parse_duration, utcnow
 
 
 @pytest.fixture

@@ -226,8 +226,8 @@ def test_cli_jobs_retry_sends_to_the_embedded_broker(
 def test_sweeper_requeues_expired_leases_and_resends_lost_messages(database: Database, tmp_path: Path) -> None:
     from datetime import timedelta
 
-    from dicom_node.jobs import utcnow
     from dicom_node.sweeper import Sweeper
+    from dicom_node.timeutil import utcnow
 
     settings = load_settings(overrides={"workers": {"max_attempts": 2, "requeue_after_seconds": 60}})
     dispatcher = RecordingDispatcher()
@@ -337,8 +337,8 @@ def test_sweeper_resends_lost_deliveries_once(database: Database, tmp_path: Path
     from datetime import timedelta
 
     from dicom_node.db import DeliveryAttempt
-    from dicom_node.jobs import utcnow
     from dicom_node.sweeper import Sweeper
+    from dicom_node.timeutil import utcnow
 
     destination = {"name": "pacs", "ae_title": "PACS", "host": "127.0.0.1", "port": 11112, "backoff_max_seconds": 40}
     settings = load_settings(overrides={"workers": {"requeue_after_seconds": 60}, "destinations": [destination]})
@@ -365,8 +365,8 @@ def test_heartbeats_decide_whether_a_holder_is_gone(database: Database, tmp_path
     from datetime import timedelta
 
     from dicom_node.heartbeat import Beat, publish
-    from dicom_node.jobs import utcnow
     from dicom_node.sweeper import Sweeper
+    from dicom_node.timeutil import utcnow
 
     settings = load_settings(
         overrides={"workers": {"heartbeat_seconds": 1, "failover_grace_seconds": 10, "sweep_interval_seconds": 2}}
@@ -405,8 +405,8 @@ def test_heartbeats_decide_whether_a_holder_is_gone(database: Database, tmp_path
 def test_sweeper_tells_lost_messages_from_queued_ones(database: Database, tmp_path: Path) -> None:
     from datetime import timedelta
 
-    from dicom_node.jobs import utcnow
     from dicom_node.sweeper import BrokerSnapshot, Sweeper
+    from dicom_node.timeutil import utcnow
 
     settings = load_settings(
         overrides={"workers": {"heartbeat_seconds": 1, "requeue_after_seconds": 30, "sweep_interval_seconds": 2}}

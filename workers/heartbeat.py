@@ -20,7 +20,8 @@ from celery import Celery, bootsteps
 from dicom_node.config import Settings
 from dicom_node.db import Database, Job, JobState
 from dicom_node.heartbeat import Beat, mark_stopped, publish
-from dicom_node.jobs import JobStateError, release_job, send_detection, utcnow, worker_name
+from dicom_node.jobs import JobStateError, release_job, send_detection, worker_name
+from dicom_node.timeutil import utcnow
 
 log = logging.getLogger(__name__)
 

@@ -44,9 +44,9 @@ from dicom_node.admin.schemas import (
     StudyPage,
     Throughput,
 )
-from dicom_node.admin.timeutil import parse_duration, parse_time
 from dicom_node.config import Settings
 from dicom_node.db import Database, JobState, StudyState
+from dicom_node.timeutil import parse_duration, parse_time
 
 log = logging.getLogger(__name__)
 

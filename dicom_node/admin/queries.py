@@ -39,7 +39,6 @@ from dicom_node.admin.schemas import (
     ThroughputSeries,
     TimelineStep,
 )
-from dicom_node.admin.timeutil import percentile, seconds, utc, utc_or_none
 from dicom_node.config import Settings
 from dicom_node.db.models import (
     DeliveryAttempt,
@@ -53,6 +52,7 @@ from dicom_node.db.models import (
     StudyState,
 )
 from dicom_node.heartbeat import Liveness
+from dicom_node.timeutil import percentile, seconds, utc, utc_or_none
 
 MAX_LIMIT = 1000
 # Ids and offsets are compared in the database as signed 64-bit integers (SQLite INTEGER, PostgreSQL bigint): a

@@ -4,31 +4,22 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from datetime import UTC, datetime, timedelta
+from datetime import datetime
 from typing import Any
 
-from dicom_node.admin import timeutil
-
-
-def parse_duration(text: str) -> timedelta:
-    """``30m``, ``2h``, ``1d`` (s, m, h, d, w): the admin API's durations, with the same bounds."""
-    return timeutil.parse_duration(text)
+from dicom_node import timeutil
 
 
 def iso(value: datetime | None) -> str | None:
     if value is None:
         return None
-    if value.tzinfo is None:
-        value = value.replace(tzinfo=UTC)
-    return value.isoformat(timespec="seconds")
+    return timeutil.utc(value).isoformat(timespec="seconds")
 
 
 def short_time(value: datetime | None) -> str:
     if value is None:
         return "-"
-    if value.tzinfo is None:
-        value = value.replace(tzinfo=UTC)
-    return value.strftime("%Y-%m-%d %H:%M:%S")
+    return timeutil.utc(value).strftime("%Y-%m-%d %H:%M:%S")
 
 
 def cell(value: Any) -> str:

@@ -8,10 +8,10 @@ from typing import Any
 
 from dicom_node.admin import queries
 from dicom_node.admin.schemas import JobTimeline
-from dicom_node.admin.timeutil import format_seconds
 from dicom_node.cli import add_admin_arguments, bounded_int, settings_from
 from dicom_node.cli._table import short_time, table
 from dicom_node.db import Database
+from dicom_node.timeutil import format_seconds
 
 EXIT_NOT_FOUND = 1
 

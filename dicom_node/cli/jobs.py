@@ -10,11 +10,11 @@ from typing import Any
 from sqlalchemy import select
 
 from dicom_node.admin import queries
-from dicom_node.admin.timeutil import parse_time
 from dicom_node.cli import add_admin_arguments, bounded_int, settings_from
 from dicom_node.cli._table import dump_json, iso, table
 from dicom_node.cli.job_show import add_show_command, job_id_argument
 from dicom_node.db import Database, Job, JobState, Series, Study
+from dicom_node.timeutil import parse_time
 
 EXIT_REFUSED = 1
 QUOTES = "'\""  # str(KeyError) quotes its message

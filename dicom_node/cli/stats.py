@@ -7,10 +7,10 @@ from typing import Any
 
 from dicom_node.admin import queries
 from dicom_node.admin.schemas import Stats
-from dicom_node.admin.timeutil import format_seconds, parse_time
 from dicom_node.cli import add_admin_arguments, settings_from
 from dicom_node.cli._table import short_time, table
 from dicom_node.db import Database
+from dicom_node.timeutil import format_seconds, parse_time
 
 
 def register(subparsers: Any) -> None:

@@ -9,7 +9,7 @@ study; logs never carry them.
 from __future__ import annotations
 
 import enum
-from datetime import UTC, datetime
+from datetime import datetime
 
 from sqlalchemy import (
     BigInteger,
@@ -26,12 +26,10 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
+from dicom_node.timeutil import utcnow
+
 UID = String(64)  # PS3.5 9.1: a UID is at most 64 characters.
 AE = String(16)
-
-
-def utcnow() -> datetime:
-    return datetime.now(UTC)
 
 
 class Base(DeclarativeBase):

@@ -35,12 +35,13 @@ from dicom_node.delivery.commitment import Reference, request_commitment
 from dicom_node.delivery.scu import ScuTimeouts, SendOutcome, store_files
 from dicom_node.delivery.stow import stow_files
 from dicom_node.delivery.webhook import TriageEvent, post_event
+from dicom_node.jobs import DELIVERABLE_STATES
 from dicom_node.models.base import ModelIdentity, SeriesResult
 from dicom_node.results.build import ObjectRequest, build_results
+from dicom_node.timeutil import seconds
 
 log = logging.getLogger(__name__)
 
-DELIVERABLE_STATES = {JobState.SUCCEEDED, JobState.DELIVERED, JobState.DELIVERY_FAILED}
 DONE = {"stored", "warning"}
 WEBHOOK_BACKOFF_INITIAL = 2.0
 WEBHOOK_BACKOFF_MAX = 300.0
@@ -191,14 +192,6 @@ def _send(target: _Target, files: Sequence[Path], settings: Settings, event: Tri
     if committed.outcome in DONE:
         return SendOutcome(stored.outcome, stored.status, f"{stored.detail}; {committed.detail}")
     return committed
-
-
-def _seconds_since(start: datetime | None, end: datetime) -> float | None:
-    if start is None:
-        return None
-    if start.tzinfo is None:  # SQLite returns naive datetimes (stored as UTC)
-        start = start.replace(tzinfo=UTC)
-    return (end - start).total_seconds()
 
 
 def deliver_job(db: Database, settings: Settings, job_id: int, *, force: bool = False) -> DeliveryReport:
@@ -375,7 +368,7 @@ def _finish(db: Database, job_id: int, report: DeliveryReport, completed_at: dat
             job.next_attempt_at = None
             if job.state != JobState.DELIVERED:
                 job.delivered_at = now
-                report.seconds_complete_to_stored = _seconds_since(completed_at, now)
+                report.seconds_complete_to_stored = seconds(now, completed_at)
                 timing = (
                     f"; results stored {report.seconds_complete_to_stored:.1f} s after study complete"
                     if report.seconds_complete_to_stored is not None

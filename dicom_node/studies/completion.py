@@ -23,7 +23,7 @@ import re
 import threading
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import datetime
 
 from pydicom import dcmread
 from sqlalchemy import select, update
@@ -32,17 +32,12 @@ from sqlalchemy.orm import Session
 from dicom_node.config import CompletionRule, CompletionSettings, SelectionRule
 from dicom_node.db import Database, Instance, Series, Study, StudyState
 from dicom_node.db.batch import with_retry
-from dicom_node.db.models import utcnow
 from dicom_node.studies.selection import SeriesAttributes, select_series
+from dicom_node.timeutil import utc, utcnow
 
 log = logging.getLogger(__name__)
 
 StudyCompleteCallback = Callable[[int], None]
-
-
-def as_utc(value: datetime) -> datetime:
-    """SQLite hands back naive datetimes; everything the node writes is UTC."""
-    return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
 
 
 @dataclass(frozen=True)
@@ -75,8 +70,8 @@ def matching_rule(study: StudySnapshot, rules: Sequence[CompletionRule]) -> Comp
 
 def completion_reason(study: StudySnapshot, settings: CompletionSettings, now: datetime) -> str | None:
     """Why ``study`` is complete at ``now``, or None while it is not."""
-    quiet_for = (now - as_utc(study.last_received_at)).total_seconds()
-    age = (now - as_utc(study.first_received_at)).total_seconds()
+    quiet_for = (now - utc(study.last_received_at)).total_seconds()
+    age = (now - utc(study.first_received_at)).total_seconds()
     # After an abnormal end the sender is expected to send again: waiting only the quiet time would run a job on
     # the partial study and another on the resent one.
     interrupted = study.interruption_reason is not None

@@ -1,4 +1,4 @@
-"""Times and durations as the admin surface reads and prints them (always UTC)."""
+"""Times and durations as the node stores, reads and prints them (always UTC)."""
 
 from __future__ import annotations
 
@@ -7,6 +7,11 @@ from datetime import UTC, datetime, timedelta
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*$", re.IGNORECASE)
 _UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+def utcnow() -> datetime:
+    """Now, aware, in UTC: every time the node writes is UTC."""
+    return datetime.now(UTC)
 
 
 def utc(value: datetime) -> datetime:
