@@ -18,12 +18,13 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
+from scipy import ndimage
+
 from dicom_node.models.metrics import auroc, average_precision, dice, sensitivity_specificity
 from dicom_node.models.msde import MSDE
 from dicom_node.models.patchcore import PatchMemoryBank
 from dicom_node.models.preprocessing import CropBox, uncrop_square
-from PIL import Image
-from scipy import ndimage
 
 
 def load(features: Path, split: str, tag: str) -> dict[str, Any]:

@@ -47,6 +47,7 @@ from pathlib import Path
 
 import pydicom
 import torch
+
 from dicom_node.models.brain import BRAIN_CARD, WEIGHTS_DIR, BrainMRIDetector
 from dicom_node.models.training import calibrate_detector
 

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
 from dicom_node.models.brain import BrainMRIDetector, default_config
 from dicom_node.models.preprocessing import list_image_files, load_image_file
 

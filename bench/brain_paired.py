@@ -13,12 +13,12 @@ import argparse
 from pathlib import Path
 
 import numpy as np
+
+from bench.brain_variants import clustered_bootstrap, patient
 from dicom_node.models.brain import BrainMRIDetector
 from dicom_node.models.evaluation import Scored, mask_for, score_files
 from dicom_node.models.metrics import auroc
 from dicom_node.models.preprocessing import list_image_files
-
-from bench.brain_variants import clustered_bootstrap, patient
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 SETS = {

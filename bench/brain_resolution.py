@@ -62,6 +62,9 @@ import numpy as np
 import pydicom
 import torch
 import torch.nn.functional as F
+from PIL import Image
+
+from bench.brain_variants import patient
 from dicom_node.models.brain import WEIGHTS_DIR, BrainMRIDetector
 from dicom_node.models.evaluation import load_images, mask_for
 from dicom_node.models.image_detector import Prepared
@@ -77,9 +80,6 @@ from dicom_node.models.preprocessing import (
     square_crop_box,
     uncrop_square,
 )
-from PIL import Image
-
-from bench.brain_variants import patient
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 CACHE = Path("/tmp/brain_resolution")

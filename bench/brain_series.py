@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import torch
+
 from dicom_node.models.registry import default_registry
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"

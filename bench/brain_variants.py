@@ -20,10 +20,11 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from dicom_node.models.metrics import auroc
-from dicom_node.models.neighbour_bank import NeighbourPatchBank
 from PIL import Image
 from scipy import ndimage
+
+from dicom_node.models.metrics import auroc
+from dicom_node.models.neighbour_bank import NeighbourPatchBank
 
 TRAIN = ("kaggle_train", "lgg_train")
 VAL = ("kaggle_val", "lgg_val")

@@ -41,13 +41,13 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from dicom_node.workers.app import CeleryDispatcher, create_app
 
 from bench.workers import DICOM, free_port, make_study, wait
 from dicom_node.config import load_settings
 from dicom_node.db import Database, Job
 from dicom_node.jobs import JobScheduler
 from dicom_node.timeutil import utc
+from dicom_node.workers.app import CeleryDispatcher, create_app
 
 MR = sorted((DICOM / "mr_brain_t1_siemens").glob("*.dcm"))
 SERIES: dict[str, tuple[str, list[Path]]] = {

@@ -41,6 +41,8 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors.torch import load_file, save_file
+
 from dicom_node.models.lesion_segmenter import (
     STATE_PREFIX,
     SegmenterSettings,
@@ -52,7 +54,6 @@ from dicom_node.models.lesion_segmenter import (
     to_model_size,
 )
 from dicom_node.models.metrics import auroc
-from safetensors.torch import load_file, save_file
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 SPLITS = {
@@ -248,10 +249,11 @@ def _train_autoencoder(
 def assemble(weights: Path, record_file: Path, out: Path, version: str, base: Path | None) -> None:
     """A brain_mri model directory from segmenter weights trained by ``train``: method ``segmenter`` alone, or
     ``spade+segmenter`` when ``base`` is a fitted SPADE model directory."""
+    from safetensors.torch import load_file
+
     from dicom_node.models.brain import BRAIN_CARD, TRAINING_COMMAND, BrainMRIDetector, default_config
     from dicom_node.models.lesion_segmenter import STATE_PREFIX, load_segmenter
     from dicom_node.models.training import calibrate_detector, new_detector
-    from safetensors.torch import load_file
 
     record = json.loads(record_file.read_text(encoding="utf-8"))
     trained = record["segmenter"]

@@ -45,9 +45,6 @@ from typing import Any
 
 import httpx
 import numpy as np
-from dicom_node.models.metrics import dice
-from dicom_node.models.region_evaluation import box_mask
-from dicom_node.models.view_evaluation import read_boxes
 from PIL import Image
 from pydicom import Dataset, dcmread
 from pydicom.dataset import FileMetaDataset
@@ -57,6 +54,9 @@ from sqlalchemy import select
 from bench.e2e import node
 from bench.receive import REPO, free_port, wait_port
 from dicom_node.db import Database, Job, JobState, Study
+from dicom_node.models.metrics import dice
+from dicom_node.models.region_evaluation import box_mask
+from dicom_node.models.view_evaluation import read_boxes
 
 DATA = REPO.parent / "shared" / "data"
 LGG = DATA / "brain_lgg" / "val"

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import numpy as np
 import pydicom
-from dicom_node.models.base import ModelIdentity, SeriesResult
 from pydicom.dataset import Dataset
 
+from dicom_node.models.base import ModelIdentity, SeriesResult
 from dicom_node.results.build import ObjectRequest, build_results
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "dicom"

@@ -30,13 +30,13 @@ from typing import Any
 
 import pydicom
 import yaml
-from dicom_node.workers.app import CeleryDispatcher, create_app
 from pydicom.uid import generate_uid
 
 from dicom_node.config import load_settings
 from dicom_node.db import Database, Instance, Job, Series, Study, StudyState
 from dicom_node.jobs import JobScheduler
 from dicom_node.timeutil import utc
+from dicom_node.workers.app import CeleryDispatcher, create_app
 
 REPO = Path(__file__).resolve().parents[1]
 DICOM = REPO.parent / "shared" / "data" / "dicom"

@@ -19,9 +19,10 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from dicom_node.models.metrics import top_mean
 from scipy import ndimage
 from torch import nn
+
+from dicom_node.models.metrics import top_mean
 
 if TYPE_CHECKING:
     from dicom_node.models.image_detector import DetectorConfig, Prepared

@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 import pydicom
 import torch
+
 from dicom_node.models.base import DetectorError, ImageInfo, SeriesResult
 from dicom_node.models.geometry import axial_reformat, plane_of, sort_slices
 from dicom_node.models.image_detector import SPADE_METHODS, DetectorConfig, ImageAnomalyDetector, Prepared

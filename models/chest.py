@@ -56,6 +56,9 @@ import numpy as np
 import pydicom
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file
+from scipy import ndimage
+
 from dicom_node.models.backbones import EfficientNetLiteBackbone
 from dicom_node.models.base import DetectorError, ImageInfo, SeriesResult
 from dicom_node.models.image_detector import (
@@ -69,8 +72,6 @@ from dicom_node.models.image_detector import (
 from dicom_node.models.labels import VIEWS, declared_view
 from dicom_node.models.preprocessing import CropBox, PreprocessingError, crop_square, dicom_image, resize
 from dicom_node.models.radiograph_views import ViewCalibration, ViewClassifier, view_features, view_of_logit
-from safetensors.torch import load_file
-from scipy import ndimage
 
 logger = logging.getLogger(__name__)
 

@@ -16,12 +16,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from PIL import Image
+
 from dicom_node.models.base import ImageInfo
 from dicom_node.models.image_detector import ImageAnomalyDetector
 from dicom_node.models.labels import info_for
 from dicom_node.models.metrics import auroc, average_precision, dice, sensitivity_specificity
 from dicom_node.models.preprocessing import list_image_files, load_image_file, resize
-from PIL import Image
 
 REPORT_KEYS = (
     "image_auroc",

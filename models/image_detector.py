@@ -34,6 +34,9 @@ import numpy as np
 import pydicom
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from scipy import ndimage
+
 from dicom_node.models.backbones import EfficientNetLiteBackbone, select_device
 from dicom_node.models.base import Detector, DetectorError, ImageInfo, ImageScores, ModelIdentity, SeriesResult
 from dicom_node.models.lesion_segmenter import (
@@ -63,8 +66,6 @@ from dicom_node.models.preprocessing import (
     uncrop_square,
 )
 from dicom_node.models.synthetic import synthetic_lesion
-from safetensors.torch import load_file, save_file
-from scipy import ndimage
 
 logger = logging.getLogger(__name__)
 

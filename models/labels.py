@@ -13,6 +13,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import pydicom
+
 from dicom_node.models.base import ImageInfo
 from dicom_node.models.preprocessing import is_dicom_file
 

@@ -30,10 +30,11 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from dicom_node.models.synthetic import KINDS, check_kinds, synthetic_lesion
 from scipy import ndimage
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
+
+from dicom_node.models.synthetic import KINDS, check_kinds, synthetic_lesion
 
 logger = logging.getLogger(__name__)
 

@@ -23,6 +23,7 @@ import logging
 from collections.abc import Sequence
 
 import torch
+
 from dicom_node.models.patchcore import PatchMemoryBank
 from dicom_node.models.residual_head import ResidualHead
 

@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+
 from dicom_node.models.base import DetectorError
 from dicom_node.models.labels import VIEWS
 from dicom_node.models.metrics import threshold_at_specificity

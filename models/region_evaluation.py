@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
 from dicom_node.models.regions import RegionRules, rules_for, select_regions
 
 REGION_KEYS = (

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
 from dicom_node.models.base import DetectorError
 from dicom_node.models.image_detector import ImageAnomalyDetector
 from dicom_node.models.labels import info_for, read_labels

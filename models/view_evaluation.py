@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
 from dicom_node.models.labels import VIEWS, read_labels
 from dicom_node.models.metrics import auroc, average_precision, sensitivity_specificity, threshold_at_specificity
 from dicom_node.models.regions import map_maximum

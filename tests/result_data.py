@@ -10,10 +10,10 @@ from pathlib import Path
 import numpy as np
 import pydicom
 from conftest import DICOM_DATA
-from dicom_node.models.base import ModelIdentity, SeriesResult
 
 from dicom_node.db import Database
 from dicom_node.db.models import Instance, Job, JobState, Series, Study, StudyState
+from dicom_node.models.base import ModelIdentity, SeriesResult
 
 BRAIN_DIR = DICOM_DATA / "mr_brain_t1_siemens"
 CR_CHEST = DICOM_DATA / "cr" / "pydicom-data_RG1_J2KI_CR_chest.dcm"

@@ -7,6 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+
 from dicom_node.models.base import DetectorError
 from dicom_node.models.brain import BrainMRIDetector
 from dicom_node.models.training import new_detector

@@ -9,16 +9,16 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
+from PIL import Image
+from safetensors.torch import load_file
+
+from dicom_node.cli import main
 from dicom_node.models.base import SeriesResult
 from dicom_node.models.brain import BrainMRIDetector
 from dicom_node.models.evaluation import REPORT_KEYS
 from dicom_node.models.image_detector import sha256_file
 from dicom_node.models.region_evaluation import REGION_KEYS
 from dicom_node.models.registry import default_registry
-from PIL import Image
-from safetensors.torch import load_file
-
-from dicom_node.cli import main
 
 pytestmark = pytest.mark.slow
 

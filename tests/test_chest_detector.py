@@ -245,6 +245,7 @@ def test_positional_gaussian_scores_each_position_against_its_own_mean() -> None
     """The per-position mean is subtracted before the shared covariance: a normal feature that is normal at its own
     position scores low, the same feature moved to a position where it is unusual scores high; state round-trips."""
     import torch
+
     from dicom_node.models.chest import PositionalGaussian
 
     gen = torch.Generator().manual_seed(0)
@@ -267,6 +268,7 @@ def test_positional_gaussian_radius_tolerates_a_shift_of_the_layout() -> None:
     one cell is far from the means at the edge of the pattern with r = 0 and normal with r = 1; a value unusual
     everywhere stays unusual; r = 0 is the plain per-position distance."""
     import torch
+
     from dicom_node.models.chest import PadimParams, PositionalGaussian
 
     gen = torch.Generator().manual_seed(0)
@@ -315,6 +317,7 @@ def test_the_map_covers_an_opacity_that_the_image_own_lung_field_leaves_out() ->
     """The image's lung field is its dark (aerated) lung, so a consolidated base falls outside it; the map (and so
     the regions) also covers where the normals' lungs are (the lung-field heuristic on the atlas mean)."""
     import torch
+
     from dicom_node.models.chest import ChestXrayDetector, default_config, lung_field_mask
     from dicom_node.models.image_detector import Prepared
     from dicom_node.models.preprocessing import CropBox

@@ -12,6 +12,7 @@ import pydicom
 import pytest
 import torch
 from conftest import DATA, DICOM_DATA
+
 from dicom_node.models.base import DetectorError, ImageInfo
 from dicom_node.models.labels import declared_view
 from dicom_node.models.radiograph_views import MIN_VIEW_NORMALS, ViewCalibration, ViewClassifier

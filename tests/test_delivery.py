@@ -13,7 +13,6 @@ from typing import Any
 import pydicom
 import pytest
 from conftest import free_port
-from dicom_node.models.base import SeriesResult
 from orthanc_server import DICOMWEB_PLUGIN, Orthanc, running_orthanc
 from pynetdicom import AE, evt
 from result_data import CR_CHEST, brain_files, create_job, synthetic_result
@@ -25,6 +24,7 @@ from dicom_node.db.models import DeliveryAttempt, Job, JobEvent, JobState, Resul
 from dicom_node.delivery import handover
 from dicom_node.delivery.pipeline import deliver_job, warm_up
 from dicom_node.delivery.scu import classify_status
+from dicom_node.models.base import SeriesResult
 
 STORESCU = Path("/usr/bin/storescu")
 SEG_STORAGE = "1.2.840.10008.5.1.4.1.1.66.4"

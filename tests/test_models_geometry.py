@@ -7,6 +7,7 @@ import random
 import numpy as np
 import pydicom
 import pytest
+
 from dicom_node.models.geometry import axial_reformat, plane_of, sort_slices
 
 # (row cosines, column cosines) of the three standard planes (PS3.3 C.7.6.2.1.1, LPS patient axes).

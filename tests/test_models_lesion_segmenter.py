@@ -8,6 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+
+from dicom_node.cli import main
 from dicom_node.models.base import DetectorError
 from dicom_node.models.image_detector import DetectorConfig, ImageAnomalyDetector, Prepared
 from dicom_node.models.lesion_segmenter import (
@@ -22,8 +24,6 @@ from dicom_node.models.lesion_segmenter import (
 )
 from dicom_node.models.preprocessing import square_crop_box
 from dicom_node.models.synthetic import ALL_KINDS, KINDS
-
-from dicom_node.cli import main
 
 
 def _heads(count: int, size: int = 256) -> tuple[np.ndarray, np.ndarray]:

@@ -6,6 +6,7 @@ import math
 
 import numpy as np
 import pytest
+
 from dicom_node.models.metrics import (
     auroc,
     average_precision,

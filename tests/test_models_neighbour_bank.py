@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+
 from dicom_node.models.neighbour_bank import NeighbourPatchBank
 
 

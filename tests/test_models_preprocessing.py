@@ -7,6 +7,11 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
+from PIL import Image
+from pydicom.data import get_testdata_file
+from pydicom.dataset import FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
 from dicom_node.models.preprocessing import (
     CropBox,
     crop_square,
@@ -17,10 +22,6 @@ from dicom_node.models.preprocessing import (
     square_crop_box,
     uncrop_square,
 )
-from PIL import Image
-from pydicom.data import get_testdata_file
-from pydicom.dataset import FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 
 def make_dataset(pixels: np.ndarray, **attrs: object) -> pydicom.Dataset:

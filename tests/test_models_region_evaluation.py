@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from dicom_node.models.region_evaluation import (
     ImageRegions,
     box_mask,

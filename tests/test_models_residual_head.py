@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from dicom_node.models.metrics import auroc
 from dicom_node.models.residual_head import ResidualHead
 

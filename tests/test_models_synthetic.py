@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from dicom_node.models.synthetic import ALL_KINDS, FAINT, KINDS, MODERATE, synthetic_lesion
 from scipy import ndimage
+
+from dicom_node.models.synthetic import ALL_KINDS, FAINT, KINDS, MODERATE, synthetic_lesion
 
 
 def _head(size: int = 128) -> tuple[np.ndarray, np.ndarray]:

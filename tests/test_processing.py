@@ -8,12 +8,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import REPO
-from dicom_node.models.base import ModelIdentity, SeriesResult
 from workers_support import RecordingDispatcher, make_study
 
 from dicom_node.config import load_settings
 from dicom_node.db import Database, Instance, Job, JobState
 from dicom_node.jobs import JobScheduler
+from dicom_node.models.base import ModelIdentity, SeriesResult
 from dicom_node.processing import run_detection
 
 sys.path.insert(0, str(REPO / "tests" / "plugins"))
@@ -76,9 +76,10 @@ def test_missing_instance_file_is_retried_with_backoff(database: Database, tmp_p
 def test_worker_context_loads_plugin_detectors_once_with_batch_size(
     sqlite_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    from worker_harness import install_plugin
+
     from dicom_node.workers.app import create_app
     from dicom_node.workers.context import get_context
-    from worker_harness import install_plugin
 
     for entry in reversed(install_plugin(tmp_path / "plugin").split(":")):
         monkeypatch.syspath_prepend(entry)

@@ -14,11 +14,11 @@ import highdicom as hd
 import numpy as np
 import pydicom
 import pytest
-from dicom_node.models.base import SeriesResult
-from dicom_node.models.regions import RegionRules, select_regions
 from pydicom.dataset import Dataset
 from result_data import CR_CHEST, DCIODVFY, brain_files, dciodvfy_errors, synthetic_result
 
+from dicom_node.models.base import SeriesResult
+from dicom_node.models.regions import RegionRules, select_regions
 from dicom_node.results.build import BuiltObjects, ObjectRequest, build_results
 
 SPACING = (1.0, 1.0, 1.0)

@@ -14,13 +14,13 @@ from pathlib import Path
 
 import pytest
 import redis
-from dicom_node.models.base import SeriesResult
 from orthanc_server import Orthanc, running_orthanc
 from sqlalchemy import func, select
 from worker_harness import Node, RedisServer, wait_for
 from workers_support import make_study
 
 from dicom_node.db import DeliveryAttempt, ResultObject
+from dicom_node.models.base import SeriesResult
 
 pytestmark = [pytest.mark.slow, pytest.mark.redis]
 

@@ -14,13 +14,13 @@ from pathlib import Path
 
 import pytest
 import redis
-from dicom_node.workers.app import DETECT_TASK
-from dicom_node.workers.inspect import UNACKED, RedisInspector, _parse, message_job
 from sqlalchemy import func, select
 from worker_harness import Node, RedisServer, wait_for
 from workers_support import make_study
 
 from dicom_node.db import JobEvent
+from dicom_node.workers.app import DETECT_TASK
+from dicom_node.workers.inspect import UNACKED, RedisInspector, _parse, message_job
 
 pytestmark = [pytest.mark.slow, pytest.mark.redis]
 

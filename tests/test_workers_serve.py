@@ -8,13 +8,13 @@ import time
 from pathlib import Path
 
 import pytest
-from dicom_node.models.base import SeriesResult
 from receive_support import NodeProcess, storescu
 from sqlalchemy import select
 from worker_harness import install_plugin, wait_for
 from workers_support import MR_DIR
 
 from dicom_node.db import Database, Job, JobState
+from dicom_node.models.base import SeriesResult
 
 pytestmark = [pytest.mark.slow]
 

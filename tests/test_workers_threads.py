@@ -7,6 +7,7 @@ from collections.abc import Iterator
 
 import pytest
 import torch
+
 from dicom_node.workers import context
 from dicom_node.workers.context import CPU_MAX_BATCH, batch_size_for, cpu_threads, set_cpu_threads
 

@@ -21,14 +21,14 @@ from typing import Any
 
 import yaml
 from conftest import REPO, free_port, port_open
-from dicom_node.workers.app import CeleryDispatcher, create_app
-from dicom_node.workers.inspect import inspector_for
 from sqlalchemy import select
 
 from dicom_node.config import Settings, load_settings
 from dicom_node.db import Database, Job, JobEvent, WorkerHeartbeat
 from dicom_node.jobs import JobScheduler
 from dicom_node.sweeper import Sweeper
+from dicom_node.workers.app import CeleryDispatcher, create_app
+from dicom_node.workers.inspect import inspector_for
 
 DICOM_NODE = Path(sys.executable).parent / "dicom-node"
 PLUGINS = REPO / "tests" / "plugins"

@@ -19,16 +19,16 @@ import importlib.util
 from typing import Any
 
 from celery import Celery
+from kombu import Exchange, Queue
+
+from dicom_node.config import Settings
+from dicom_node.db import Job
 from dicom_node.workers.broker import (
     TRANSPORT_PATH,
     embedded_broker_url,
     embedded_transport_options,
     is_embedded,
 )
-from kombu import Exchange, Queue
-
-from dicom_node.config import Settings
-from dicom_node.db import Job
 
 DETECT_TASK = "dicom_node.detect"
 DELIVER_TASK = "dicom_node.deliver"

@@ -8,11 +8,11 @@ import threading
 from importlib.metadata import entry_points
 
 from celery import Celery, current_app
-from dicom_node.models.base import Detector, DetectorRegistry
-from dicom_node.models.registry import default_registry
 
 from dicom_node.config import Settings
 from dicom_node.db import Database
+from dicom_node.models.base import Detector, DetectorRegistry
+from dicom_node.models.registry import default_registry
 
 log = logging.getLogger(__name__)
 

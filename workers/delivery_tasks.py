@@ -17,9 +17,9 @@ from typing import Any
 
 from celery import shared_task
 from celery.signals import worker_init
-from dicom_node.workers.context import get_context
 
 from dicom_node.delivery.pipeline import deliver_job, warm_up
+from dicom_node.workers.context import get_context
 
 log = logging.getLogger(__name__)
 

@@ -18,13 +18,13 @@ import logging
 from collections.abc import Iterable
 from typing import Any
 
-from dicom_node.workers.app import DELIVERY_QUEUE, DETECTION_QUEUES
-from dicom_node.workers.broker import is_embedded
 from sqlalchemy import create_engine, text
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.pool import NullPool
 
 from dicom_node.sweeper import BrokerInspector, BrokerSnapshot
+from dicom_node.workers.app import DELIVERY_QUEUE, DETECTION_QUEUES
+from dicom_node.workers.broker import is_embedded
 
 log = logging.getLogger(__name__)
 

@@ -5,16 +5,15 @@ from __future__ import annotations
 import logging
 from typing import Protocol
 
-from dicom_node.workers.app import CeleryDispatcher, broker_url, create_app, delivery_tasks_available
-from dicom_node.workers.broker import is_embedded, prepare_embedded_broker, prune_consumed_messages
-from dicom_node.workers.inspect import inspector_for
-from dicom_node.workers.worker import EmbeddedWorkers
-
 from dicom_node.config import Settings
 from dicom_node.db import Database
 from dicom_node.jobs import JobScheduler
 from dicom_node.studies.completion import StudyCompleteCallback
 from dicom_node.sweeper import SweeperService
+from dicom_node.workers.app import CeleryDispatcher, broker_url, create_app, delivery_tasks_available
+from dicom_node.workers.broker import is_embedded, prepare_embedded_broker, prune_consumed_messages
+from dicom_node.workers.inspect import inspector_for
+from dicom_node.workers.worker import EmbeddedWorkers
 
 log = logging.getLogger(__name__)
 

@@ -15,14 +15,14 @@ from typing import Any
 
 from celery import Celery
 from celery.signals import worker_process_init
-from dicom_node.workers.app import DETECTION_QUEUES, create_app, default_queues, deliveries_first
-from dicom_node.workers.broker import is_embedded, prepare_embedded_broker
-from dicom_node.workers.context import get_context, set_cpu_threads
-from dicom_node.workers.heartbeat import Heartbeat
 
 from dicom_node.config import Settings
 from dicom_node.db import migrate
 from dicom_node.lifetime import die_with_parent
+from dicom_node.workers.app import DETECTION_QUEUES, create_app, default_queues, deliveries_first
+from dicom_node.workers.broker import is_embedded, prepare_embedded_broker
+from dicom_node.workers.context import get_context, set_cpu_threads
+from dicom_node.workers.heartbeat import Heartbeat
 
 log = logging.getLogger(__name__)
 

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import pydicom
+
 from dicom_node.models.base import Detector, DetectorError, ImageScores, ModelIdentity, SeriesResult
 
 
