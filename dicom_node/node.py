@@ -22,8 +22,8 @@ from dicom_node.db import Database
 from dicom_node.lifetime import end_with_parent
 from dicom_node.logconfig import configure_logging
 from dicom_node.network.processes import ReceiverContext, ReceivingProcesses
+from dicom_node.network.receiver import InstanceReceiver
 from dicom_node.network.scp import SharedListener, StorageSCP, server_ssl_context
-from dicom_node.storage.receiver import InstanceReceiver
 from dicom_node.storage.spool import Spool
 from dicom_node.studies.completion import CompletionMonitor, StudyCompleteCallback
 from dicom_node.studies.records import InstanceRecorder, recover_open_associations
@@ -157,13 +157,6 @@ def build_node(
     on_study_complete: Sequence[StudyCompleteCallback] = (),
 ) -> Node:
     node = Node(settings)
-    # The admin API, web page and /metrics (http.port 0 disables); imported here so the receive path alone needs
-    # neither FastAPI nor Celery.
-    from dicom_node.admin.service import admin_service
-
-    http = admin_service(settings, node.db)
-    if http is not None:
-        node.add_service(http)
     for service in services:
         node.add_service(service)
     for callback in on_study_complete:

@@ -470,22 +470,23 @@ def own_redis(tmp_path: Path) -> Iterator[str]:
 
 @pytest.mark.redis
 def test_retry_sends_a_real_celery_message(tmp_path: Path, sqlite_url: str, own_redis: str) -> None:
-    """The serve wiring (``celery_actions``): retry over HTTP → job queued in the database → a ``dicom_node.detect``
-    message for that job on the ``brain_mri`` queue of a real Redis."""
+    """The serve wiring (dicom_node.cli.serve.compose): retry over HTTP → job queued in the database → a
+    ``dicom_node.detect`` message for that job on the ``brain_mri`` queue of a real Redis."""
     import base64
     import json
 
     import redis
 
-    from dicom_node.admin.service import celery_actions
+    from dicom_node.admin.actions import JobActions
+    from dicom_node.workers.app import CeleryDispatcher
+    from dicom_node.workers.app import create_app as create_celery_app
 
     db = Database(sqlite_url)
     try:
         rows = fill(db)
         settings = _settings(tmp_path, sqlite_url).model_copy(deep=True)
         settings.broker.url = own_redis
-        actions = celery_actions(settings, db)
-        assert actions is not None
+        actions = JobActions(db, settings, CeleryDispatcher(create_celery_app(settings), settings))
         with TestClient(create_app(settings, db, actions)) as c:
             assert c.get("/readyz").json()["checks"]["broker"] == "ok"
             job_id = rows.jobs["brain_failed"]

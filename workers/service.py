@@ -33,14 +33,19 @@ class _NodeLike(Protocol):
     def add_study_complete_callback(self, callback: StudyCompleteCallback) -> None: ...
 
 
-def add_job_services(node: _NodeLike) -> JobScheduler:
-    """Register the scheduler for completed studies, the sweeper, and (``workers.embedded``) embedded workers."""
-    settings = node.settings
+def job_dispatcher(settings: Settings) -> CeleryDispatcher:
+    """The node's one Celery app and its dispatcher (the embedded broker prepared first), shared by the scheduler,
+    the sweeper and the admin actions."""
     url = broker_url(settings)
     if is_embedded(url):
         prepare_embedded_broker(url)
-    app = create_app(settings)
-    dispatcher = CeleryDispatcher(app, settings)
+    return CeleryDispatcher(create_app(settings), settings)
+
+
+def add_job_services(node: _NodeLike, dispatcher: CeleryDispatcher) -> JobScheduler:
+    """Register the scheduler for completed studies, the sweeper, and (``workers.embedded``) embedded workers."""
+    settings = node.settings
+    url = broker_url(settings)
     scheduler = JobScheduler(node.db, settings, dispatcher)
     node.add_study_complete_callback(scheduler)
     prune = None

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import uvicorn
 
-from dicom_node.admin.actions import AdminActions, JobActions
+from dicom_node.admin.actions import AdminActions
 from dicom_node.admin.api import create_app
 from dicom_node.config import Settings
 from dicom_node.db import Database
@@ -45,24 +45,13 @@ def ensure_token(settings: Settings) -> Settings:
     return settings.model_copy(update={"http": http})
 
 
-def celery_actions(settings: Settings, db: Database) -> AdminActions | None:
-    """The admin actions over the node's Celery broker, or None (actions answer 503) when the worker package is
-    not installed in this process."""
-    try:
-        from dicom_node.workers.app import CeleryDispatcher
-        from dicom_node.workers.app import create_app as create_celery_app
-    except ImportError as err:
-        log.warning("admin actions disabled: the workers package is not available (%s)", err)
-        return None
-    return JobActions(db, settings, CeleryDispatcher(create_celery_app(settings), settings))
-
-
-def admin_service(settings: Settings, db: Database) -> HttpService | None:
-    """The HTTP service ``dicom-node serve`` runs, or None when ``http.port`` is 0 (disabled)."""
+def admin_service(settings: Settings, db: Database, actions: AdminActions | None = None) -> HttpService | None:
+    """The HTTP service ``dicom-node serve`` runs, or None when ``http.port`` is 0 (disabled). ``actions`` (retry,
+    rerun, redeliver) are wired by the composition root (dicom_node.cli.serve); without them they answer 503."""
     if settings.http.port == 0:
         log.info("admin HTTP service disabled (http.port = 0)")
         return None
-    return HttpService(settings, db, celery_actions(settings, db))
+    return HttpService(settings, db, actions)
 
 
 class HttpService:

@@ -8,10 +8,13 @@ import signal
 import sys
 import threading
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from dicom_node.cli import add_config_argument, settings_from
-from dicom_node.config import Destination
+from dicom_node.config import Destination, Settings
+
+if TYPE_CHECKING:
+    from dicom_node.node import Node
 
 log = logging.getLogger("dicom_node.serve")
 
@@ -54,6 +57,25 @@ def overrides_from(args: argparse.Namespace) -> dict[str, Any]:
     return overrides
 
 
+def compose(settings: Settings) -> Node:
+    """The composition root of ``dicom-node serve``: the receiving node, the admin HTTP service, and the job side
+    (scheduler on study completion, sweeper, embedded workers unless ``workers.embedded`` is false), all on one
+    Celery app. The layers below never import the runtime (dicom_node.workers); they are wired here. Imported when
+    called, so that the other commands (``dicom-node jobs list``) load neither Celery nor FastAPI."""
+    from dicom_node.admin.actions import JobActions
+    from dicom_node.admin.service import admin_service
+    from dicom_node.node import build_node
+    from dicom_node.workers.service import add_job_services, job_dispatcher
+
+    node = build_node(settings)
+    dispatcher = job_dispatcher(settings)
+    http = admin_service(settings, node.db, JobActions(node.db, settings, dispatcher))
+    if http is not None:
+        node.add_service(http)
+    add_job_services(node, dispatcher)
+    return node
+
+
 def run(args: argparse.Namespace) -> int:
     overrides = overrides_from(args)
     settings = settings_from(args, overrides)
@@ -66,7 +88,6 @@ def run(args: argparse.Namespace) -> int:
         settings.destinations = [*settings.destinations, *extra]
 
     from dicom_node.logconfig import configure_logging
-    from dicom_node.node import build_node
 
     configure_logging(settings.logging.level)
     stop = threading.Event()
@@ -78,10 +99,7 @@ def run(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
 
-    node = build_node(settings)
-    from dicom_node.workers.service import add_job_services
-
-    add_job_services(node)  # scheduler on study completion, sweeper, embedded workers (unless --no-workers)
+    node = compose(settings)
     try:
         node.start()
     except OSError as err:

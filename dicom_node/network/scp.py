@@ -30,9 +30,9 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
 
 from dicom_node.config import NetworkSettings, NodeSettings, TlsSettings
+from dicom_node.network.receiver import InstanceReceiver
 from dicom_node.network.server import start_server, text_of
 from dicom_node.network.slots import AssociationSlots
-from dicom_node.storage.receiver import InstanceReceiver
 from dicom_node.studies.records import InstanceRecorder, Peer
 
 log = logging.getLogger(__name__)

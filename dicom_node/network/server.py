@@ -35,7 +35,7 @@ from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
 from pynetdicom.utils import make_target
 
-from dicom_node.storage.receiver import STATUS_PROCESSING_FAILURE
+from dicom_node.network.receiver import STATUS_PROCESSING_FAILURE
 from dicom_node.storage.spool import STATUS_CANNOT_UNDERSTAND, STATUS_OUT_OF_RESOURCES
 
 if TYPE_CHECKING:
