@@ -18,7 +18,7 @@ from pathlib import Path as FilePath
 from typing import Annotated, Any
 
 import swagger_ui
-from fastapi import Depends, FastAPI, HTTPException, Path, Query, Request, Response, status
+from fastapi import APIRouter, Depends, FastAPI, HTTPException, Path, Query, Request, Response, status
 from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
@@ -159,22 +159,35 @@ def create_app(settings: Settings, db: Database, actions: AdminActions | None = 
     # The token first (an unauthenticated request learns nothing about its parameters), then the parameters.
     read = [Depends(_token_checker(settings, Access.READ)), printable]
     admin = [Depends(_token_checker(settings, Access.ADMIN)), printable]
-    registry = make_registry(db)
-
     app.state.db = db
 
     @app.exception_handler(queries.NotFound)
     def _not_found(_request: Request, err: queries.NotFound) -> JSONResponse:
         return JSONResponse({"detail": str(err)}, status_code=status.HTTP_404_NOT_FOUND)
 
-    # --- health -----------------------------------------------------------------------------------------------
+    # Included in this order, which is also the order of /openapi.json.
+    app.include_router(_health_routes(settings, db))
+    app.include_router(_study_routes(read))
+    app.include_router(_job_routes(read))
+    app.include_router(_operation_routes(settings, db, read))
+    app.include_router(_action_routes(actions, admin))
+    _add_page(app)
+    return app
 
-    @app.get("/healthz", response_model=Health, tags=["operations"])
+
+Dependencies = list[Any]
+
+
+def _health_routes(settings: Settings, db: Database) -> APIRouter:
+    """Liveness and readiness: no token."""
+    router = APIRouter()
+
+    @router.get("/healthz", response_model=Health, tags=["operations"])
     def healthz() -> Health:
         """Liveness: the HTTP service answers (no token)."""
         return Health(status="ok")
 
-    @app.get("/readyz", response_model=Health, tags=["operations"], responses={503: {"model": Health}})
+    @router.get("/readyz", response_model=Health, tags=["operations"], responses={503: {"model": Health}})
     def readyz(response: Response) -> Health:
         """Readiness: the job database answers, and the broker when one is configured (no token)."""
         checks = {"database": _check_database(db), "broker": _check_broker(settings.broker.url)}
@@ -183,9 +196,14 @@ def create_app(settings: Settings, db: Database, actions: AdminActions | None = 
             response.status_code = status.HTTP_503_SERVICE_UNAVAILABLE
         return Health(status="ok" if ready else "unavailable", checks=checks)
 
-    # --- studies and series -------------------------------------------------------------------------------------
+    return router
 
-    @app.get("/api/studies", response_model=StudyPage, tags=["studies"], dependencies=read)
+
+def _study_routes(read: Dependencies) -> APIRouter:
+    """What came in: studies and series with their routing decision."""
+    router = APIRouter()
+
+    @router.get("/api/studies", response_model=StudyPage, tags=["studies"], dependencies=read)
     def studies(
         s: SessionDep,
         state: Annotated[list[str] | None, Query(description="receiving, complete")] = None,
@@ -211,12 +229,12 @@ def create_app(settings: Settings, db: Database, actions: AdminActions | None = 
         )
         return queries.list_studies(s, flt, limit, offset)
 
-    @app.get("/api/studies/{study_uid}", response_model=StudyDetail, tags=["studies"], dependencies=read)
+    @router.get("/api/studies/{study_uid}", response_model=StudyDetail, tags=["studies"], dependencies=read)
     def study(s: SessionDep, study_uid: str) -> StudyDetail:
         """One study: its series with their routing decision, and its jobs."""
         return queries.get_study(s, study_uid)
 
-    @app.get("/api/series", response_model=SeriesPage, tags=["studies"], dependencies=read)
+    @router.get("/api/series", response_model=SeriesPage, tags=["studies"], dependencies=read)
     def series(
         s: SessionDep,
         study_uid: str | None = None,
@@ -228,9 +246,14 @@ def create_app(settings: Settings, db: Database, actions: AdminActions | None = 
         """Series with the detector they were routed to, or the reason they were ignored."""
         return queries.list_series(s, study_uid, detector, modality, limit, offset)
 
-    # --- jobs ---------------------------------------------------------------------------------------------------
+    return router
 
-    @app.get("/api/jobs", response_model=JobPage, tags=["jobs"], dependencies=read)
+
+def _job_routes(read: Dependencies) -> APIRouter:
+    """What ran, failed and was delivered."""
+    router = APIRouter()
+
+    @router.get("/api/jobs", response_model=JobPage, tags=["jobs"], dependencies=read)
     def jobs(
         s: SessionDep,
         state: Annotated[
@@ -262,31 +285,37 @@ def create_app(settings: Settings, db: Database, actions: AdminActions | None = 
         )
         return queries.list_jobs(s, flt, limit, offset)
 
-    @app.get("/api/jobs/{job_id}", response_model=JobSummary, tags=["jobs"], dependencies=read)
+    @router.get("/api/jobs/{job_id}", response_model=JobSummary, tags=["jobs"], dependencies=read)
     def job(s: SessionDep, job_id: JobId) -> JobSummary:
         return queries.get_job(s, job_id)
 
-    @app.get("/api/jobs/{job_id}/timeline", response_model=JobTimeline, tags=["jobs"], dependencies=read)
+    @router.get("/api/jobs/{job_id}/timeline", response_model=JobTimeline, tags=["jobs"], dependencies=read)
     def timeline(s: SessionDep, job_id: JobId) -> JobTimeline:
         """received → complete → queued → started → finished → each delivery attempt, with durations."""
         return queries.job_timeline(s, job_id)
 
-    # --- statistics and metrics ---------------------------------------------------------------------------------
+    return router
 
-    @app.get("/api/stats", response_model=Stats, tags=["operations"], dependencies=read)
+
+def _operation_routes(settings: Settings, db: Database, read: Dependencies) -> APIRouter:
+    """Statistics, queue, throughput and Prometheus metrics."""
+    router = APIRouter()
+    registry = make_registry(db)
+
+    @router.get("/api/stats", response_model=Stats, tags=["operations"], dependencies=read)
     def stats(s: SessionDep, since: Period = DEFAULT_PERIOD, until: Since = None) -> Stats:
         """Counts, abnormal rate, p50/p95 latency per detector (same as ``dicom-node stats``)."""
         start, end = _times(since or DEFAULT_PERIOD, until)
         assert start is not None  # parsed from a non-empty text
         return queries.stats(s, start, end)
 
-    @app.get("/api/queue", response_model=QueueReport, tags=["operations"], dependencies=read)
+    @router.get("/api/queue", response_model=QueueReport, tags=["operations"], dependencies=read)
     def queue(s: SessionDep) -> QueueReport:
         """Per detector: queue depth, running jobs, live workers and their pool processes, and the expected wait of
         a job queued now (from the median of the detector's last 20 runs; docs/workers.md)."""
         return queries.queue_status(s, settings)
 
-    @app.get("/api/stats/throughput", response_model=Throughput, tags=["operations"], dependencies=read)
+    @router.get("/api/stats/throughput", response_model=Throughput, tags=["operations"], dependencies=read)
     def throughput(
         s: SessionDep,
         since: Period = DEFAULT_PERIOD,
@@ -306,12 +335,17 @@ def create_app(settings: Settings, db: Database, actions: AdminActions | None = 
         except ValueError as err:  # too many buckets for the period
             raise HTTPException(HTTP_422, str(err)) from None
 
-    @app.get("/metrics", tags=["operations"], dependencies=read, response_class=Response)
+    @router.get("/metrics", tags=["operations"], dependencies=read, response_class=Response)
     def metrics() -> Response:
         """Prometheus text exposition, computed from the job database at scrape time."""
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
-    # --- actions ------------------------------------------------------------------------------------------------
+    return router
+
+
+def _action_routes(actions: AdminActions | None, admin: Dependencies) -> APIRouter:
+    """Retry, re-deliver, re-run (admin token); 503 when this process has no actions."""
+    router = APIRouter()
 
     def run_action(name: str, call: Callable[[AdminActions], list[int]]) -> ActionResult:
         if actions is None:
@@ -325,22 +359,26 @@ def create_app(settings: Settings, db: Database, actions: AdminActions | None = 
         log.info("admin action %s queued jobs %s", name, job_ids)
         return ActionResult(action=name, job_ids=job_ids)
 
-    @app.post("/api/jobs/{job_id}/retry", response_model=ActionResult, tags=["actions"], dependencies=admin)
+    @router.post("/api/jobs/{job_id}/retry", response_model=ActionResult, tags=["actions"], dependencies=admin)
     def retry(job_id: JobId) -> ActionResult:
         """Queue a failed job again (detection failure: runs again; delivery failure: delivers again)."""
         return run_action("retry", lambda a: a.retry_job(job_id))
 
-    @app.post("/api/jobs/{job_id}/redeliver", response_model=ActionResult, tags=["actions"], dependencies=admin)
+    @router.post("/api/jobs/{job_id}/redeliver", response_model=ActionResult, tags=["actions"], dependencies=admin)
     def redeliver(job_id: JobId) -> ActionResult:
         """Send a job's results to the configured destinations again."""
         return run_action("redeliver", lambda a: a.redeliver_job(job_id))
 
-    @app.post("/api/studies/{study_uid}/rerun", response_model=ActionResult, tags=["actions"], dependencies=admin)
+    @router.post("/api/studies/{study_uid}/rerun", response_model=ActionResult, tags=["actions"], dependencies=admin)
     def rerun(study_uid: str) -> ActionResult:
         """Run the detectors on every selected series of the study again."""
         return run_action("rerun", lambda a: a.rerun_study(study_uid))
 
-    # --- web page -----------------------------------------------------------------------------------------------
+    return router
+
+
+def _add_page(app: FastAPI) -> None:
+    """The web page and Swagger UI, with their assets served from the installed packages (no CDN)."""
 
     @app.get("/docs", include_in_schema=False)
     def docs() -> HTMLResponse:
@@ -360,7 +398,6 @@ def create_app(settings: Settings, db: Database, actions: AdminActions | None = 
         return FileResponse(STATIC_DIR / "index.html", headers={"Cache-Control": "no-cache"})
 
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
-    return app
 
 
 def _check_database(db: Database) -> str:

@@ -10,7 +10,7 @@ import enum
 import json
 from collections import defaultdict
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -79,30 +79,41 @@ class NotFound(LookupError):
 
 
 @dataclass(frozen=True)
-class JobFilter:
-    """Filters of the job list; every given condition must hold. Times are compared with ``Job.created_at``.
-    ``states``: any of them (``failed`` includes ``delivery_failed``, see ``job_states_filter``)."""
+class ListFilter:
+    """The filters the job and study lists share; every given condition must hold. ``states``: any of them."""
 
     states: Sequence[str] = ()
     detector: str | None = None
     abnormal: bool | None = None
     calling_ae_title: str | None = None
-    study_instance_uid: str | None = None
     since: datetime | None = None
     until: datetime | None = None
 
 
 @dataclass(frozen=True)
-class StudyFilter:
+class JobFilter(ListFilter):
+    """Filters of the job list. Times are compared with ``Job.created_at``; the state ``failed`` includes
+    ``delivery_failed`` (see ``job_states_filter``)."""
+
+    study_instance_uid: str | None = None
+
+
+@dataclass(frozen=True)
+class StudyFilter(ListFilter):
     """Filters of the study list. Times are compared with ``Study.last_received_at``."""
 
-    states: Sequence[str] = ()
-    detector: str | None = None
-    abnormal: bool | None = None
-    calling_ae_title: str | None = None
-    since: datetime | None = None
-    until: datetime | None = None
-    triage_order: bool = field(default=False)
+    triage_order: bool = False
+
+
+def _sender_and_period(query: Select, flt: ListFilter, received: Any) -> Select:
+    """The conditions both lists apply alike: the sender's calling AE title and the period on ``received``."""
+    if flt.calling_ae_title:
+        query = query.where(Study.calling_ae_title == flt.calling_ae_title)
+    if flt.since is not None:
+        query = query.where(received >= utc(flt.since))
+    if flt.until is not None:
+        query = query.where(received < utc(flt.until))
+    return query
 
 
 def _page_bounds(limit: int, offset: int) -> tuple[int, int]:
@@ -156,15 +167,9 @@ def _apply_job_filter(query: Select, flt: JobFilter) -> Select:
         query = query.where(Job.detector == flt.detector)
     if flt.abnormal is not None:
         query = query.where(Job.is_abnormal.is_(flt.abnormal))
-    if flt.calling_ae_title:
-        query = query.where(Study.calling_ae_title == flt.calling_ae_title)
     if flt.study_instance_uid:
         query = query.where(Study.study_instance_uid == flt.study_instance_uid)
-    if flt.since is not None:
-        query = query.where(Job.created_at >= utc(flt.since))
-    if flt.until is not None:
-        query = query.where(Job.created_at < utc(flt.until))
-    return query
+    return _sender_and_period(query, flt, Job.created_at)
 
 
 def list_jobs(session: Session, flt: JobFilter, limit: int = 50, offset: int = 0) -> JobPage:
@@ -255,12 +260,7 @@ def _study_flags() -> Any:
 def _apply_study_filter(query: Select, flt: StudyFilter, flags: Any) -> Select:
     if flt.states:
         query = query.where(Study.state.in_([StudyState(s) for s in flt.states]))
-    if flt.calling_ae_title:
-        query = query.where(Study.calling_ae_title == flt.calling_ae_title)
-    if flt.since is not None:
-        query = query.where(Study.last_received_at >= utc(flt.since))
-    if flt.until is not None:
-        query = query.where(Study.last_received_at < utc(flt.until))
+    query = _sender_and_period(query, flt, Study.last_received_at)
     if flt.abnormal is True:
         query = query.where(flags.c.abnormal == 1)
     elif flt.abnormal is False:
