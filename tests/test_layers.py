@@ -120,12 +120,12 @@ def test_results_and_delivery_never_import_torch() -> None:
     """Checked twice: no torch import in their source, and importing every one of their modules in a fresh
     interpreter leaves torch unloaded (an indirect import through a model module would show here)."""
     layers = ("dicom_node.results", "dicom_node.delivery")
-    assert violations(layers, ("torch", "monai")) == []
+    assert violations(layers, ("torch",)) == []
     modules = [module for module, _ in module_files() if any(within(module, p) for p in layers)]
     code = "import importlib, sys\n" + "".join(f"importlib.import_module({m!r})\n" for m in modules)
-    code += "print(sorted(m for m in ('torch', 'monai') if m in sys.modules))"
+    code += "print('torch' in sys.modules)"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
-    assert done.stdout.strip() == "[]"
+    assert done.stdout.strip() == "False"
 
 
 @pytest.mark.parametrize("module", ["dicom_node.models", "dicom_node.workers"])
