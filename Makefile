@@ -53,8 +53,8 @@ test: install test-deps services ohif
 	$(BIN)/pytest $(PYTEST_ARGS)
 
 lint: typecheck
-	$(BIN)/ruff check dicom_node workers models tests bench
-	$(BIN)/ruff format --check dicom_node workers models tests bench
+	$(BIN)/ruff check dicom_node workers models tests bench experiments
+	$(BIN)/ruff format --check dicom_node workers models tests bench experiments
 	$(BIN)/pytest -q -p no:cacheprovider tests/test_layers.py
 
 # mypy cannot follow the package-dir mapping (models/ installs as dicom_node.models, workers/ as

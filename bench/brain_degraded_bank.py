@@ -49,6 +49,8 @@ import pydicom
 import torch
 
 from dicom_node.models.brain import BRAIN_CARD, WEIGHTS_DIR, BrainMRIDetector
+from dicom_node.models.lesion_segmenter import STATE_PREFIX
+from dicom_node.models.methods.spade import spade_part
 from dicom_node.models.training import calibrate_detector
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
@@ -64,7 +66,9 @@ def _load(model_dir: Path) -> BrainMRIDetector:
 def same_original_bank(candidate: BrainMRIDetector, shipped: BrainMRIDetector) -> str:
     """How far the candidate bank's training-image part is from the shipped bank (float rounding only, when the
     fit reproduces the shipped one)."""
-    bank, base = candidate.neighbour_bank, shipped.neighbour_bank
+    spade, shipped_spade = spade_part(candidate.method), spade_part(shipped.method)
+    assert spade is not None and shipped_spade is not None
+    bank, base = spade.bank, shipped_spade.bank
     assert bank is not None and base is not None
     assert bank.patches is not None and base.patches is not None and base.offsets is not None
     assert bank.descriptors is not None and base.descriptors is not None and bank.offsets is not None
@@ -88,14 +92,20 @@ def same_original_bank(candidate: BrainMRIDetector, shipped: BrainMRIDetector) -
 
 def attach(spade: Path, out: Path, segmenter_from: Path, version: str | None) -> None:
     detector, shipped = _load(spade), _load(segmenter_from)
-    if detector.config.method != "spade" or shipped.segmenter is None:
+    segmenter = {k: v for k, v in shipped.tensors().items() if k.startswith(STATE_PREFIX)}
+    if detector.config.method != "spade" or not segmenter:
         raise SystemExit("--spade must be a spade fit and --segmenter-from a model with a segmenter")
     print(same_original_bank(detector, shipped))
     detector.config.method = "spade+segmenter"
     detector.config.version = version or detector.config.version
     detector.config.extra["segmenter"] = dict(shipped.config.extra["segmenter"])
     detector.config.extra["segmenter_training"] = dict(shipped.config.extra["segmenter_training"])
-    detector.segmenter = shipped.segmenter
+    # The method is composed from config.method: a spade+segmenter detector with the SPADE fit's bank and the
+    # shipped segmenter.
+    spade_fit = detector
+    detector = BrainMRIDetector(spade_fit.config, "cpu")
+    detector.method.load_state({**spade_fit.tensors(), **segmenter})
+    detector.card = spade_fit.card
     # The card's texts are the current defaults; the SPADE fit's metrics were measured without the segmenter.
     detector.card = {k: v for k, v in detector.card.items() if k not in BRAIN_CARD and k != "metrics"}
     folders = [DATA / "brain_kaggle/val/normal", DATA / "brain_lgg/val/normal"]

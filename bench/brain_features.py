@@ -39,7 +39,6 @@ def main() -> None:
     config = default_config()
     config.image_size = args.size
     config.backbone = args.backbone
-    config.method = "patchcore+msde"
     detector = BrainMRIDetector(config, "cpu")
     args.out.mkdir(parents=True, exist_ok=True)
     for split in args.splits:
@@ -56,7 +55,7 @@ def main() -> None:
         for start in range(0, len(files), 16):
             raw = [load_image_file(f) for f in files[start : start + 16]]
             prepared = [detector.prepare(img) for img in raw]
-            p, g = detector._features(prepared)
+            p, g = detector.features.extract(prepared, patches=True, pooled=True)
             assert p is not None and g is not None
             patches.append(p.to(torch.float16))
             pooled.append(g)

@@ -69,6 +69,7 @@ from dicom_node.models.brain import WEIGHTS_DIR, BrainMRIDetector
 from dicom_node.models.evaluation import load_images, mask_for
 from dicom_node.models.image_detector import Prepared
 from dicom_node.models.lesion_segmenter import full_size
+from dicom_node.models.methods.spade_segmenter import SpadeSegmenterMethod
 from dicom_node.models.metrics import auroc, threshold_at_specificity, top_mean
 from dicom_node.models.preprocessing import (
     CropBox,
@@ -180,16 +181,24 @@ def set_variant(detector: CappedBrainDetector, variant: str) -> None:
         raise ValueError(f"unknown variant {variant!r}")
 
 
+def fused_method(detector: BrainMRIDetector) -> SpadeSegmenterMethod:
+    """The model's spade+segmenter method (its SPADE and segmenter parts)."""
+    if not isinstance(detector.method, SpadeSegmenterMethod):
+        raise SystemExit(f"{detector.config.method}: a spade+segmenter model is needed")
+    return detector.method
+
+
 def raw_components(detector: CappedBrainDetector, images: Sequence[np.ndarray]) -> Raw:
+    fused = fused_method(detector)
     spade: list[np.ndarray] = []
     probability: list[np.ndarray] = []
     masks: list[np.ndarray] = []
     boxes: list[tuple[int, ...]] = []
     for start in range(0, len(images), BATCH):
         prepared = [detector.prepare(np.asarray(img, dtype=np.float32)) for img in images[start : start + BATCH]]
-        _, maps = detector._feature_raw(prepared)
+        maps = fused.spade.score(prepared).maps
         spade.append(maps.astype(np.float16))
-        probability.append(detector._lesion_probability(prepared).astype(np.float16))
+        probability.append(fused.segmenter.probability(prepared).astype(np.float16))
         masks.append(np.stack([p.mask for p in prepared]))
         boxes.extend((p.box.top, p.box.left, p.box.size, *p.box.source_shape) for p in prepared)
     return Raw(np.concatenate(spade), np.concatenate(probability), np.concatenate(masks), np.asarray(boxes))
@@ -396,10 +405,13 @@ def main() -> None:
     for name, folder in MODELS.items():
         other = CappedBrainDetector.load(folder, "cpu")
         assert isinstance(other, CappedBrainDetector)
-        if other.segmenter_settings().score_weight != detector.segmenter_settings().score_weight:
+        if (
+            fused_method(other).segmenter.settings().score_weight
+            != fused_method(detector).segmenter.settings().score_weight
+        ):
             parser.error(f"--model {name}: another segmenter weight than the shipped model's")
         detectors[name] = other
-    weight = detector.segmenter_settings().score_weight
+    weight = fused_method(detector).segmenter.settings().score_weight
     size = detector.config.image_size
     spec, quantile = detector.config.specificity, detector.config.pixel_quantile
     shipped_stats = tuple(detector.config.score_stats["spade_map"])

@@ -69,8 +69,8 @@ def cache_features(out: Path) -> None:
         s8.append(grid[:, :40].half())
         s16.append(grid[:, 40:].half())
         pooled.append(feats.pooled.float())
-        cells.append(detector._lung_cells(prepared, 28).numpy())
-        atlas.append(np.stack([detector._atlas_image(p.image) for p in prepared]))
+        cells.append(detector.padim.lung_cells(prepared, 28).numpy())
+        atlas.append(np.stack([detector.atlas.atlas_image(p.image) for p in prepared]))
         print(f"{start + len(batch_rows)}/{len(rows)}", flush=True)
     out.mkdir(parents=True, exist_ok=True)
     torch.save(
@@ -145,7 +145,7 @@ Variant = Callable[[Data, np.ndarray, np.ndarray], np.ndarray]  # (data, fit idx
 
 
 def padim_fit(features: torch.Tensor, ridge: float = 1e-2):  # type: ignore[no-untyped-def]
-    from dicom_node.models.chest import PositionalGaussian
+    from dicom_node.models.methods.padim import PositionalGaussian
 
     return PositionalGaussian(ridge).fit(features)
 

@@ -7,7 +7,8 @@ Times (median of ``--repeat`` runs after one warm-up) for:
 - the real Philips CR chest PA in ../shared/data/dicom/cr (1955x1841, MONOCHROME1, JPEG 2000 lossy);
 - a synthetic 2500x2000 16-bit MONOCHROME1 CR with a window (uncompressed), built from a cxr_nih PNG.
 Stages: read + decode + VOI/MONOCHROME1 (``radiograph_image``), prepare + backbone + scoring + map back to the
-source geometry (``score_series`` minus decoding), and ``find_regions`` on the source-size map.
+source geometry (``score_series`` minus decoding), and ``select_regions`` (chest rules, as an Abnormal result) on the
+source-size map.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from dicom_node.models.chest import radiograph_image  # noqa: E402
-from dicom_node.models.regions import find_regions  # noqa: E402
+from dicom_node.models.regions import rules_for, select_regions  # noqa: E402
 from dicom_node.models.registry import default_registry  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data"
@@ -91,7 +92,12 @@ def bench_file(detector: Any, path: Path, repeat: int) -> dict[str, float]:
         return result
 
     t_score, (_, maps) = median_time(score, repeat)
-    t_regions, regions = median_time(lambda: find_regions(maps[0], detector.pixel_threshold), repeat)
+    spacing = (1.0, 0.2, 0.2)  # (slice, row, column) mm: about a CR's pixel
+
+    def regions_of() -> Any:
+        return select_regions(maps[:1], detector.pixel_threshold, spacing, abnormal=True, rules=rules_for("chest_xray"))
+
+    t_regions, regions = median_time(regions_of, repeat)
 
     def end_to_end() -> Any:
         return detector.score_series([pydicom.dcmread(path)])

@@ -226,10 +226,10 @@ def _train_autoencoder(
     device: Any,
     weights: Path,
 ) -> dict[str, Any]:
-    from dicom_node.models.autoencoder import fit_autoencoder, score_autoencoder
     from dicom_node.models.brain import default_config
     from dicom_node.models.image_detector import Prepared
     from dicom_node.models.preprocessing import CropBox
+    from experiments.autoencoder import fit_autoencoder, score_autoencoder
 
     config = default_config()
     config.method = "autoencoder"
@@ -252,7 +252,7 @@ def assemble(weights: Path, record_file: Path, out: Path, version: str, base: Pa
     from safetensors.torch import load_file
 
     from dicom_node.models.brain import BRAIN_CARD, TRAINING_COMMAND, BrainMRIDetector, default_config
-    from dicom_node.models.lesion_segmenter import STATE_PREFIX, load_segmenter
+    from dicom_node.models.image_detector import ImageAnomalyDetector
     from dicom_node.models.training import calibrate_detector, new_detector
 
     record = json.loads(record_file.read_text(encoding="utf-8"))
@@ -261,15 +261,17 @@ def assemble(weights: Path, record_file: Path, out: Path, version: str, base: Pa
     scoring = {"flip_average": default_config().extra["segmenter"].get("flip_average", False)}
     settings = {**trained["settings"], **scoring}
     if base is not None:  # attach to a fitted SPADE model: the default method, spade+segmenter
-        detector = BrainMRIDetector.load(base, "cpu")
-        detector.config.method, detector.config.version = "spade+segmenter", version
-        detector.config.extra["segmenter"] = settings
+        spade_fit = BrainMRIDetector.load(base, "cpu")
+        spade_fit.config.method, spade_fit.config.version = "spade+segmenter", version
+        spade_fit.config.extra["segmenter"] = settings
+        # The method is composed from config.method: a spade+segmenter detector with the base's SPADE bank.
+        detector: ImageAnomalyDetector = BrainMRIDetector(spade_fit.config, "cpu")
+        detector.method.load_state(spade_fit.tensors())
         # The card's texts are the current defaults; the base's metrics were measured without the segmenter.
-        detector.card = {k: v for k, v in detector.card.items() if k not in BRAIN_CARD and k != "metrics"}
+        detector.card = {k: v for k, v in spade_fit.card.items() if k not in BRAIN_CARD and k != "metrics"}
     else:
         detector = new_detector("brain_mri", "cpu", segmenter=settings, method="segmenter", version=version)
-    state = {k[len(STATE_PREFIX) :]: v for k, v in load_file(str(weights)).items()}
-    detector.segmenter = load_segmenter(state, detector.segmenter_settings(), detector.device)
+    detector.method.load_state(load_file(str(weights)))  # keys under segmenter.
     detector.config.extra["segmenter_training"] = {
         key: trained[key] for key in ("steps_trained", "seconds", "final_loss")
     } | {"device": record["device"]}

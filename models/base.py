@@ -23,7 +23,7 @@ class ModelIdentity:
     """Who produced a result: goes into the result objects (IHE AIR Contributing Equipment, TID 4019)."""
 
     detector: str  # "brain_mri", "chest_xray"
-    method: str  # "patchcore", "msde", "autoencoder", ...
+    method: str  # "spade+segmenter", "padim", ... (models.methods)
     version: str  # model version, changes whenever the weights change
     weights_sha256: str
 

@@ -24,8 +24,10 @@ import pydicom
 import torch
 
 from dicom_node.models.base import DetectorError, ImageInfo, SeriesResult
+from dicom_node.models.config import DetectorConfig, Prepared
 from dicom_node.models.geometry import axial_reformat, plane_of, sort_slices
-from dicom_node.models.image_detector import SPADE_METHODS, DetectorConfig, ImageAnomalyDetector, Prepared
+from dicom_node.models.image_detector import ImageAnomalyDetector
+from dicom_node.models.methods.spade import SpadeMethod, spade_part
 from dicom_node.models.metrics import top_mean
 from dicom_node.models.preprocessing import (
     PreprocessingError,
@@ -226,15 +228,17 @@ class BrainMRIDetector(ImageAnomalyDetector):
         its projection, descriptor scale and residual head are fitted on the training images exactly as without,
         then the copies' foreground patches join the bank as extra reference images (the head is not refitted)."""
         settings = self.degraded_copy_settings
-        if not settings or self.config.method not in SPADE_METHODS:
+        found = spade_part(self.method)
+        if not settings or found is None:
             super().fit(images, progress, info)
             return
+        spade: SpadeMethod = found
         rows: list[torch.Tensor] = []
         pending: list[Prepared] = []
 
         def flush() -> None:
             if pending:
-                rows.extend(self._foreground_rows(pending))
+                rows.extend(spade.foreground_rows(pending))
                 pending.clear()
 
         def originals() -> Iterator[np.ndarray]:
@@ -246,18 +250,11 @@ class BrainMRIDetector(ImageAnomalyDetector):
             flush()
 
         super().fit(originals(), progress, info)
-        assert self.neighbour_bank is not None
-        originals_in_bank = self.neighbour_bank.image_count
-        added = self.neighbour_bank.add_images(rows)
+        assert spade.bank is not None
+        originals_in_bank = spade.bank.image_count
+        added = spade.bank.add_images(rows)
         self.config.extra["spade_bank"] = {"training_images": originals_in_bank, "degraded_copies": added}
         logger.info("SPADE bank: %d training images and %d degraded copies", originals_in_bank, added)
-
-    def _foreground_rows(self, batch: Sequence[Prepared]) -> list[torch.Tensor]:
-        """Foreground patch features (P_i, C) float16 of each prepared image, as the SPADE fit keeps them."""
-        patches, _ = self._features(batch)
-        assert patches is not None
-        grid_mask = self._grid_masks(batch, (int(patches.shape[-2]), int(patches.shape[-1]))).to(patches.device)
-        return [p.permute(1, 2, 0)[m].cpu().to(torch.float16) for p, m in zip(patches, grid_mask, strict=True)]
 
     def _param(self, name: str) -> float:
         return float(self.config.extra.get(name, SERIES_DEFAULTS[name]))

@@ -1,8 +1,8 @@
-"""PatchCore (Roth et al., CVPR 2022): a coreset memory bank of normal patch features; a patch's anomaly score is
-its distance to the nearest bank entry.
+"""PatchCore's memory bank (Roth et al., CVPR 2022): normal patch features, nearest-neighbour distances, and the
+greedy k-center coreset of the paper on a random projection.
 
-Features come from :class:`models.backbones.EfficientNetLiteBackbone` (locally averaged stride-8 and stride-16
-maps). The coreset is the greedy k-center selection of the paper on a random projection of the features.
+The installed SPADE bank (models.neighbour_bank) uses its nearest-neighbour search; the PatchCore *method* (one
+coreset bank for all normals) is in the repository's experiments/ folder (issue 24).
 """
 
 from __future__ import annotations

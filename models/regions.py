@@ -1,4 +1,6 @@
-"""Finding regions from an anomaly map: a mask for the SEG and a closed polygon for the SR (TID 1410).
+"""Finding regions from an anomaly map, once for the whole product (the result objects, ``dicom-node evaluate``,
+the benchmarks): :func:`select_regions` gives the masks for the SEG, :func:`polygon_of` the closed outline for the
+SR (TID 1410).
 
 Plain numpy/scipy (no torch), so the result builders can call it. The map must be in the source image's geometry
 (a ``SeriesResult`` map: Rows x Columns of the instance). Polygons are given as (column, row) pixel coordinates of
@@ -12,23 +14,6 @@ from dataclasses import dataclass
 
 import numpy as np
 from scipy import ndimage
-
-
-@dataclass(frozen=True)
-class Region:
-    """One connected finding: ``mask`` (rows, cols) bool in source geometry, ``polygon`` (k, 2) float (column, row)
-    closed convex outline of the mask, ``score`` the map maximum inside it, ``area_pixels`` its pixel count."""
-
-    mask: np.ndarray
-    polygon: np.ndarray
-    score: float
-    area_pixels: int
-
-    @property
-    def centroid(self) -> tuple[float, float]:
-        """(column, row) of the mask's centre of mass."""
-        rows, cols = np.nonzero(self.mask)
-        return float(cols.mean()), float(rows.mean())
 
 
 def _convex_hull(points: np.ndarray) -> np.ndarray:
@@ -65,39 +50,6 @@ def polygon_of(mask: np.ndarray) -> np.ndarray:
     corners = np.concatenate([np.stack([bc + dx, br + dy], axis=1) for dx in (-0.5, 0.5) for dy in (-0.5, 0.5)], axis=0)
     hull = _convex_hull(corners)
     return np.vstack([hull, hull[:1]])
-
-
-def find_regions(
-    anomaly_map: np.ndarray,
-    threshold: float,
-    min_area_fraction: float = 0.0005,
-    max_regions: int = 5,
-) -> list[Region]:
-    """Connected regions of ``anomaly_map >= threshold``, largest score first.
-
-    Regions smaller than ``min_area_fraction`` of the image are dropped (speckle); at most ``max_regions`` are
-    returned. An empty list means nothing at or above the threshold."""
-    amap = np.asarray(anomaly_map, dtype=np.float32)
-    if amap.ndim != 2:
-        raise ValueError(f"anomaly map must be 2-D, got shape {amap.shape}")
-    above = amap >= threshold
-    if not above.any():
-        return []
-    labels, count = ndimage.label(above)
-    min_area = max(1, int(round(min_area_fraction * amap.size)))
-    index = np.arange(1, count + 1)
-    areas = ndimage.sum(above, labels, index=index)
-    peaks = ndimage.maximum(amap, labels, index=index)
-    order = np.argsort(-np.asarray(peaks))
-    regions: list[Region] = []
-    for i in order:
-        if areas[i] < min_area:
-            continue
-        mask = labels == (i + 1)
-        regions.append(Region(mask=mask, polygon=polygon_of(mask), score=float(peaks[i]), area_pixels=int(areas[i])))
-        if len(regions) >= max_regions:
-            break
-    return regions
 
 
 def map_maximum(anomaly_map: np.ndarray) -> tuple[float, float]:

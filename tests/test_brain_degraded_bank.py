@@ -10,6 +10,8 @@ import torch
 
 from dicom_node.models.base import DetectorError
 from dicom_node.models.brain import BrainMRIDetector
+from dicom_node.models.methods.spade import spade_part
+from dicom_node.models.neighbour_bank import NeighbourPatchBank
 from dicom_node.models.training import new_detector
 
 SIZE = 96
@@ -36,6 +38,11 @@ def _fit(copies: list[str] | None, synthetic: int = 1) -> BrainMRIDetector:
     return detector
 
 
+def _bank(detector: BrainMRIDetector) -> NeighbourPatchBank | None:
+    spade = spade_part(detector.method)
+    return spade.bank if spade is not None else None
+
+
 @pytest.fixture(scope="module")
 def plain() -> BrainMRIDetector:
     return _fit(None)
@@ -43,14 +50,14 @@ def plain() -> BrainMRIDetector:
 
 def test_default_bank_holds_the_training_images_only(plain: BrainMRIDetector) -> None:
     assert plain.degraded_copy_settings == []
-    assert plain.neighbour_bank is not None and plain.neighbour_bank.image_count == 4
+    assert _bank(plain) is not None and _bank(plain).image_count == 4
     assert "spade_bank" not in plain.config.extra
     assert plain.degraded_copies(_heads()[0]) == []
 
 
 def test_bank_holds_the_degraded_copies_and_the_original_part_is_unchanged(plain: BrainMRIDetector) -> None:
     degraded = _fit(["res40", "xscale0.8", "xscale1.25"])
-    bank, base = degraded.neighbour_bank, plain.neighbour_bank
+    bank, base = _bank(degraded), _bank(plain)
     assert bank is not None and base is not None and base.offsets is not None
     assert bank.patches is not None and base.patches is not None
     assert bank.descriptors is not None and base.descriptors is not None

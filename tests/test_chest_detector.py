@@ -133,25 +133,28 @@ def test_prepare_keeps_aspect_ratio_and_maps_return_to_source_geometry() -> None
     assert back.shape == (300, 200) and back[150, 100] > 0.5 and back[20, 20] < 0.5
 
 
-def test_find_regions_mask_and_closed_polygon() -> None:
-    from dicom_node.models.regions import find_regions, map_maximum
+def test_regions_mask_and_closed_polygon() -> None:
+    """The product's one region finder (models.regions.select_regions) on one image, the SR outline of a region
+    (polygon_of) and the map maximum."""
+    from dicom_node.models.regions import RegionRules, map_maximum, polygon_of, select_regions
 
     amap = np.zeros((100, 120), dtype=np.float32)
     amap[20:40, 70:100] = 2.0  # strongest finding
     amap[60:70, 10:20] = 1.5
     amap[90, 5] = 1.2  # a single pixel: speckle, dropped
-    regions = find_regions(amap, threshold=1.0, min_area_fraction=0.001)
+    every = RegionRules(max_regions=10, min_size_mm=2.0, margin_mm=0.0, min_evidence_ratio=0.0)
+    regions = select_regions(amap[None], 1.0, (1.0, 1.0, 1.0), abnormal=True, rules=every)
     assert [r.score for r in regions] == [2.0, 1.5]
-    first = regions[0]
-    assert first.mask.shape == amap.shape and first.area_pixels == 20 * 30
-    poly = first.polygon
+    first = regions[0].mask[0]
+    assert first.shape == amap.shape and int(first.sum()) == 20 * 30
+    poly = polygon_of(first)
     assert np.array_equal(poly[0], poly[-1])
     cols, rows = poly[:, 0], poly[:, 1]
     assert cols.min() == pytest.approx(69.5) and cols.max() == pytest.approx(99.5)
     assert rows.min() == pytest.approx(19.5) and rows.max() == pytest.approx(39.5)
-    assert first.centroid == pytest.approx((84.5, 29.5))
+    assert regions[0].peak[1:] == (20, 70)
     assert map_maximum(amap) == (70.0, 20.0)
-    assert find_regions(amap, threshold=5.0) == []
+    assert select_regions(amap[None], 5.0, (1.0, 1.0, 1.0), abnormal=False, rules=every) == []
 
 
 def test_regions_module_does_not_import_torch() -> None:
@@ -188,7 +191,7 @@ def test_per_view_and_localisation_by_hand(tmp_path: Path) -> None:
 def test_fit_evaluate_and_score_a_real_cr_series(tmp_path: Path) -> None:
     """Smoke: fit on 8 normals (small size), evaluate with views and boxes, score the real J2K CR as a series."""
     from dicom_node.models.chest import ChestXrayDetector
-    from dicom_node.models.regions import find_regions
+    from dicom_node.models.regions import polygon_of, rules_for, select_regions
 
     with open(CXR / "labels.csv", newline="") as handle:
         labels = {r["file"]: r for r in csv.DictReader(handle)}
@@ -237,8 +240,11 @@ def test_fit_evaluate_and_score_a_real_cr_series(tmp_path: Path) -> None:
     assert result.anomaly_maps.shape == (1, ds.Rows, ds.Columns)
     assert result.sop_instance_uids == [ds.SOPInstanceUID]
     assert np.isfinite(result.series_score)
-    regions = find_regions(result.anomaly_maps[0], float(np.quantile(result.anomaly_maps[0], 0.99)))
-    assert regions and regions[0].polygon.shape[1] == 2
+    threshold = float(np.quantile(result.anomaly_maps[0], 0.99))
+    regions = select_regions(
+        result.anomaly_maps[:1], threshold, (1.0, 0.2, 0.2), abnormal=True, rules=rules_for("chest_xray")
+    )
+    assert len(regions) == 1 and polygon_of(regions[0].mask[0]).shape[1] == 2
 
 
 def test_positional_gaussian_scores_each_position_against_its_own_mean() -> None:
@@ -246,7 +252,7 @@ def test_positional_gaussian_scores_each_position_against_its_own_mean() -> None
     position scores low, the same feature moved to a position where it is unusual scores high; state round-trips."""
     import torch
 
-    from dicom_node.models.chest import PositionalGaussian
+    from dicom_node.models.methods.padim import PositionalGaussian
 
     gen = torch.Generator().manual_seed(0)
     layout = torch.zeros(4, 6, 6)
@@ -269,7 +275,7 @@ def test_positional_gaussian_radius_tolerates_a_shift_of_the_layout() -> None:
     everywhere stays unusual; r = 0 is the plain per-position distance."""
     import torch
 
-    from dicom_node.models.chest import PadimParams, PositionalGaussian
+    from dicom_node.models.methods.padim import PadimParams, PositionalGaussian
 
     gen = torch.Generator().manual_seed(0)
     layout = torch.zeros(4, 6, 6)
@@ -309,7 +315,7 @@ def test_padim_method_fits_saves_and_loads(tmp_path: Path) -> None:
     assert scores[1] > scores[0] and maps[0].shape == probe.shape
     detector.save(tmp_path / "model")
     loaded = ChestXrayDetector.load(tmp_path / "model")
-    assert loaded.padim is not None and loaded.config.method == "padim"
+    assert loaded.padim.gaussian is not None and loaded.config.method == "padim"
     np.testing.assert_allclose(loaded.score_each([probe, blob])[0], scores, rtol=1e-5, atol=1e-5)
 
 
@@ -330,8 +336,8 @@ def test_the_map_covers_an_opacity_that_the_image_own_lung_field_leaves_out() ->
     mean = np.full((atlas, atlas), 1.0, dtype=np.float32)  # bright mediastinum and soft tissue
     for cx in (0.3, 0.7):  # two dark lungs in the average normal
         mean[((xx - cx) / 0.14) ** 2 + ((yy - 0.45) / 0.3) ** 2 <= 1.0] = -1.0
-    detector.atlas = {"mean": torch.from_numpy(mean), "std": torch.full((atlas, atlas), 0.5)}
-    normal = detector.normal_lung_field()
+    detector.atlas.tensors = {"mean": torch.from_numpy(mean), "std": torch.full((atlas, atlas), 0.5)}
+    normal = detector.atlas.normal_lung_field()
     assert normal is not None and normal.shape == (size, size)
     assert normal[int(0.6 * size), int(0.3 * size)] and not normal[int(0.45 * size), size // 2]
     # This image: the same anatomy with a consolidated right base (bright), so its own lung field stops above it.
@@ -344,8 +350,8 @@ def test_the_map_covers_an_opacity_that_the_image_own_lung_field_leaves_out() ->
     own = lung_field_mask(image)
     assert own is not None and own[base].mean() < 0.5
     prepared = Prepared(image=image, mask=own, box=CropBox(top=0, left=0, size=size, source_shape=(size, size)))
-    field = detector.map_field(prepared)
+    field = detector.atlas.map_field(prepared)
     assert (field >= own).all() and field[base][normal[base]].all() and field[base].mean() > own[base].mean() + 0.2
-    amap = detector._atlas_maps([prepared])[0]
+    amap = detector.atlas.maps([prepared])[0]
     assert amap[base].max() == amap.max() > 0  # the brightest place against the normals is the consolidation
     assert not amap[~field].any()

@@ -120,7 +120,7 @@ def test_chest_fit_with_views_scores_each_image_against_its_view(tmp_path: Path)
 
     detector, images, views = _fit_small(views_known=True)
     assert isinstance(detector, ChestXrayDetector)
-    calibration = detector.view_calibration()
+    calibration = detector.padim.view_calibration()
     assert calibration is not None and set(calibration.stats) == {"AP", "PA"}
     probe = images[:2]
     as_ap, _ = detector.score_each(probe, [ImageInfo(view="AP")] * 2)
@@ -130,7 +130,7 @@ def test_chest_fit_with_views_scores_each_image_against_its_view(tmp_path: Path)
     card = json.loads((tmp_path / "model" / "model_card.json").read_text())
     assert set(card["config"]["extra"]["views"]["thresholds"]) == {"AP", "PA"}
     loaded = ChestXrayDetector.load(tmp_path / "model")
-    assert loaded.view_classifier.fitted
+    assert loaded.padim.view_classifier.fitted
     np.testing.assert_allclose(loaded.score_each(probe, [ImageInfo(view="AP")] * 2)[0], as_ap, rtol=1e-5, atol=1e-5)
     # Without a declared view the classifier names it; the score is then one of the two.
     unknown, _ = loaded.score_each(probe)
@@ -153,7 +153,7 @@ def test_a_dicom_radiograph_is_scored_with_its_view_position() -> None:
 
 def test_chest_fit_without_views_keeps_one_scale() -> None:
     detector, images, _ = _fit_small(views_known=False)
-    assert detector.view_calibration() is None  # type: ignore[attr-defined]
+    assert detector.padim.view_calibration() is None  # type: ignore[attr-defined]
     as_ap, _ = detector.score_each(images[:2], [ImageInfo(view="AP")] * 2)  # type: ignore[attr-defined]
     as_pa, _ = detector.score_each(images[:2], [ImageInfo(view="PA")] * 2)  # type: ignore[attr-defined]
     np.testing.assert_allclose(as_ap, as_pa)

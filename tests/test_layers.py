@@ -116,6 +116,11 @@ def test_models_never_import_networking_the_database_or_celery() -> None:
     assert violations(("dicom_node.models",), MODEL_FORBIDDEN) == []
 
 
+def test_the_installed_package_never_imports_experiments_or_bench() -> None:
+    """experiments/ (methods no shipped model uses) and bench/ live in the repository, outside the package."""
+    assert violations(tuple(PACKAGE_DIRS), ("experiments", "bench")) == []
+
+
 def test_results_and_delivery_never_import_torch() -> None:
     """Checked twice: no torch import in their source, and importing every one of their modules in a fresh
     interpreter leaves torch unloaded (an indirect import through a model module would show here)."""

@@ -22,6 +22,7 @@ from dicom_node.models.lesion_segmenter import (
     image_scores,
     lesion_probability,
 )
+from dicom_node.models.methods.spade_segmenter import SpadeSegmenterMethod
 from dicom_node.models.preprocessing import square_crop_box
 from dicom_node.models.synthetic import ALL_KINDS, KINDS
 
@@ -133,11 +134,12 @@ def test_segmenter_method_saves_and_loads_the_same_scores(tmp_path: Path) -> Non
 
 def test_fused_method_needs_calibration_before_scoring() -> None:
     detector = _detector("spade+segmenter")
-    detector.segmenter = LesionUNet((4, 8, 8)).eval()
+    assert isinstance(detector.method, SpadeSegmenterMethod)
+    detector.method.segmenter.model = LesionUNet((4, 8, 8)).eval()
     image, mask = _heads(1)
     prepared = [Prepared(image=image[0], mask=mask[0], box=square_crop_box(mask[0]))]
     with pytest.raises(DetectorError, match="calibrat"):
-        detector._fused_raw(prepared, calibrating=False)
+        detector.method.score(prepared)
 
 
 def test_unknown_lesion_kind_is_refused_before_any_fitting(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -12,6 +12,9 @@ from typing import Any
 
 # Detectors the commands accept; each has an entry in models.registry.DETECTOR_CLASSES.
 DETECTOR_CHOICES: tuple[str, ...] = ("brain_mri", "chest_xray")
+# Methods `fit --method` offers: those of the installed detector classes' ``methods`` tables (a detector refuses one
+# that is not in its own table). Methods no shipped model uses are in the repository's experiments/ folder.
+METHOD_CHOICES: tuple[str, ...] = ("spade+segmenter", "spade", "segmenter", "padim")
 # A radiograph without a pixel size: its long side spans a 43 cm detector (as dicom_node.results.common assumes).
 ASSUMED_DETECTOR_MM = 430.0
 
@@ -45,11 +48,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     fit.add_argument(
         "--method",
         default=None,
-        help="spade+segmenter, spade, segmenter, patchcore, msde, patchcore+msde, autoencoder; chest_xray: padim",
+        choices=METHOD_CHOICES,
+        help="the installed package's methods: brain_mri spade+segmenter (default), spade or segmenter; chest_xray "
+        "padim (default). PatchCore, MSDE, patchcore+msde and the autoencoder are not installed (experiments/ in the "
+        "repository)",
     )
     fit.add_argument("--backbone", default=None, help="efficientnet-lite0 or efficientnet-lite2")
     fit.add_argument("--image-size", type=int, default=None)
-    fit.add_argument("--coreset-size", type=int, default=None)
+    fit.add_argument(
+        "--coreset-size", type=int, default=None, help="PatchCore (experiments/) only; the installed methods ignore it"
+    )
     fit.add_argument("--version", default=None, help="model version recorded in the model card")
     fit.add_argument(
         "--synthetic-copies",

@@ -25,7 +25,7 @@ from torch import nn
 from dicom_node.models.metrics import top_mean
 
 if TYPE_CHECKING:
-    from dicom_node.models.image_detector import DetectorConfig, Prepared
+    from dicom_node.models.config import DetectorConfig, Prepared
 
 logger = logging.getLogger(__name__)
 

@@ -1,6 +1,7 @@
-"""Compare brain-MRI methods on cached features (bench/brain_features.py), with the detector's own components.
+"""Compare brain-MRI methods (PatchCore, MSDE, their sum, the autoencoder: experiments/) on cached features
+(bench/brain_features.py), with the detector's own components.
 
-    nice .venv/bin/python -m bench.brain_compare --features /tmp/brain_feats
+    nice .venv/bin/python -m experiments.bench.brain_compare --features /tmp/brain_feats
 
 Fits each method on brain_kaggle/train + brain_lgg/train normals, sets the image threshold at the 95th percentile
 of the pooled val normals (both datasets, as the shipped model does) and the pixel threshold at a quantile of the
@@ -22,9 +23,9 @@ from PIL import Image
 from scipy import ndimage
 
 from dicom_node.models.metrics import auroc, average_precision, dice, sensitivity_specificity
-from dicom_node.models.msde import MSDE
 from dicom_node.models.patchcore import PatchMemoryBank
 from dicom_node.models.preprocessing import CropBox, uncrop_square
+from experiments.msde import MSDE
 
 
 def load(features: Path, split: str, tag: str) -> dict[str, Any]:
@@ -157,9 +158,9 @@ def main() -> None:
             knn[d] = torch.cdist(q, ref).topk(5, largest=False).values.mean(1).numpy()
         report("global kNN k=5", knn, labels, {})
     if "autoencoder" in args.methods:
-        from dicom_node.models.autoencoder import fit_autoencoder, score_autoencoder
         from dicom_node.models.brain import default_config
-        from dicom_node.models.image_detector import Prepared
+        from dicom_node.models.config import Prepared
+        from experiments.autoencoder import fit_autoencoder, score_autoencoder
 
         def prepared(data: dict[str, Any]) -> list[Prepared]:
             images = data["images"].numpy().astype(np.float32) / 255.0
