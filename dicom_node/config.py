@@ -253,10 +253,13 @@ class DestinationProfile(_Section):
 
 
 class Destination(_Section):
-    """A PACS that receives results: DIMSE C-STORE (``ae_title``, ``host``, ``port``) or STOW-RS (``url``)."""
+    """A PACS that receives results: DIMSE C-STORE (``ae_title``, ``host``, ``port``) or STOW-RS (``url``).
+
+    ``kind`` names a registered destination type (``dicom_node.delivery.destinations``), which says the fields a
+    destination of its kind requires."""
 
     name: str
-    kind: Literal["dimse", "stow-rs"] = "dimse"
+    kind: str = "dimse"
     ae_title: str | None = None
     host: str | None = None
     port: int | None = Field(None, ge=1, le=65535)
@@ -267,14 +270,27 @@ class Destination(_Section):
     backoff_initial_seconds: float = Field(2.0, gt=0)
     backoff_max_seconds: float = Field(300.0, gt=0)
 
+    # The registry of destination types is imported when a destination is checked, not with this module: the
+    # delivery package imports this one (and a type registered later, by a plug-in or a test, is known then).
+    @field_validator("kind")
+    @classmethod
+    def _known_kind(cls, value: str) -> str:
+        from dicom_node.delivery.destinations.registry import known_kinds
+
+        if value not in known_kinds():
+            raise ValueError(f"unknown destination kind {value!r} (known kinds: {', '.join(known_kinds())})")
+        return value
+
     @model_validator(mode="after")
     def _address(self) -> Destination:
-        if self.kind == "dimse":
-            if not (self.ae_title and self.host and self.port):
-                raise ValueError("a dimse destination needs ae_title, host and port")
-            _check_ae_title(self.ae_title)
-        elif not self.url:
-            raise ValueError("a stow-rs destination needs url")
+        from dicom_node.delivery.destinations.registry import destination_type
+
+        required = destination_type(self.kind).requires
+        if not all(getattr(self, key) for key in required):
+            names = ", ".join(required[:-1]) + " and " + required[-1] if len(required) > 1 else "".join(required)
+            raise ValueError(f"a {self.kind} destination needs {names}")
+        if "ae_title" in required:
+            _check_ae_title(str(self.ae_title))
         return self
 
     @classmethod

@@ -22,7 +22,8 @@ from pynetdicom import AE, evt
 from pynetdicom.events import Event
 
 from dicom_node.config import Destination
-from dicom_node.delivery.scu import ScuTimeouts, SendOutcome
+from dicom_node.delivery.scu import ScuTimeouts
+from dicom_node.delivery.transfer import SendOutcome
 
 log = logging.getLogger(__name__)
 

@@ -5,6 +5,12 @@ and adds no second ResultObject row), a destination that already stored the resu
 destination that refused them for good is not retried. Each call makes at most one attempt per pending
 destination; the caller (the Celery task) re-schedules itself for the time the report names.
 
+One call goes through named steps: ``_load`` (the job, its detection result — the detection's in-memory hand-over
+when this process kept it — and what the job database says: source files, triage event, earlier SRs, attempts so
+far), ``_plan`` (the targets still to send to), ``_build`` (the source headers read once, every requested object
+built once and written, whatever the number of targets), ``_attempt`` for each pending target (one send through
+the destination interface, ``dicom_node.delivery.destinations``, or one webhook POST, recorded) and ``_finish``.
+
 Job states: succeeded → delivered (every destination stored, with or without warning) or delivery_failed (one
 refused for good, or ran out of attempts). Every attempt is a DeliveryAttempt row; state changes are JobEvent rows.
 """
@@ -31,18 +37,16 @@ from dicom_node.config import Destination, Settings, Webhook
 from dicom_node.db import Database
 from dicom_node.db.models import DeliveryAttempt, Instance, Job, JobEvent, JobState, ResultObject
 from dicom_node.delivery import handover
-from dicom_node.delivery.commitment import Reference, request_commitment
-from dicom_node.delivery.scu import ScuTimeouts, SendOutcome, store_files
-from dicom_node.delivery.stow import stow_files
+from dicom_node.delivery.destinations import DestinationType, open_destination
+from dicom_node.delivery.transfer import DONE, ResultFile, SendOutcome
 from dicom_node.delivery.webhook import TriageEvent, post_event
 from dicom_node.jobs import DELIVERABLE_STATES
 from dicom_node.models.base import ModelIdentity, SeriesResult
-from dicom_node.results.build import ObjectRequest, build_results
+from dicom_node.results.build import BuiltObjects, ObjectRequest, build_results
 from dicom_node.timeutil import seconds
 
 log = logging.getLogger(__name__)
 
-DONE = {"stored", "warning"}
 WEBHOOK_BACKOFF_INITIAL = 2.0
 WEBHOOK_BACKOFF_MAX = 300.0
 
@@ -65,28 +69,57 @@ class DeliveryReport:
         return min(self.retry.values()) if self.retry else None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class _Target:
-    """A destination or a webhook, named as in DeliveryAttempt.destination."""
+    """A destination (DICOM files, through its type) or a webhook (the triage event), named as in
+    DeliveryAttempt.destination."""
 
     name: str
-    destination: Destination | None = None
+    destination: DestinationType | None = None
     webhook: Webhook | None = None
 
     @property
     def max_attempts(self) -> int:
         if self.destination is not None:
-            return self.destination.max_attempts
+            return self.destination.config.max_attempts
         assert self.webhook is not None
         return self.webhook.max_attempts
 
     def backoff(self, attempt: int) -> float:
         """Seconds before attempt ``attempt + 1``: initial × 2^(attempt-1), capped."""
         if self.destination is not None:
-            initial, cap = self.destination.backoff_initial_seconds, self.destination.backoff_max_seconds
+            config = self.destination.config
+            initial, cap = config.backoff_initial_seconds, config.backoff_max_seconds
         else:
             initial, cap = WEBHOOK_BACKOFF_INITIAL, WEBHOOK_BACKOFF_MAX
         return float(min(cap, initial * 2 ** max(0, attempt - 1)))
+
+    def requests(self) -> list[ObjectRequest]:
+        """The objects this target receives: its destination profile's; none for a webhook."""
+        return _requests(self.destination.config) if self.destination is not None else []
+
+
+@dataclass(frozen=True)
+class _Loaded:
+    """What one delivery works from, read once: the detection result and the job database's part."""
+
+    state: str
+    result: SeriesResult
+    kept: handover.Handover | None  # the detection's hand-over, when this process kept it
+    paths: dict[str, str]  # source SOP Instance UID → spool file
+    triage: TriageEvent
+    predecessors: list[Dataset]
+    history: dict[str, list[DeliveryAttempt]]  # target name → its attempts so far
+    completed_at: datetime | None
+
+
+@dataclass(frozen=True)
+class _Built:
+    """The objects built for this delivery, as written (by ObjectRequest.key), and the triage event naming the
+    findings they show."""
+
+    files: dict[str, ResultFile]
+    triage: TriageEvent
 
 
 def _requests(destination: Destination) -> list[ObjectRequest]:
@@ -144,12 +177,23 @@ def _write(dataset: Dataset, path: Path) -> None:
     tmp.replace(path)
 
 
-def _record_objects(session: Session, job: Job, objects: dict[str, Dataset], directory: Path) -> dict[str, Path]:
-    paths: dict[str, Path] = {}
+def _result_file(dataset: Dataset, path: Path) -> ResultFile:
+    """What the File Meta Information of ``path``, just written from ``dataset``, says, known without reading it
+    back: writing with ``enforce_file_format`` copies the data set's SOP Class and Instance UIDs into the Media
+    Storage ones (PS3.10 7.1) and keeps the transfer syntax the data set names."""
+    meta = getattr(dataset, "file_meta", None)
+    syntax = meta.get("TransferSyntaxUID") if meta is not None else None
+    if syntax is None:  # pydicom chose one from the data set's encoding when writing: the file says which
+        syntax = read_file_meta_info(path).TransferSyntaxUID
+    return ResultFile(path, str(dataset.SOPClassUID), str(dataset.SOPInstanceUID), str(syntax))
+
+
+def _record_objects(session: Session, job: Job, objects: dict[str, Dataset], directory: Path) -> dict[str, ResultFile]:
+    files: dict[str, ResultFile] = {}
     for key, dataset in objects.items():
         path = directory / f"{key}.dcm"
         _write(dataset, path)
-        paths[key] = path
+        files[key] = _result_file(dataset, path)
         uid = str(dataset.SOPInstanceUID)
         row = session.scalar(select(ResultObject).where(ResultObject.sop_instance_uid == uid))
         if row is None:
@@ -163,42 +207,40 @@ def _record_objects(session: Session, job: Job, objects: dict[str, Dataset], dir
                     file_path=str(path),
                 )
             )
-    return paths
+    return files
 
 
 def _targets(settings: Settings, abnormal: bool) -> list[_Target]:
     targets = [_Target(f"webhook:{hook.url}"[:128], webhook=hook) for hook in settings.webhooks] if abnormal else []
-    targets += [_Target(dest.name[:128], destination=dest) for dest in settings.destinations]
+    targets += [
+        _Target(dest.name[:128], destination=open_destination(dest, settings)) for dest in settings.destinations
+    ]
     return targets
 
 
-def _send(target: _Target, files: Sequence[Path], settings: Settings, event: TriageEvent) -> SendOutcome:
-    if target.webhook is not None:
-        return post_event(target.webhook, event)
-    destination = target.destination
-    assert destination is not None
-    if destination.kind == "stow-rs":
-        return stow_files(destination, files, timeout=settings.network.dimse_timeout)
-    network = settings.network
-    timeouts = ScuTimeouts(network.acse_timeout, network.dimse_timeout, network.network_timeout)
-    stored = store_files(destination, files, calling_ae=settings.node.ae_title, timeouts=timeouts)
-    if stored.outcome not in DONE or not destination.profile.storage_commitment:
+def _store(destination: DestinationType, files: Sequence[ResultFile]) -> SendOutcome:
+    """One attempt at a destination: send the files, then, when the destination commits, ask it to (Storage
+    Commitment, PS3.4 Annex J). Stored and committed is the send's outcome with both details; a commitment refused
+    or unanswered is the attempt's outcome (the files go again with the same UIDs on the retry)."""
+    stored = destination.send(files)
+    if stored.outcome not in DONE or not destination.commits:
         return stored
-    references = []
-    for path in files:
-        meta = read_file_meta_info(path)  # our own files: the file meta names the SOP class and instance
-        references.append(Reference(str(meta.MediaStorageSOPClassUID), str(meta.MediaStorageSOPInstanceUID)))
-    committed = request_commitment(destination, references, calling_ae=settings.node.ae_title, timeouts=timeouts)
+    committed = destination.commit(files)
     if committed.outcome in DONE:
         return SendOutcome(stored.outcome, stored.status, f"{stored.detail}; {committed.detail}")
     return committed
 
 
-def deliver_job(db: Database, settings: Settings, job_id: int, *, force: bool = False) -> DeliveryReport:
-    """Build, record and send the results of job ``job_id``; ``force`` re-sends to destinations that already
-    stored or refused them (the admin's "redeliver")."""
-    began = time.perf_counter()
-    kept: handover.Handover | None = None
+def _send(target: _Target, files: Sequence[ResultFile], event: TriageEvent) -> SendOutcome:
+    if target.webhook is not None:
+        return post_event(target.webhook, event)
+    assert target.destination is not None
+    return _store(target.destination, files)
+
+
+def _load_result(db: Database, job_id: int) -> tuple[SeriesResult, handover.Handover | None] | DeliveryReport:
+    """The job's detection result, or the report of why there is nothing to deliver (the job failed when its
+    result cannot be read)."""
     with db.session() as session:
         job = session.get(Job, job_id)
         if job is None:
@@ -215,12 +257,21 @@ def deliver_job(db: Database, settings: Settings, job_id: int, *, force: bool = 
     if problem is not None:
         log.error("job %s: %s", job_id, problem)
         return _fail(db, job_id, DeliveryReport(job_id, "failed"), problem)
+    return result, kept
+
+
+def _load(db: Database, job_id: int) -> _Loaded | DeliveryReport:
+    """Step 1: the job and its result, then the source files, the triage event, the SRs this job's replace and
+    the attempts so far, from one session."""
+    loaded = _load_result(db, job_id)
+    if isinstance(loaded, DeliveryReport):
+        return loaded
+    result, kept = loaded
     with db.session() as session:
         job = session.get_one(Job, job_id)
         instances = session.scalars(
             select(Instance).where(Instance.sop_instance_uid.in_(result.sop_instance_uids))
         ).all()
-        paths = {row.sop_instance_uid: row.file_path for row in instances}
         study = job.study
         completed_at = job.study_completed_at or study.completed_at
         triage = TriageEvent(
@@ -236,13 +287,26 @@ def deliver_job(db: Database, settings: Settings, job_id: int, *, force: bool = 
             job_id=job.id,
             study_completed_at=completed_at.isoformat() if completed_at else None,
         )
-        predecessors = _predecessor_srs(session, job)
-        history = _attempts(session, job.id)
-    loaded = time.perf_counter()
+        return _Loaded(
+            state=str(job.state),
+            result=result,
+            kept=kept,
+            paths={row.sop_instance_uid: row.file_path for row in instances},
+            triage=triage,
+            predecessors=_predecessor_srs(session, job),
+            history=_attempts(session, job.id),
+            completed_at=completed_at,
+        )
 
-    targets = _targets(settings, result.is_abnormal)
+
+def _plan(
+    job_id: int, loaded: _Loaded, targets: Sequence[_Target], force: bool
+) -> tuple[list[_Target], DeliveryReport]:
+    """Step 2: the targets to send to now (never tried, or last told to retry; all of them when ``force``) and a
+    report that already names the others' last outcome."""
+    history = loaded.history
     pending = [t for t in targets if force or not history.get(t.name) or history[t.name][-1].outcome == "retry"]
-    report = DeliveryReport(job_id, str(job.state))
+    report = DeliveryReport(job_id, loaded.state)
     for target in targets:
         last = history.get(target.name, [])
         if target in pending or not last:
@@ -251,93 +315,145 @@ def deliver_job(db: Database, settings: Settings, job_id: int, *, force: bool = 
             report.stored.append(target.name)
         else:
             report.failed[target.name] = last[-1].detail or "failed"
+    return pending, report
 
-    requests = [r for t in pending if t.destination is not None for r in _requests(t.destination)]
-    files_by_key: dict[str, Path] = {}
+
+def _with_findings(triage: TriageEvent, built: BuiltObjects, abnormal: bool) -> TriageEvent:
+    """The triage event naming the strongest of the regions found, when the result is abnormal and has some."""
+    if not (built.findings.findings and abnormal):
+        return triage
+    strongest = built.findings.findings[0]
+    where = (
+        "above the pixel threshold"
+        if strongest.above_threshold
+        else "around the evidence of the score (no pixel above the pixel threshold)"
+    )
+    return replace(
+        triage,
+        finding=f"{len(built.findings.findings)} region(s) {where}; strongest "
+        f"'{strongest.label}' score {strongest.max_score:.4g}, {strongest.size} "
+        f"{'voxels' if built.source.is_volume else 'pixels'}, {strongest.size_mm:.0f} mm across",
+    )
+
+
+def _build(
+    db: Database,
+    settings: Settings,
+    job_id: int,
+    loaded: _Loaded,
+    pending: Sequence[_Target],
+    report: DeliveryReport,
+    began: float,
+) -> _Built | DeliveryReport:
+    """Step 3: the objects every pending target wants, built once from headers read once (the hand-over's when
+    it has them all, else the spool's), written under ``results_dir`` and recorded as ResultObject rows; the
+    failure report when they cannot be built (a source file gone from the spool does not heal by retrying)."""
+    loaded_at = time.perf_counter()
+    result, paths = loaded.result, loaded.paths
+    requests = [r for t in pending for r in t.requests()]
     # Webhooks need no objects, but their event names the findings, so the regions are found for them too.
-    if requests or any(t.webhook is not None for t in pending):
-        missing = [uid for uid in result.sop_instance_uids if uid not in paths]
-        if missing:
-            reason = f"{len(missing)} source instance(s) not in the database, e.g. {missing[0]}"
-            return _fail(db, job_id, report, reason)
-        try:
-            headers = _headers(result.sop_instance_uids, paths, kept)
-            headed = time.perf_counter()
-            built = build_results(
-                headers,
-                result,
-                requests,
-                read_pixels=lambda ds: pydicom.dcmread(paths[str(ds.SOPInstanceUID)]),
-                predecessors=predecessors,
+    if not requests and not any(t.webhook is not None for t in pending):
+        return _Built({}, loaded.triage)
+    missing = [uid for uid in result.sop_instance_uids if uid not in paths]
+    if missing:
+        reason = f"{len(missing)} source instance(s) not in the database, e.g. {missing[0]}"
+        return _fail(db, job_id, report, reason)
+    try:
+        headers = _headers(result.sop_instance_uids, paths, loaded.kept)
+        headed = time.perf_counter()
+        built = build_results(
+            headers,
+            result,
+            requests,
+            read_pixels=lambda ds: pydicom.dcmread(paths[str(ds.SOPInstanceUID)]),
+            predecessors=loaded.predecessors,
+        )
+    except (OSError, ValueError, InvalidDicomError) as err:
+        # A source file gone from the spool or a broken hand-over will not heal by retrying: say so on the job.
+        log.exception("job %s: could not build the result objects", job_id)
+        return _fail(db, job_id, report, f"could not build the result objects: {type(err).__name__}: {err}")
+    with db.session() as session:
+        job = session.get_one(Job, job_id)
+        directory = settings.results_dir / f"job-{job_id}" / "dicom"
+        objects_built = time.perf_counter()
+        files = _record_objects(session, job, built.objects, directory)
+        done = time.perf_counter()
+        if files:
+            timing = (
+                f"{'kept in memory: ' if loaded.kept is not None else ''}load {loaded_at - began:.2f} s, "
+                f"headers {headed - loaded_at:.2f} s, build {objects_built - headed:.2f} s, "
+                f"write {done - objects_built:.2f} s"
             )
-        except (OSError, ValueError, InvalidDicomError) as err:
-            # A source file gone from the spool or a broken hand-over will not heal by retrying: say so on the job.
-            log.exception("job %s: could not build the result objects", job_id)
-            return _fail(db, job_id, report, f"could not build the result objects: {type(err).__name__}: {err}")
-        with db.session() as session:
-            job = session.get_one(Job, job_id)
-            directory = settings.results_dir / f"job-{job_id}" / "dicom"
-            objects_built = time.perf_counter()
-            files_by_key = _record_objects(session, job, built.objects, directory)
-            done = time.perf_counter()
-            if files_by_key:
-                timing = (
-                    f"{'kept in memory: ' if kept is not None else ''}load {loaded - began:.2f} s, "
-                    f"headers {headed - loaded:.2f} s, build {objects_built - headed:.2f} s, "
-                    f"write {done - objects_built:.2f} s"
-                )
-                names = ", ".join(sorted(files_by_key))
-                _event(session, job, "results_built", f"{names} in {done - began:.2f} s ({timing})")
-        report.objects = {key: str(path) for key, path in files_by_key.items()}
-        if built.findings.findings and result.is_abnormal:
-            strongest = built.findings.findings[0]
-            where = (
-                "above the pixel threshold"
-                if strongest.above_threshold
-                else "around the evidence of the score (no pixel above the pixel threshold)"
-            )
-            triage = replace(
-                triage,
-                finding=f"{len(built.findings.findings)} region(s) {where}; strongest "
-                f"'{strongest.label}' score {strongest.max_score:.4g}, {strongest.size} "
-                f"{'voxels' if built.source.is_volume else 'pixels'}, {strongest.size_mm:.0f} mm across",
-            )
+            names = ", ".join(sorted(files))
+            _event(session, job, "results_built", f"{names} in {done - began:.2f} s ({timing})")
+    report.objects = {key: str(item.path) for key, item in files.items()}
+    return _Built(files, _with_findings(loaded.triage, built, result.is_abnormal))
 
-    for target in pending:
-        files = []
-        if target.destination is not None:
-            files = [files_by_key[r.key] for r in _requests(target.destination) if r.key in files_by_key]
-            if not files:
-                report.stored.append(target.name)
-                continue
-        earlier = history.get(target.name, [])
-        attempt = len(earlier) + 1
-        in_round = _trailing_retries(earlier) + 1
-        started_at = datetime.now(UTC)
-        outcome = _send(target, files, settings, triage)
-        if outcome.outcome == "retry" and in_round >= target.max_attempts:
-            outcome = SendOutcome("failed", outcome.status, f"gave up after {in_round} attempts: {outcome.detail}")
-        with db.session() as session:
-            session.add(
-                DeliveryAttempt(
-                    job_id=job_id,
-                    destination=target.name,
-                    attempt=attempt,
-                    started_at=started_at,
-                    finished_at=datetime.now(UTC),
-                    outcome=outcome.outcome,
-                    status=outcome.status,
-                    detail=outcome.detail,
-                )
+
+def _record_attempt(
+    db: Database, job_id: int, target: str, attempt: int, started_at: datetime, outcome: SendOutcome
+) -> None:
+    with db.session() as session:
+        session.add(
+            DeliveryAttempt(
+                job_id=job_id,
+                destination=target,
+                attempt=attempt,
+                started_at=started_at,
+                finished_at=datetime.now(UTC),
+                outcome=outcome.outcome,
+                status=outcome.status,
+                detail=outcome.detail,
             )
-        log.info("job %s → %s attempt %d: %s (%s)", job_id, target.name, attempt, outcome.outcome, outcome.detail)
-        if outcome.outcome in DONE:
+        )
+
+
+def _attempt(
+    db: Database,
+    job_id: int,
+    target: _Target,
+    built: _Built,
+    earlier: Sequence[DeliveryAttempt],
+    report: DeliveryReport,
+) -> None:
+    """Step 4, for one pending target: one attempt, recorded, its outcome in ``report`` (a retry with the backoff
+    of its round, or failed once the round has used ``max_attempts``)."""
+    files: list[ResultFile] = []
+    if target.destination is not None:
+        files = [built.files[r.key] for r in target.requests() if r.key in built.files]
+        if not files:
             report.stored.append(target.name)
-        elif outcome.outcome == "retry":
-            report.retry[target.name] = target.backoff(in_round)
-        else:
-            report.failed[target.name] = outcome.detail
-    return _finish(db, job_id, report, completed_at)
+            return
+    attempt = len(earlier) + 1
+    in_round = _trailing_retries(earlier) + 1
+    started_at = datetime.now(UTC)
+    outcome = _send(target, files, built.triage)
+    if outcome.outcome == "retry" and in_round >= target.max_attempts:
+        outcome = SendOutcome("failed", outcome.status, f"gave up after {in_round} attempts: {outcome.detail}")
+    _record_attempt(db, job_id, target.name, attempt, started_at, outcome)
+    log.info("job %s → %s attempt %d: %s (%s)", job_id, target.name, attempt, outcome.outcome, outcome.detail)
+    if outcome.outcome in DONE:
+        report.stored.append(target.name)
+    elif outcome.outcome == "retry":
+        report.retry[target.name] = target.backoff(in_round)
+    else:
+        report.failed[target.name] = outcome.detail
+
+
+def deliver_job(db: Database, settings: Settings, job_id: int, *, force: bool = False) -> DeliveryReport:
+    """Build, record and send the results of job ``job_id``; ``force`` re-sends to destinations that already
+    stored or refused them (the admin's "redeliver")."""
+    began = time.perf_counter()
+    loaded = _load(db, job_id)
+    if isinstance(loaded, DeliveryReport):
+        return loaded
+    pending, report = _plan(job_id, loaded, _targets(settings, loaded.result.is_abnormal), force)
+    built = _build(db, settings, job_id, loaded, pending, report, began)
+    if isinstance(built, DeliveryReport):
+        return built
+    for target in pending:
+        _attempt(db, job_id, target, built, loaded.history.get(target.name, []), report)
+    return _finish(db, job_id, report, loaded.completed_at)
 
 
 def _fail(db: Database, job_id: int, report: DeliveryReport, reason: str) -> DeliveryReport:

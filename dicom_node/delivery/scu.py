@@ -27,6 +27,7 @@ from pynetdicom.association import Association
 from pynetdicom.status import code_to_category
 
 from dicom_node.config import Destination
+from dicom_node.delivery.transfer import ResultFile, SendOutcome
 
 log = logging.getLogger(__name__)
 
@@ -34,15 +35,6 @@ TRANSFER_SYNTAXES = ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2"]  # Explicit, Im
 UNCOMPRESSED = {*TRANSFER_SYNTAXES, "1.2.840.10008.1.2.2"}
 WARNING_STATUSES = {0xB000, 0xB006, 0xB007}
 OUTCOME_ORDER = {"stored": 0, "warning": 1, "retry": 2, "failed": 3}
-
-
-@dataclass(frozen=True)
-class SendOutcome:
-    """Result of one attempt: ``outcome`` stored | warning | retry | failed, the worst DIMSE status, a reason."""
-
-    outcome: str
-    status: int | None
-    detail: str
 
 
 def classify_status(status: int) -> str:
@@ -110,31 +102,24 @@ def _as_accepted(assoc: Association, ds: pydicom.Dataset) -> pydicom.Dataset:
     return ds
 
 
-@dataclass(frozen=True)
-class _File:
-    """A file to send, known from its file meta information alone (PS3.10 7.1)."""
-
-    path: Path
-    sop_class: str
-    sop_instance: str
-    syntax: str
-
-
-def _describe(path: Path) -> _File:
+def describe(path: Path) -> ResultFile:
+    """A file to send, known from its file meta information alone (PS3.10 7.1) when it has one."""
     meta = read_file_meta_info(path)
     if all(keyword in meta for keyword in ("MediaStorageSOPClassUID", "MediaStorageSOPInstanceUID")):
-        return _File(
+        return ResultFile(
             path, str(meta.MediaStorageSOPClassUID), str(meta.MediaStorageSOPInstanceUID), str(meta.TransferSyntaxUID)
         )
     header = pydicom.dcmread(path, stop_before_pixels=True)
-    return _File(path, str(header.SOPClassUID), str(header.SOPInstanceUID), str(header.file_meta.TransferSyntaxUID))
+    return ResultFile(
+        path, str(header.SOPClassUID), str(header.SOPInstanceUID), str(header.file_meta.TransferSyntaxUID)
+    )
 
 
-def _send_one(assoc: Association, item: _File, accepted: set[tuple[str, str]]) -> Dataset:
+def _send_one(assoc: Association, item: ResultFile, accepted: set[tuple[str, str]]) -> Dataset:
     """C-STORE one file. When the PACS accepted the file's own transfer syntax for its SOP class, the file's bytes
     go as they are (pynetdicom streams the data set from the file: no parsing, no encoding again); otherwise it is
     read and converted (Explicit → Implicit VR, or decompressed) as ``_as_accepted`` says."""
-    if (item.sop_class, item.syntax) in accepted:
+    if (item.sop_class_uid, item.transfer_syntax_uid) in accepted:
         previous = _config.STORE_SEND_CHUNKED_DATASET
         _config.STORE_SEND_CHUNKED_DATASET = True
         try:
@@ -145,14 +130,20 @@ def _send_one(assoc: Association, item: _File, accepted: set[tuple[str, str]]) -
 
 
 def store_files(
-    destination: Destination, files: Sequence[Path], *, calling_ae: str, timeouts: ScuTimeouts | None = None
+    destination: Destination,
+    files: Sequence[Path | ResultFile],
+    *,
+    calling_ae: str,
+    timeouts: ScuTimeouts | None = None,
 ) -> SendOutcome:
-    """Send ``files`` over one association and classify the attempt."""
+    """Send ``files`` over one association and classify the attempt. A ``ResultFile`` already names its SOP class,
+    instance and transfer syntax; a bare path is described from its file meta information."""
     timeouts = timeouts or ScuTimeouts()
-    items = [_describe(Path(path)) for path in files]
-    sop_classes = sorted({item.sop_class for item in items})
+    items = [item if isinstance(item, ResultFile) else describe(Path(item)) for item in files]
+    sop_classes = sorted({item.sop_class_uid for item in items})
     compressed = sorted(
-        {(item.sop_class, item.syntax) for item in items} - {(c, ts) for c in sop_classes for ts in UNCOMPRESSED}
+        {(item.sop_class_uid, item.transfer_syntax_uid) for item in items}
+        - {(c, ts) for c in sop_classes for ts in UNCOMPRESSED}
     )
     assoc, problem = _associate(destination, calling_ae, sop_classes, timeouts, compressed)
     if assoc is None:
@@ -165,15 +156,15 @@ def store_files(
         for item in items:
             response = _send_one(assoc, item, accepted)
             if "Status" not in response:
-                lost = f"no C-STORE response for {item.sop_instance} (connection lost or timed out)"
+                lost = f"no C-STORE response for {item.sop_instance_uid} (connection lost or timed out)"
                 outcomes.append(SendOutcome("retry", None, lost))
                 break
             status = int(response.Status)
             outcome = classify_status(status)
             comment = response.get("ErrorComment", "")
-            detail = f"{item.sop_instance}: 0x{status:04X} {code_to_category(status)} {comment}".rstrip()
+            detail = f"{item.sop_instance_uid}: 0x{status:04X} {code_to_category(status)} {comment}".rstrip()
             outcomes.append(SendOutcome(outcome, status, detail))
-            log.info("C-STORE %s to %s: 0x%04X (%s)", item.sop_instance, destination.name, status, outcome)
+            log.info("C-STORE %s to %s: 0x%04X (%s)", item.sop_instance_uid, destination.name, status, outcome)
             if outcome in ("failed", "retry"):
                 break
     finally:

@@ -13,7 +13,7 @@ from pathlib import Path
 import httpx
 
 from dicom_node.config import Destination
-from dicom_node.delivery.scu import SendOutcome
+from dicom_node.delivery.transfer import SendOutcome
 
 
 def multipart_body(files: Sequence[Path], boundary: str) -> bytes:

@@ -13,7 +13,7 @@ from typing import Any
 import httpx
 
 from dicom_node.config import Webhook
-from dicom_node.delivery.scu import SendOutcome
+from dicom_node.delivery.transfer import SendOutcome
 
 RETRY_HTTP_STATUSES = {408, 425, 429}
 
