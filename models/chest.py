@@ -75,7 +75,7 @@ from dicom_node.models.radiograph_views import ViewCalibration, ViewClassifier, 
 
 logger = logging.getLogger(__name__)
 
-WEIGHTS_DIR = Path(__file__).resolve().parent / "weights" / "chest_xray"
+WEIGHTS_DIR = Path(__file__).resolve().parent / "chest_xray" / "weights"
 
 TRAINING_COMMAND = (
     "dicom-node fit --detector chest_xray --normal ../shared/data/cxr_nih/train/normal "
