@@ -1,11 +1,11 @@
 """The Celery application: queues, reliability settings and the dispatcher that sends job messages.
 
-Queues: one per installed detector (its ``DetectorSpec.queue``: ``brain_mri``, ``chest_xray``) and ``delivery``, each on its own direct exchange. Triage
-rules put a job in the urgent lane: the same queue with broker priority 0 instead of 5 (Redis keeps one list per
-priority step and a worker always takes from the most urgent list first). Deliveries first: every delivery message
-has priority 0 and ``delivery`` is the first queue a worker reads, so a worker whose pool process finishes a
-detection takes a waiting delivery before the next detection of a backlog (docs/workers.md, "Deliveries first").
-Messages are acknowledged after the task ran (``acks_late``) and requeued
+Queues: one per installed detector (its ``DetectorSpec.queue``: ``brain_mri``, ``chest_xray``) and ``delivery``,
+each on its own direct exchange. Triage rules put a job in the urgent lane: the same queue with broker priority 0
+instead of 5 (Redis keeps one list per priority step and a worker always takes from the most urgent list first).
+Deliveries first: every delivery message has priority 0 and ``delivery`` is the first queue a worker reads, so a
+worker whose pool process finishes a detection takes a waiting delivery before the next detection of a backlog
+(docs/workers.md, "Deliveries first"). Messages are acknowledged after the task ran (``acks_late``) and requeued
 when a worker process dies (``reject_on_worker_lost``); each worker process reserves one message at a time
 (``prefetch 1``) so a long MR series never holds back a short one queued behind it on another worker.
 
@@ -125,8 +125,9 @@ def create_app(settings: Settings, *, broker: str | None = None) -> Celery:
         task_reject_on_worker_lost=True,
         worker_prefetch_multiplier=1,
         task_queues=[
-            Queue(name, Exchange(name, type="direct"), routing_key=name) for name in (DELIVERY_QUEUE, *detection_queues())
-        ],  # fmt: skip
+            Queue(name, Exchange(name, type="direct"), routing_key=name)
+            for name in (DELIVERY_QUEUE, *detection_queues())
+        ],
         task_create_missing_queues=True,
         task_default_queue=DELIVERY_QUEUE,
         task_routes={DELIVER_TASK: {"queue": DELIVERY_QUEUE}},
