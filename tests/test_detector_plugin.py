@@ -11,6 +11,8 @@ detector). tests/test_config.py checks the error for a detector nobody installed
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -68,6 +70,24 @@ def test_shipped_detectors_come_from_entry_points() -> None:
         assert registry.model_dir(name) == spec.weights
         assert registry.model_version(name) not in ("", registry.UNVERSIONED)
     assert registry.spec("brain_mri").loader == "dicom_node.models.brain:load_brain_mri"
+
+
+def test_specs_are_read_without_torch(plugin_installed: str) -> None:
+    """Listing detectors, reading the configuration, naming queues, model versions and result codes: no torch, no
+    detector code (the node that receives and schedules never loads a model)."""
+    code = (
+        "import sys\n"
+        "from dicom_node.config import Settings\n"
+        "from dicom_node.models import registry\n"
+        "from dicom_node.results.common import procedure_code\n"
+        "from dicom_node.workers.app import detection_queues\n"
+        "Settings(); detection_queues(); procedure_code('knee_xray')\n"
+        "[registry.model_version(name) for name in registry.names()]\n"
+        "print(sorted(m for m in ('torch', 'dicom_node.models.brain', 'dicom_node.models.chest',"
+        " 'dn_knee_xray.detector') if m in sys.modules), registry.names())\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO)
+    assert done.stdout.split("\n")[0] == "[] ['brain_mri', 'chest_xray', 'knee_xray']"
 
 
 def test_plugin_adds_a_detector_everywhere(plugin_installed: str, caplog: pytest.LogCaptureFixture) -> None:
