@@ -89,8 +89,9 @@ CONTENT_CREATOR = "dicom-node^AI"
 # Recommended Display CIELab Value per segment (PS3.3 C.8.20.2): red, yellow, magenta, then repeating.
 SEGMENT_COLOURS: tuple[tuple[float, float, float], ...] = ((53.2, 80.1, 67.2), (97.1, -21.6, 94.5), (60.3, 98.2, -60.8))
 
-# Where the regions lie and the procedure reported come from each detector's DetectorSpec (models/registry.py):
-# the head foreground the brain detector reads (it has no brain mask), the thorax.
+# Where the regions lie (the head foreground the brain detector reads, it has no brain mask; the thorax) and the
+# procedure reported come from each detector's DetectorSpec (models/brain_mri/, models/chest_xray/, a plugin's),
+# through models/registry.py; a detector that states none gets no anatomy and the generic procedure.
 GENERIC_PROCEDURE = Code("18748-4", "LN", "Diagnostic imaging study")
 
 
