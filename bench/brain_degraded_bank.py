@@ -21,7 +21,7 @@ images), so a comparison with the shipped model measures the degraded copies alo
 shipped model: ``bench/brain_resolution.py --model candidate=/tmp/brain_candidate``; ``time`` here times the
 scoring of the healthy Siemens series (176 slices) with both models::
 
-    nice .venv/bin/python -m bench.brain_degraded_bank time models/weights/brain_mri /tmp/brain_candidate
+    nice .venv/bin/python -m bench.brain_degraded_bank time models/brain_mri/weights /tmp/brain_candidate
 
 Results (2026-12-07, two shared CPU cores): the fit took 31 min (about one free core; the bank alone takes about
 6 min on two); the bank holds 1,589 training images plus 6,151 copies (7,740 images, 1,005,059 patches, 4.8x;

@@ -2,7 +2,7 @@
 bootstrap of the difference (LGG slices grouped by patient; Kaggle images are their own group); on LGG also the
 pooled Dice of each model's map at its own pixel threshold, with the same bootstrap of the difference.
 
-    nice .venv/bin/python -m bench.brain_paired --a /tmp/brain_2.1.0 --b models/weights/brain_mri
+    nice .venv/bin/python -m bench.brain_paired --a /tmp/brain_2.1.0 --b models/brain_mri/weights
 
 (2.1.0's model directory: ``git archive 280e62d models/weights/brain_mri | tar x -C /tmp/old``.)
 """

@@ -44,7 +44,7 @@ def cache_features(out: Path) -> None:
     """Backbone features of every cxr_nih image, prepared as the shipped detector prepares them."""
     from dicom_node.models.chest import ChestXrayDetector
 
-    detector = ChestXrayDetector.load(Path("models/weights/chest_xray"))
+    detector = ChestXrayDetector.load(Path("models/chest_xray/weights"))
     with open(DATA / "labels.csv", newline="", encoding="utf-8") as handle:
         rows = list(csv.DictReader(handle))
     s8: list[torch.Tensor] = []

@@ -15,7 +15,7 @@ To go on training the shipped segmenter on a changed lesion recipe (e.g. with th
 session 5 could only try for 728 CPU steps) instead of from scratch:
 
     python3 -m bench.gpu_train train --data .gpu/brain.npz --out $OUT --segmenter-seconds 300 --ae-seconds 0 \
-        --start models/weights/brain_mri/weights.safetensors --learning-rate 5e-4 \
+        --start models/brain_mri/weights/weights.safetensors --learning-rate 5e-4 \
         --lesion-kinds hyperintense hypointense foreign_patch ring faint_hyperintense
 
 Writes segmenter.safetensors, autoencoder.safetensors and gpu_train.json (training records, val AUROCs of each
@@ -25,7 +25,7 @@ Step 3 (here): make a complete brain_mri model directory of the GPU-trained segm
 as for every shipped model:
 
     .venv/bin/python -m bench.gpu_train assemble --weights DIR/segmenter.safetensors --record DIR/gpu_train.json \
-        --base models/weights/brain_mri --out models/weights/brain_mri     # the default model (spade+segmenter)
+        --base models/brain_mri/weights --out models/brain_mri/weights     # the default model (spade+segmenter)
     .venv/bin/python -m bench.gpu_train assemble ... --out /tmp/brain_segmenter  # the segmenter alone
 """
 
@@ -35,6 +35,7 @@ import argparse
 import hashlib
 import json
 import logging
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -280,7 +281,7 @@ def assemble(weights: Path, record_file: Path, out: Path, version: str, base: Pa
         detector.card["training_folders"] = ["brain_kaggle/train/normal", "brain_lgg/train/normal"]
         detector.card["training_command"] = (
             "python -m bench.gpu_train prepare/train/assemble (bench/gpu_train.py); equivalent: "
-            + TRAINING_COMMAND.replace("--out models/weights/brain_mri", f"--out {out}")
+            + re.sub(r"--out \S+", lambda _: f"--out {out}", TRAINING_COMMAND, count=1)
             + " --method segmenter"
         )
     folders = [DATA / "brain_kaggle/val/normal", DATA / "brain_lgg/val/normal"]

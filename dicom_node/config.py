@@ -10,11 +10,13 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from dicom_node.models import registry as detector_registry
 
 # PS3.5 6.2: AE is at most 16 characters of the Default Character Repertoire, no backslash or control characters.
 _AE_TITLE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")
@@ -142,6 +144,18 @@ class CompletionSettings(_Section):
     rules: list[CompletionRule] = Field(default_factory=list)
 
 
+def _known_detector(name: str) -> str:
+    """A detector name some installed detector has (models/registry.py: shipped ones and plugins)."""
+    known = detector_registry.names()
+    if name not in known:
+        raise ValueError(f"unknown detector {name!r}; known: {', '.join(known) or 'none'}")
+    return name
+
+
+# A detector's name, checked against the installed detectors when the configuration is read.
+DetectorName = Annotated[str, AfterValidator(_known_detector)]
+
+
 class SelectionRule(_Section):
     """A series-selection rule; all given conditions must hold. ``detector`` None means ignore with ``reason``.
 
@@ -176,8 +190,9 @@ class SelectionRule(_Section):
 
 
 def _default_selection_rules() -> list[SelectionRule]:
-    """Defaults: brain MR series of real images (not localizers), frontal (PA/AP) chest CR/DX."""
-    return [
+    """Defaults: localizers out first, then each installed detector's own rules (its ``DetectorSpec.selection``, in
+    detector name order: brain MR series of real images, frontal (PA/AP) chest CR/DX), then other radiographs out."""
+    rules = [
         SelectionRule(
             name="localizer",
             reason="localizer",
@@ -189,38 +204,17 @@ def _default_selection_rules() -> list[SelectionRule]:
             # Letters around the word would make another word; underscores and digits do not (AAHead_Scout_64ch).
             series_description_regex=r"(?i)(?<![a-z])(localizer|localiser|scout|survey|3-?plane|aahead)(?![a-z])",
         ),
-        SelectionRule(
-            name="derived",
-            reason="derived or secondary image",
-            image_type_includes=["DERIVED"],
-            modality=["MR"],
-        ),
-        SelectionRule(
-            name="brain-mr",
-            detector="brain_mri",
-            modality=["MR"],
-            body_part_examined=["BRAIN", "HEAD", "SKULL", ""],
-            min_instances=1,
-        ),
-        SelectionRule(
-            name="lateral-chest",
-            reason="lateral view",
-            modality=["CR", "DX"],
-            view_position=["LL", "RL", "LAT", "LATERAL", "RLD", "LLD"],
-        ),
-        SelectionRule(
-            name="frontal-chest",
-            detector="chest_xray",
-            modality=["CR", "DX"],
-            body_part_examined=["CHEST", "THORAX", "LUNG"],
-            view_position=["PA", "AP", ""],
-        ),
+    ]
+    for spec in detector_registry.specs().values():
+        rules.extend(SelectionRule.model_validate(dict(rule)) for rule in spec.selection)
+    rules.append(
         SelectionRule(
             name="other-radiograph",
             reason="not a chest study",
             modality=["CR", "DX"],
-        ),
-    ]
+        )
+    )
+    return rules
 
 
 class SelectionSettings(_Section):
@@ -228,7 +222,6 @@ class SelectionSettings(_Section):
 
 
 ResultKind = Literal["SEG", "SR", "PM", "SC"]
-DetectorName = Literal["brain_mri", "chest_xray"]
 
 
 def _default_objects() -> list[ResultKind]:
@@ -236,7 +229,7 @@ def _default_objects() -> list[ResultKind]:
 
 
 def _default_detectors() -> dict[DetectorName, DetectorSettings]:
-    return {"brain_mri": DetectorSettings(), "chest_xray": DetectorSettings()}
+    return {name: DetectorSettings() for name in detector_registry.names()}
 
 
 class DestinationProfile(_Section):
@@ -316,7 +309,8 @@ class Webhook(_Section):
 
 
 class DetectorSettings(_Section):
-    """Per-detector worker settings; ``model_dir`` None means the weights shipped in models/weights."""
+    """Per-detector worker settings; ``model_dir`` None means the detector's shipped weights (its package's weights/
+    folder, e.g. models/brain_mri/weights)."""
 
     enabled: bool = True
     model_dir: Path | None = None

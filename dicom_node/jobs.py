@@ -100,10 +100,14 @@ def compute_result_key(
 
 
 def shipped_model_dir(detector: str) -> Path:
-    """``models/weights/<detector>``, found without importing torch or the detector code."""
-    import dicom_node.models
+    """The detector's shipped weights folder (``models/<detector>/weights``), from its spec: found without importing
+    torch or the detector code."""
+    from dicom_node.models import registry
 
-    return Path(dicom_node.models.__file__).resolve().parent / "weights" / detector
+    try:
+        return registry.model_dir(detector)
+    except registry.UnknownDetectorError:  # ships no weights: no model card here, the jobs are keyed as unversioned
+        return Path(registry.__file__).resolve().parent / "no-shipped-weights" / detector
 
 
 def model_version(settings: Settings, detector: str) -> str:

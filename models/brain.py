@@ -42,7 +42,7 @@ from dicom_node.models.preprocessing import (
 
 logger = logging.getLogger(__name__)
 
-WEIGHTS_DIR = Path(__file__).resolve().parent / "weights" / "brain_mri"
+WEIGHTS_DIR = Path(__file__).resolve().parent / "brain_mri" / "weights"
 
 SERIES_DEFAULTS: dict[str, float] = {
     "series_top_fraction": 0.05,
@@ -56,7 +56,7 @@ TRAINING_COMMAND = (
     "--normal ../shared/data/brain_lgg/train/normal "
     "--calibration-normal ../shared/data/brain_kaggle/val/normal "
     "--calibration-normal ../shared/data/brain_lgg/val/normal "
-    "--out models/weights/brain_mri --device cuda"
+    "--out models/brain_mri/weights --device cuda"
 )
 
 BRAIN_CARD: dict[str, Any] = {

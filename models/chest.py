@@ -71,12 +71,12 @@ from dicom_node.models.preprocessing import CropBox, PreprocessingError, crop_sq
 
 logger = logging.getLogger(__name__)
 
-WEIGHTS_DIR = Path(__file__).resolve().parent / "weights" / "chest_xray"
+WEIGHTS_DIR = Path(__file__).resolve().parent / "chest_xray" / "weights"
 
 TRAINING_COMMAND = (
     "dicom-node fit --detector chest_xray --normal ../shared/data/cxr_nih/train/normal "
     "--calibration-normal ../shared/data/cxr_nih/val/normal --labels ../shared/data/cxr_nih/labels.csv "
-    "--specificity 0.90 --out models/weights/chest_xray"
+    "--specificity 0.90 --out models/chest_xray/weights"
 )
 
 CHEST_DEFAULTS: dict[str, Any] = {

@@ -46,3 +46,17 @@ def test_database_schema_migrates(database) -> None:  # type: ignore[no-untyped-
 
     names = set(inspect(database.engine).get_table_names())
     assert {"studies", "series", "instances", "jobs", "audit_events"} <= names
+
+
+def test_unknown_detector_is_a_clear_error(tmp_path: Path) -> None:
+    """Detector names are checked against the installed detectors (models/registry.py), in routing rules and in
+    ``detectors``; the error lists the known ones."""
+    config = tmp_path / "node.yaml"
+    config.write_text("selection:\n  rules:\n    - {name: knee, detector: knee_xray, modality: [CR]}\n")
+    with pytest.raises(ConfigError, match=r"unknown detector 'knee_xray'; known: brain_mri, chest_xray") as err:
+        load_settings(config)
+    assert "selection.rules.0.detector" in str(err.value)
+    config.write_text("detectors:\n  knee_xray: {batch_size: 2}\n")
+    with pytest.raises(ConfigError, match=r"unknown detector 'knee_xray'; known: brain_mri, chest_xray") as err:
+        load_settings(config)
+    assert "detectors.knee_xray" in str(err.value)

@@ -1,11 +1,11 @@
 """The Celery application: queues, reliability settings and the dispatcher that sends job messages.
 
-Queues: one per detector (``brain_mri``, ``chest_xray``) and ``delivery``, each on its own direct exchange. Triage
-rules put a job in the urgent lane: the same queue with broker priority 0 instead of 5 (Redis keeps one list per
-priority step and a worker always takes from the most urgent list first). Deliveries first: every delivery message
-has priority 0 and ``delivery`` is the first queue a worker reads, so a worker whose pool process finishes a
-detection takes a waiting delivery before the next detection of a backlog (docs/workers.md, "Deliveries first").
-Messages are acknowledged after the task ran (``acks_late``) and requeued
+Queues: one per installed detector (its ``DetectorSpec.queue``: ``brain_mri``, ``chest_xray``) and ``delivery``,
+each on its own direct exchange. Triage rules put a job in the urgent lane: the same queue with broker priority 0
+instead of 5 (Redis keeps one list per priority step and a worker always takes from the most urgent list first).
+Deliveries first: every delivery message has priority 0 and ``delivery`` is the first queue a worker reads, so a
+worker whose pool process finishes a detection takes a waiting delivery before the next detection of a backlog
+(docs/workers.md, "Deliveries first"). Messages are acknowledged after the task ran (``acks_late``) and requeued
 when a worker process dies (``reject_on_worker_lost``); each worker process reserves one message at a time
 (``prefetch 1``) so a long MR series never holds back a short one queued behind it on another worker.
 
@@ -16,6 +16,7 @@ The broker is Redis in production (``broker.url: redis://host:6379/0``) and the 
 from __future__ import annotations
 
 import importlib.util
+from collections.abc import Sequence
 from typing import Any
 
 from celery import Celery
@@ -23,6 +24,7 @@ from kombu import Exchange, Queue
 
 from dicom_node.config import Settings
 from dicom_node.db import Job
+from dicom_node.models import registry as detector_registry
 from dicom_node.workers.broker import (
     TRANSPORT_PATH,
     embedded_broker_url,
@@ -32,7 +34,6 @@ from dicom_node.workers.broker import (
 
 DETECT_TASK = "dicom_node.detect"
 DELIVER_TASK = "dicom_node.deliver"
-DETECTION_QUEUES: tuple[str, ...] = ("brain_mri", "chest_xray")
 DELIVERY_QUEUE = "delivery"
 DELIVERY_PRIORITY = 0  # the most urgent step: a finished detection's results go out before the next detection
 DELIVERY_TASKS_MODULE = "dicom_node.workers.delivery_tasks"
@@ -50,9 +51,20 @@ def broker_url(settings: Settings, override: str | None = None) -> str:
     return override or settings.broker.url or embedded_broker_url(settings.node.data_dir)
 
 
+def detection_queues() -> tuple[str, ...]:
+    """One queue per installed detector (models/registry.py), in detector name order."""
+    return tuple(dict.fromkeys(queue_for(name) for name in detector_registry.names()))
+
+
+def queue_detectors(queues: Sequence[str]) -> list[str]:
+    """The installed detectors whose jobs go to one of ``queues``."""
+    return [name for name in detector_registry.names() if queue_for(name) in queues]
+
+
 def default_queues(settings: Settings) -> list[str]:
     """The queues a worker consumes when not told: every enabled detector, and delivery when it is installed."""
-    queues = [name for name in DETECTION_QUEUES if settings.detector(name).enabled]
+    enabled = [name for name in detector_registry.names() if settings.detector(name).enabled]
+    queues = list(dict.fromkeys(queue_for(name) for name in enabled))
     if delivery_tasks_available():
         queues.insert(0, DELIVERY_QUEUE)
     return queues
@@ -64,13 +76,21 @@ def deliveries_first(queues: list[str]) -> list[str]:
 
 
 def queue_for(detector: str) -> str:
-    return detector
+    """The queue of ``detector``'s jobs (its spec's; the name itself for a detector no longer installed)."""
+    try:
+        return detector_registry.spec(detector).queue
+    except detector_registry.UnknownDetectorError:
+        return detector
+
+
+def _limit_names() -> list[str]:
+    return detector_registry.names() or [""]  # no detector installed: the default limits
 
 
 def _transport_options(settings: Settings, url: str) -> dict[str, Any]:
     if is_embedded(url):
         return embedded_transport_options()
-    longest = max(settings.detector(name).time_limit_seconds for name in DETECTION_QUEUES)
+    longest = max(settings.detector(name).time_limit_seconds for name in _limit_names())
     return {
         # Redis: one list per priority step, the most urgent first (0 = urgent, 5 = normal).
         "priority_steps": list(range(10)),
@@ -90,7 +110,7 @@ def create_app(settings: Settings, *, broker: str | None = None) -> Celery:
     include = ["dicom_node.workers.tasks"]
     if delivery_tasks_available():
         include.append(DELIVERY_TASKS_MODULE)
-    limits = [settings.detector(name) for name in DETECTION_QUEUES]
+    limits = [settings.detector(name) for name in _limit_names()]
     app.conf.update(
         broker_url=url,
         broker_transport=TRANSPORT_PATH if embedded else None,
@@ -105,8 +125,9 @@ def create_app(settings: Settings, *, broker: str | None = None) -> Celery:
         task_reject_on_worker_lost=True,
         worker_prefetch_multiplier=1,
         task_queues=[
-            Queue(name, Exchange(name, type="direct"), routing_key=name) for name in (DELIVERY_QUEUE, *DETECTION_QUEUES)
-        ],  # fmt: skip
+            Queue(name, Exchange(name, type="direct"), routing_key=name)
+            for name in (DELIVERY_QUEUE, *detection_queues())
+        ],
         task_create_missing_queues=True,
         task_default_queue=DELIVERY_QUEUE,
         task_routes={DELIVER_TASK: {"queue": DELIVERY_QUEUE}},

@@ -5,31 +5,27 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from importlib.metadata import entry_points
 
 from celery import Celery, current_app
 
 from dicom_node.config import Settings
 from dicom_node.db import Database
 from dicom_node.models.base import Detector, DetectorRegistry
-from dicom_node.models.registry import default_registry
+from dicom_node.models.registry import ENTRY_POINT_GROUP, default_registry
 
 log = logging.getLogger(__name__)
 
-PLUGIN_GROUP = "dicom_node.detectors"
+PLUGIN_GROUP = ENTRY_POINT_GROUP
 _CONTEXT_ATTRIBUTE = "_dicom_node_context"
 
 
 def detector_registry() -> DetectorRegistry:
-    """The shipped detectors plus those installed as ``dicom_node.detectors`` entry points.
+    """Every installed detector: the shipped ones and those of plugins (``dicom_node.detectors`` entry points).
 
-    An entry point named like a shipped detector replaces it (a site's own model for ``brain_mri``). The test
-    suite uses this to run real workers with a small test detector (tests/plugins); the product ships none."""
-    registry = default_registry()
-    for entry in entry_points(group=PLUGIN_GROUP):
-        log.warning("detector %r provided by plugin %s", entry.name, entry.value)
-        registry.register(entry.name, entry.load())
-    return registry
+    A plugin's entry point named like a shipped detector replaces it (a site's own model for ``brain_mri``): a loader
+    function replaces its loader, a DetectorSpec the whole detector (models/registry.py says the rule). The test
+    suite uses this to run real workers with small test detectors (tests/plugins); the product ships none."""
+    return default_registry()
 
 
 def resolve_device(spec: str, process_index: int = 0) -> str:

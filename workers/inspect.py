@@ -23,7 +23,7 @@ from sqlalchemy.exc import OperationalError
 from sqlalchemy.pool import NullPool
 
 from dicom_node.sweeper import BrokerInspector, BrokerSnapshot
-from dicom_node.workers.app import DELIVERY_QUEUE, DETECTION_QUEUES
+from dicom_node.workers.app import DELIVERY_QUEUE, detection_queues
 from dicom_node.workers.broker import is_embedded
 
 log = logging.getLogger(__name__)
@@ -55,7 +55,7 @@ class RedisInspector:
         import redis
 
         self.client = redis.Redis.from_url(url, socket_timeout=3, socket_connect_timeout=3)
-        self.queues = [*DETECTION_QUEUES, DELIVERY_QUEUE]
+        self.queues = [*detection_queues(), DELIVERY_QUEUE]
 
     def _keys(self) -> list[str]:
         return [queue if step == 0 else f"{queue}{SEP}{step}" for queue in self.queues for step in PRIORITY_STEPS]

@@ -19,7 +19,7 @@ from celery.signals import worker_process_init
 from dicom_node.config import Settings
 from dicom_node.db import migrate
 from dicom_node.lifetime import die_with_parent
-from dicom_node.workers.app import DETECTION_QUEUES, create_app, default_queues, deliveries_first
+from dicom_node.workers.app import create_app, default_queues, deliveries_first, queue_detectors
 from dicom_node.workers.broker import is_embedded, prepare_embedded_broker
 from dicom_node.workers.context import get_context, set_cpu_threads
 from dicom_node.workers.heartbeat import Heartbeat
@@ -48,7 +48,7 @@ def _preload(app: Celery, queues: Sequence[str]) -> None:
     """Load the detectors of this worker's queues as soon as the pool process starts (kept warm after that); on
     CPU, share the CPUs out among the pool processes (torch threads, ``workers.context.cpu_threads``)."""
     context = get_context(app)
-    detectors = [name for name in queues if name in DETECTION_QUEUES]
+    detectors = queue_detectors(queues)
     for name in detectors:
         try:
             context.detector(name)

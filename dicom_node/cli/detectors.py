@@ -10,8 +10,6 @@ import sys
 from pathlib import Path
 from typing import Any
 
-# Detectors the commands accept; each has an entry in models.registry.DETECTOR_CLASSES.
-DETECTOR_CHOICES: tuple[str, ...] = ("brain_mri", "chest_xray")
 # Methods `fit --method` offers: those of the installed detector classes' ``methods`` tables (a detector refuses one
 # that is not in its own table). Methods no shipped model uses are in the repository's experiments/ folder.
 METHOD_CHOICES: tuple[str, ...] = ("spade+segmenter", "spade", "segmenter", "padim")
@@ -20,7 +18,10 @@ ASSUMED_DETECTOR_MM = 430.0
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--detector", required=True, choices=DETECTOR_CHOICES)
+    # The installed detectors (models/registry.py: read from entry points, without importing torch).
+    from dicom_node.models import registry
+
+    parser.add_argument("--detector", required=True, choices=registry.names())
     parser.add_argument("--device", default="auto", help="cpu, cuda, or auto (CUDA when present; default)")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress")
 
@@ -167,12 +168,9 @@ def _load(args: argparse.Namespace) -> Any:
 def _model_dir(args: argparse.Namespace) -> Path:
     if args.model is not None:
         return Path(args.model)
-    import importlib
+    from dicom_node.models import registry
 
-    from dicom_node.models.registry import DETECTOR_CLASSES
-
-    module = importlib.import_module(DETECTOR_CLASSES[args.detector][0])
-    return Path(module.WEIGHTS_DIR)
+    return registry.model_dir(args.detector)
 
 
 def run_fit(args: argparse.Namespace) -> int:

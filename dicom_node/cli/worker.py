@@ -70,13 +70,14 @@ def check_queues(queues: list[str] | None) -> str | None:
     discarded by Celery, so refuse rather than lose it."""
     if queues is None:
         return None
-    from dicom_node.workers.app import DELIVERY_QUEUE, DETECTION_QUEUES, delivery_tasks_available
+    from dicom_node.workers.app import DELIVERY_QUEUE, delivery_tasks_available, detection_queues
 
     if not queues:
         return "no queue given"
-    unknown = [name for name in queues if name not in (*DETECTION_QUEUES, DELIVERY_QUEUE)]
+    known = (*detection_queues(), DELIVERY_QUEUE)
+    unknown = [name for name in queues if name not in known]
     if unknown:
-        return f"unknown queue {unknown[0]!r} (known: {', '.join((*DETECTION_QUEUES, DELIVERY_QUEUE))})"
+        return f"unknown queue {unknown[0]!r} (known: {', '.join(known)})"
     if DELIVERY_QUEUE in queues and not delivery_tasks_available():
         return "the delivery queue needs the delivery tasks (workers/delivery_tasks.py), which are not installed"
     return None

@@ -30,8 +30,10 @@ from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 
 from dicom_node import __version__
+from dicom_node.models import registry as detector_registry
 from dicom_node.models.base import ModelIdentity, SeriesResult
 from dicom_node.models.regions import RegionRules, polygon_of, select_regions
+from dicom_node.models.spec import DetectorSpec, SpecCode
 
 MANUFACTURER = "dicom-node"
 
@@ -87,16 +89,33 @@ CONTENT_CREATOR = "dicom-node^AI"
 # Recommended Display CIELab Value per segment (PS3.3 C.8.20.2): red, yellow, magenta, then repeating.
 SEGMENT_COLOURS: tuple[tuple[float, float, float], ...] = ((53.2, 80.1, 67.2), (97.1, -21.6, 94.5), (60.3, 98.2, -60.8))
 
-# Where the regions lie: the head foreground the brain detector reads (it has no brain mask), the thorax.
-ANATOMY: dict[str, Code] = {
-    "brain_mri": Code("69536005", "SCT", "Head"),
-    "chest_xray": Code("51185008", "SCT", "Thorax"),
-}
-PROCEDURE: dict[str, Code] = {
-    "brain_mri": Code("24590-2", "LN", "MR Brain"),
-    "chest_xray": Code("36554-4", "LN", "XR Chest Single view"),
-}
+# Where the regions lie (the head foreground the brain detector reads, it has no brain mask; the thorax) and the
+# procedure reported come from each detector's DetectorSpec (models/brain_mri/, models/chest_xray/, a plugin's),
+# through models/registry.py; a detector that states none gets no anatomy and the generic procedure.
 GENERIC_PROCEDURE = Code("18748-4", "LN", "Diagnostic imaging study")
+
+
+def _spec(detector: str) -> DetectorSpec | None:
+    try:
+        return detector_registry.spec(detector)
+    except detector_registry.UnknownDetectorError:
+        return None
+
+
+def _code(code: SpecCode | None) -> Code | None:
+    return Code(code.value, code.scheme, code.meaning) if code is not None else None
+
+
+def anatomy_code(detector: str) -> Code | None:
+    """Where the detector's regions lie (SEG Anatomic Region, SR Finding Site); None when not stated."""
+    spec = _spec(detector)
+    return _code(spec.anatomy) if spec is not None else None
+
+
+def procedure_code(detector: str) -> Code:
+    """The SR's Procedure Reported: the detector's own, else the generic diagnostic imaging study."""
+    spec = _spec(detector)
+    return (_code(spec.procedure) if spec is not None else None) or GENERIC_PROCEDURE
 
 
 def derived_uid(*parts: object) -> str:

@@ -19,7 +19,6 @@ from pydicom.dataset import Dataset
 
 from dicom_node.models.base import ModelIdentity
 from dicom_node.results.common import (
-    ANATOMY,
     CONTENT_CREATOR,
     FINDING_CATEGORY,
     FINDING_TYPE,
@@ -28,6 +27,7 @@ from dicom_node.results.common import (
     Findings,
     SourceSeries,
     algorithm_identification,
+    anatomy_code,
     enhanced_equipment,
     finish,
     projection_geometry,
@@ -54,7 +54,7 @@ def build_seg(
         source.series_instance_uid, source.sop_instance_uids, model, "SEG", seg_variant(keep_empty_frames)
     )
     algorithm = algorithm_identification(model, pixel_threshold)
-    anatomy = ANATOMY.get(model.detector)
+    anatomy = anatomy_code(model.detector)
     descriptions = [
         hd.seg.SegmentDescription(
             segment_number=finding.number,

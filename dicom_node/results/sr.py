@@ -38,26 +38,25 @@ from pydicom.sr.codedict import codes
 from dicom_node.models.base import ModelIdentity
 from dicom_node.results.common import (
     ABNORMAL,
-    ANATOMY,
     ANOMALY_ASSESSMENT,
     ANOMALY_SCORE,
     CUBIC_MM,
     FINDING_CATEGORY,
     FINDING_TYPE,
-    GENERIC_PROCEDURE,
     MANUFACTURER,
     NORMAL,
-    PROCEDURE,
     RESULT_SERIES,
     UNITLESS,
     VOLUME,
     Finding,
     Findings,
     SourceSeries,
+    anatomy_code,
     derived_uid,
     device_uid,
     finish,
     model_name,
+    procedure_code,
     result_uids,
 )
 
@@ -81,7 +80,7 @@ def _assessment(abnormal: bool) -> hd.sr.QualitativeEvaluation:
 
 
 def _finding_sites(model: ModelIdentity) -> list[hd.sr.FindingSite] | None:
-    anatomy = ANATOMY.get(model.detector)
+    anatomy = anatomy_code(model.detector)
     return [hd.sr.FindingSite(anatomic_location=anatomy)] if anatomy is not None else None
 
 
@@ -273,7 +272,7 @@ def build_sr(
         groups += _region_groups(finding, source, seg, model, algorithm)
     report = hd.sr.MeasurementReport(
         observation_context=hd.sr.ObservationContext(observer_device_context=observer),
-        procedure_reported=PROCEDURE.get(model.detector, GENERIC_PROCEDURE),
+        procedure_reported=procedure_code(model.detector),
         imaging_measurements=groups,
         referenced_images=_library_images(source, findings),
     )

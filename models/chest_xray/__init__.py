@@ -1,0 +1,36 @@
+"""The chest X-ray detector: its descriptor and, in weights/, the shipped weights and model card.
+
+The model code is dicom_node.models.chest (imported by the loader only, when a worker loads the detector)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from dicom_node.models.spec import DetectorSpec, SpecCode
+
+SPEC = DetectorSpec(
+    name="chest_xray",
+    description="frontal (PA/AP) chest radiographs, one-class anomaly detection",
+    loader="dicom_node.models.chest:load_chest_xray",
+    detector_class="dicom_node.models.chest:ChestXrayDetector",
+    default_config="dicom_node.models.chest:default_config",
+    weights=Path(__file__).resolve().parent / "weights",
+    anatomy=SpecCode("51185008", "SCT", "Thorax"),
+    procedure=SpecCode("36554-4", "LN", "XR Chest Single view"),
+    # Frontal (PA/AP) chest CR/DX; lateral views are left out.
+    selection=(
+        {
+            "name": "lateral-chest",
+            "reason": "lateral view",
+            "modality": ["CR", "DX"],
+            "view_position": ["LL", "RL", "LAT", "LATERAL", "RLD", "LLD"],
+        },
+        {
+            "name": "frontal-chest",
+            "detector": "chest_xray",
+            "modality": ["CR", "DX"],
+            "body_part_examined": ["CHEST", "THORAX", "LUNG"],
+            "view_position": ["PA", "AP", ""],
+        },
+    ),
+)
