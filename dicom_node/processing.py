@@ -28,8 +28,8 @@ from sqlalchemy.exc import OperationalError
 from dicom_node.config import Settings
 from dicom_node.db import Database
 from dicom_node.delivery import handover
-from dicom_node.jobs import (
-    Dispatcher,
+from dicom_node.jobs.dispatch import Dispatcher, send_delivery, send_detection
+from dicom_node.jobs.leases import (
     Lease,
     TransientJobError,
     acquire_lease,
@@ -37,8 +37,6 @@ from dicom_node.jobs import (
     fail_job,
     renew_lease,
     retry_later,
-    send_delivery,
-    send_detection,
 )
 from dicom_node.models.base import Detector, SeriesResult
 

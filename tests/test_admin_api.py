@@ -395,10 +395,15 @@ def test_actions_through_the_job_state_machine(tmp_path: Path, database: Databas
     from workers_support import RecordingDispatcher
 
     from dicom_node.admin.actions import JobActions
+    from dicom_node.workers.versions import model_card_versions
 
     settings = _settings(tmp_path, database.url)
     dispatcher = RecordingDispatcher()
-    with TestClient(create_app(settings, database, JobActions(database, settings, dispatcher))) as c:
+    with TestClient(
+        create_app(
+            settings, database, JobActions(database, settings, dispatcher, model_version=model_card_versions(settings))
+        )
+    ) as c:
         c.headers["Authorization"] = f"Bearer {ADMIN}"
         failed = filled.jobs["brain_failed"]
         assert c.post(f"/api/jobs/{failed}/retry").json()["job_ids"] == [failed]

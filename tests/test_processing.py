@@ -12,9 +12,10 @@ from workers_support import RecordingDispatcher, make_study
 
 from dicom_node.config import load_settings
 from dicom_node.db import Database, Instance, Job, JobState
-from dicom_node.jobs import JobScheduler
+from dicom_node.jobs.scheduler import JobScheduler
 from dicom_node.models.base import ModelIdentity, SeriesResult
 from dicom_node.processing import run_detection
+from dicom_node.workers.versions import model_card_versions
 
 sys.path.insert(0, str(REPO / "tests" / "plugins"))
 from dn_test_detectors import IntensityTestDetector  # noqa: E402
@@ -31,7 +32,9 @@ def test_run_detection_saves_records_and_sends_delivery(database: Database, tmp_
     (tmp_path / "model").mkdir()
     dispatcher = RecordingDispatcher()
     made = make_study(database, tmp_path / "s1", slices=3)
-    (job_id,) = JobScheduler(database, settings, dispatcher).on_study_complete(made.study_id)
+    (job_id,) = JobScheduler(
+        database, settings, dispatcher, model_version=model_card_versions(settings)
+    ).on_study_complete(made.study_id)
     outcome = run_detection(
         database, settings, job_id, worker="w@h#1", detectors=lambda name: detector, dispatcher=dispatcher
     )
@@ -62,7 +65,9 @@ def test_missing_instance_file_is_retried_with_backoff(database: Database, tmp_p
         first = session.query(Instance).filter(Instance.series_id == made.series_id).first()
         assert first is not None
         Path(first.file_path).unlink()  # e.g. the shared spool briefly unmounted
-    (job_id,) = JobScheduler(database, settings, dispatcher).on_study_complete(made.study_id)
+    (job_id,) = JobScheduler(
+        database, settings, dispatcher, model_version=model_card_versions(settings)
+    ).on_study_complete(made.study_id)
     outcome = run_detection(
         database, settings, job_id, worker="w@h#1", detectors=lambda name: detector, dispatcher=dispatcher
     )
@@ -115,7 +120,9 @@ def test_unreadable_spool_fails_the_job_at_once_with_the_reason(
     detector = IntensityTestDetector("brain_mri", tmp_path / "model", "cpu")
     dispatcher = RecordingDispatcher()
     made = make_study(database, tmp_path / "s1", slices=2)
-    (job_id,) = JobScheduler(database, settings, dispatcher).on_study_complete(made.study_id)
+    (job_id,) = JobScheduler(
+        database, settings, dispatcher, model_version=model_card_versions(settings)
+    ).on_study_complete(made.study_id)
 
     def denied(path: str, *args: object, **kwargs: object) -> pydicom.Dataset:
         raise PermissionError(13, "Permission denied", path)  # as for a worker running under another uid

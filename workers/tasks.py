@@ -16,7 +16,7 @@ from celery import Task, shared_task
 from celery.worker import state as worker_state
 from celery.worker.request import Request
 
-from dicom_node.jobs import worker_name
+from dicom_node.jobs.leases import worker_name
 from dicom_node.processing import run_detection
 from dicom_node.workers.app import DETECT_TASK, CeleryDispatcher
 from dicom_node.workers.context import get_context

@@ -51,10 +51,12 @@ def celery_actions(settings: Settings, db: Database) -> AdminActions | None:
     try:
         from dicom_node.workers.app import CeleryDispatcher
         from dicom_node.workers.app import create_app as create_celery_app
+        from dicom_node.workers.versions import model_card_versions
     except ImportError as err:
         log.warning("admin actions disabled: the workers package is not available (%s)", err)
         return None
-    return JobActions(db, settings, CeleryDispatcher(create_celery_app(settings), settings))
+    dispatcher = CeleryDispatcher(create_celery_app(settings), settings)
+    return JobActions(db, settings, dispatcher, model_version=model_card_versions(settings))
 
 
 def admin_service(settings: Settings, db: Database) -> HttpService | None:

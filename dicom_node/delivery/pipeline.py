@@ -35,7 +35,7 @@ from dicom_node.delivery.commitment import Reference, request_commitment
 from dicom_node.delivery.scu import ScuTimeouts, SendOutcome, store_files
 from dicom_node.delivery.stow import stow_files
 from dicom_node.delivery.webhook import TriageEvent, post_event
-from dicom_node.jobs import DELIVERABLE_STATES
+from dicom_node.jobs.lifecycle import DELIVERABLE_STATES
 from dicom_node.models.base import ModelIdentity, SeriesResult
 from dicom_node.results.build import ObjectRequest, build_results
 from dicom_node.timeutil import seconds
