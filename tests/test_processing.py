@@ -166,3 +166,33 @@ def test_series_result_maps_keep_every_bit_and_older_results_still_load(tmp_path
     np.savez_compressed(old / "series_result.npz", image_scores=result.image_scores, anomaly_maps=maps,
                         scored=result.scored)  # fmt: skip
     assert SeriesResult.load(old).anomaly_maps.tobytes() == maps.tobytes()
+
+
+class _TimeUp(Exception):
+    """Stands for the task queue's soft time limit (Celery's SoftTimeLimitExceeded), which processing never imports."""
+
+
+@pytest.mark.parametrize("named", [True, False])
+def test_time_limit_exceptions_are_named_by_the_caller(database: Database, tmp_path: Path, named: bool) -> None:
+    """An exception the caller names in ``time_limits`` fails the job with the soft limit as the reason; unnamed,
+    the same exception is an ordinary permanent failure."""
+    settings = load_settings(overrides={"node": {"data_dir": str(tmp_path / "data")}})
+    detector = IntensityTestDetector("brain_mri", tmp_path / "model", "cpu")
+
+    def score_series(datasets: object) -> SeriesResult:
+        raise _TimeUp("soft time limit exceeded")
+
+    detector.score_series = score_series  # type: ignore[method-assign,assignment]
+    dispatcher = RecordingDispatcher()
+    made = make_study(database, tmp_path / "s1", slices=2)
+    (job_id,) = JobScheduler(
+        database, settings, dispatcher, model_version=model_card_versions(settings)
+    ).on_study_complete(made.study_id)
+    outcome = run_detection(
+        database, settings, job_id, worker="w@h#1", detectors=lambda name: detector, dispatcher=dispatcher,
+        time_limits=(_TimeUp,) if named else (),
+    )  # fmt: skip
+    assert outcome.state == "failed"
+    limit = settings.detector("brain_mri").soft_time_limit_seconds
+    expected = f"time limit: the detector ran longer than the soft limit of {limit:g} s"
+    assert outcome.detail == (expected if named else "_TimeUp: soft time limit exceeded")
