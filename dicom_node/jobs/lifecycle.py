@@ -19,24 +19,33 @@ from sqlalchemy.orm.attributes import set_committed_value
 from dicom_node.db import Job, JobEvent, JobState
 from dicom_node.timeutil import utcnow
 
-Q, R, S, F = JobState.QUEUED, JobState.RUNNING, JobState.SUCCEEDED, JobState.FAILED
-D, DF, X = JobState.DELIVERED, JobState.DELIVERY_FAILED, JobState.SUPERSEDED
+_QUEUED, _RUNNING, _SUCCEEDED, _FAILED = JobState.QUEUED, JobState.RUNNING, JobState.SUCCEEDED, JobState.FAILED
+_DELIVERED, _DELIVERY_FAILED, _SUPERSEDED = JobState.DELIVERED, JobState.DELIVERY_FAILED, JobState.SUPERSEDED
 
-# from state → the states it may move to. running → running is a take-over (the holder is gone); delivery_failed →
-# delivery_failed records a second delivery failure (a failed build after a failed send).
+# from state → the states it may move to (the diagram in ``dicom_node.jobs``). running → running is a take-over (the
+# holder is gone); delivery_failed → delivery_failed records another failed delivery of a job whose delivery had
+# failed before (the pipeline records every failed build); any state but superseded may be superseded by a newer
+# instance set or model version.
 ALLOWED: Mapping[JobState, frozenset[JobState]] = {
-    Q: frozenset({R, X}),  # lease taken; superseded
-    R: frozenset({R, S, F, Q, X}),  # taken over; done; failed; retry / holder gone; superseded
-    S: frozenset({D, DF, Q, X}),  # delivered; delivery failed; re-run; superseded
-    D: frozenset({S, DF, Q, X}),  # redeliver; failed redelivery; re-run; superseded
-    DF: frozenset({S, D, DF, Q, X}),  # redeliver; delivered on a later attempt; failed again; re-run; superseded
-    F: frozenset({Q, X}),  # retry / re-run; superseded
-    X: frozenset({Q}),  # reactivated: its instance set and model version are current again
+    # lease taken
+    _QUEUED: frozenset({_RUNNING, _SUPERSEDED}),
+    # taken over; done; failed for good; back to queued (retry, holder gone)
+    _RUNNING: frozenset({_RUNNING, _SUCCEEDED, _FAILED, _QUEUED, _SUPERSEDED}),
+    # delivered or not; re-run
+    _SUCCEEDED: frozenset({_DELIVERED, _DELIVERY_FAILED, _QUEUED, _SUPERSEDED}),
+    # redeliver; a later delivery of it that failed; re-run
+    _DELIVERED: frozenset({_SUCCEEDED, _DELIVERY_FAILED, _QUEUED, _SUPERSEDED}),
+    # redeliver; delivered on a later attempt; failed again; re-run
+    _DELIVERY_FAILED: frozenset({_SUCCEEDED, _DELIVERED, _DELIVERY_FAILED, _QUEUED, _SUPERSEDED}),
+    # retry or re-run
+    _FAILED: frozenset({_QUEUED, _SUPERSEDED}),
+    # reactivated: its instance set and model version are current again
+    _SUPERSEDED: frozenset({_QUEUED}),
 }
 
 # States in which a job still stands for the current result of its series (not replaced, not abandoned).
-ACTIVE_STATES = frozenset({Q, R, S, D, DF})
-DELIVERABLE_STATES = frozenset({S, D, DF})
+ACTIVE_STATES = frozenset({_QUEUED, _RUNNING, _SUCCEEDED, _DELIVERED, _DELIVERY_FAILED})
+DELIVERABLE_STATES = frozenset({_SUCCEEDED, _DELIVERED, _DELIVERY_FAILED})
 
 
 class JobStateError(Exception):
