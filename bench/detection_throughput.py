@@ -45,9 +45,10 @@ import yaml
 from bench.workers import DICOM, free_port, make_study, wait
 from dicom_node.config import load_settings
 from dicom_node.db import Database, Job
-from dicom_node.jobs import JobScheduler
+from dicom_node.jobs.scheduler import JobScheduler
 from dicom_node.timeutil import utc
 from dicom_node.workers.app import CeleryDispatcher, create_app
+from dicom_node.workers.versions import model_card_versions
 
 MR = sorted((DICOM / "mr_brain_t1_siemens").glob("*.dcm"))
 SERIES: dict[str, tuple[str, list[Path]]] = {
@@ -101,7 +102,7 @@ def run(
     settings = load_settings(config_path)
     db = Database(settings.database_url)
     app = create_app(settings)
-    scheduler = JobScheduler(db, settings, CeleryDispatcher(app, settings))
+    scheduler = JobScheduler(db, settings, CeleryDispatcher(app, settings), model_version=model_card_versions(settings))
     env = dict(os.environ)
     if torch_threads:
         env["OMP_NUM_THREADS"] = str(torch_threads)

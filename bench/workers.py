@@ -34,9 +34,10 @@ from pydicom.uid import generate_uid
 
 from dicom_node.config import load_settings
 from dicom_node.db import Database, Instance, Job, Series, Study, StudyState
-from dicom_node.jobs import JobScheduler
+from dicom_node.jobs.scheduler import JobScheduler
 from dicom_node.timeutil import utc
 from dicom_node.workers.app import CeleryDispatcher, create_app
+from dicom_node.workers.versions import model_card_versions
 
 REPO = Path(__file__).resolve().parents[1]
 DICOM = REPO.parent / "shared" / "data" / "dicom"
@@ -123,7 +124,7 @@ def run(broker: str, studies: int, workdir: Path, real: str | None = None) -> di
     settings = load_settings(config_path)
     db = Database(settings.database_url)
     app = create_app(settings)
-    scheduler = JobScheduler(db, settings, CeleryDispatcher(app, settings))
+    scheduler = JobScheduler(db, settings, CeleryDispatcher(app, settings), model_version=model_card_versions(settings))
     env = {**os.environ, "PYTHONPATH": plugin_path(workdir / "plugin")} if real is None else dict(os.environ)
     worker = subprocess.Popen(
         [str(Path(sys.executable).parent / "dicom-node"), "worker", "--config", str(config_path), "--queues",

@@ -2,7 +2,7 @@
 
 Each worker's main process (not a pool process, so a detector holding the GIL in native code cannot silence it)
 writes one ``WorkerHeartbeat`` row every ``workers.heartbeat_seconds``: its pool process ids and the broker
-messages it holds. A running job's holder is ``node#pid`` (``dicom_node.jobs.worker_name``); it is gone when
+messages it holds. A running job's holder is ``node#pid`` (``dicom_node.jobs.leases.worker_name``); it is gone when
 
 * its worker stopped (warm shutdown finished), or has not beaten for the silence limit (kill -9, host lost,
   network cut): ``failover_grace_seconds`` less one sweep interval, so that the sweeper re-queues the job within

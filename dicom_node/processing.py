@@ -5,6 +5,9 @@ reads the series' instances from the spool, scores them, saves the ``SeriesResul
 ``results_dir / f"job-{id}"`` and records the outcome. Permanent failures (the detector cannot score the series,
 the time limit) fail the job with the reason; transient ones (I/O, database busy, out of memory) go back to the
 queue with backoff until ``workers.max_attempts``.
+
+Knows nothing of the task queue: the caller says which exceptions mean "the detector ran past its time limit"
+(``time_limits``; the Celery task passes ``SoftTimeLimitExceeded``), so the core never imports Celery.
 """
 
 from __future__ import annotations
@@ -22,14 +25,13 @@ from pathlib import Path
 from types import TracebackType
 
 import pydicom
-from celery.exceptions import SoftTimeLimitExceeded
 from sqlalchemy.exc import OperationalError
 
 from dicom_node.config import Settings
 from dicom_node.db import Database
 from dicom_node.delivery import handover
-from dicom_node.jobs import (
-    Dispatcher,
+from dicom_node.jobs.dispatch import Dispatcher, send_delivery, send_detection
+from dicom_node.jobs.leases import (
     Lease,
     TransientJobError,
     acquire_lease,
@@ -37,8 +39,6 @@ from dicom_node.jobs import (
     fail_job,
     renew_lease,
     retry_later,
-    send_delivery,
-    send_detection,
 )
 from dicom_node.models.base import Detector, SeriesResult
 
@@ -142,8 +142,10 @@ def run_detection(
     worker: str,
     detectors: DetectorProvider,
     dispatcher: Dispatcher,
+    time_limits: tuple[type[BaseException], ...] = (),
 ) -> DetectionOutcome:
-    """Run job ``job_id`` if it is ours to run; see the module docstring."""
+    """Run job ``job_id`` if it is ours to run; see the module docstring. An exception of a ``time_limits`` type
+    raised while the detector runs fails the job at once with the detector's soft time limit as the reason."""
     lease = acquire_lease(db, job_id, worker, settings.workers.lease_seconds, settings)
     if lease is None:
         return DetectionOutcome(job_id, "skipped")
@@ -169,7 +171,7 @@ def run_detection(
                 return DetectionOutcome(job_id, "lost", "lease lost while scoring; result discarded")
             path = save_result(result, settings.results_dir, job_id)
             saved = time.perf_counter()
-        except SoftTimeLimitExceeded:
+        except time_limits:
             limit = settings.detector(lease.detector).soft_time_limit_seconds
             return _failed(db, lease, f"time limit: the detector ran longer than the soft limit of {limit:g} s")
         except Exception as err:

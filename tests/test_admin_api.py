@@ -395,10 +395,15 @@ def test_actions_through_the_job_state_machine(tmp_path: Path, database: Databas
     from workers_support import RecordingDispatcher
 
     from dicom_node.admin.actions import JobActions
+    from dicom_node.workers.versions import model_card_versions
 
     settings = _settings(tmp_path, database.url)
     dispatcher = RecordingDispatcher()
-    with TestClient(create_app(settings, database, JobActions(database, settings, dispatcher))) as c:
+    with TestClient(
+        create_app(
+            settings, database, JobActions(database, settings, dispatcher, model_version=model_card_versions(settings))
+        )
+    ) as c:
         c.headers["Authorization"] = f"Bearer {ADMIN}"
         failed = filled.jobs["brain_failed"]
         assert c.post(f"/api/jobs/{failed}/retry").json()["job_ids"] == [failed]
@@ -480,13 +485,15 @@ def test_retry_sends_a_real_celery_message(tmp_path: Path, sqlite_url: str, own_
     from dicom_node.admin.actions import JobActions
     from dicom_node.workers.app import CeleryDispatcher
     from dicom_node.workers.app import create_app as create_celery_app
+    from dicom_node.workers.versions import model_card_versions
 
     db = Database(sqlite_url)
     try:
         rows = fill(db)
         settings = _settings(tmp_path, sqlite_url).model_copy(deep=True)
         settings.broker.url = own_redis
-        actions = JobActions(db, settings, CeleryDispatcher(create_celery_app(settings), settings))
+        dispatcher = CeleryDispatcher(create_celery_app(settings), settings)
+        actions = JobActions(db, settings, dispatcher, model_version=model_card_versions(settings))
         with TestClient(create_app(settings, db, actions)) as c:
             assert c.get("/readyz").json()["checks"]["broker"] == "ok"
             job_id = rows.jobs["brain_failed"]

@@ -20,6 +20,7 @@ from dicom_node.admin.actions import JobActions
 from dicom_node.admin.api import create_app
 from dicom_node.config import load_settings
 from dicom_node.db import Database
+from dicom_node.workers.versions import model_card_versions
 
 schemathesis = pytest.importorskip("schemathesis")  # the dev extra
 import hypothesis  # noqa: E402 - installed with schemathesis
@@ -45,7 +46,9 @@ def admin_app(tmp_path: Path, sqlite_url: str) -> Iterator[Any]:
         }
     )
     try:
-        yield create_app(settings, db, JobActions(db, settings, RecordingDispatcher()))
+        yield create_app(
+            settings, db, JobActions(db, settings, RecordingDispatcher(), model_version=model_card_versions(settings))
+        )
     finally:
         db.dispose()
 

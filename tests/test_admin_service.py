@@ -100,7 +100,7 @@ def test_admin_surface_never_imports_torch(tmp_path: Path) -> None:
         "from prometheus_client import generate_latest\n"
         f"s = load_settings(overrides={{'node': {{'data_dir': {str(tmp_path)!r}}}}})\n"
         "db = Database(s.database_url)\n"
-        "create_app(s, db, JobActions(db, s, CeleryDispatcher(celery_app(s), s)))\n"
+        "create_app(s, db, JobActions(db, s, CeleryDispatcher(celery_app(s), s), model_version=lambda d: 'v'))\n"
         "generate_latest(make_registry(db))\n"
         "assert 'torch' not in sys.modules, 'torch was imported'\n"
     )

@@ -12,25 +12,23 @@ from workers_support import RecordingDispatcher, add_late_instance, make_study
 
 from dicom_node.config import Settings, load_settings
 from dicom_node.db import Database, Job, JobEvent, JobState
-from dicom_node.jobs import (
-    JobScheduler,
-    JobStateError,
-    acquire_lease,
-    complete_job,
-    compute_result_key,
-    fail_job,
-    model_version,
-    redeliver_job,
-    renew_lease,
-    rerun_study,
-    retry_job,
-    retry_later,
-)
+from dicom_node.jobs.actions import redeliver_job, rerun_study, retry_job
+from dicom_node.jobs.dispatch import Dispatcher
+from dicom_node.jobs.identity import compute_result_key
+from dicom_node.jobs.leases import acquire_lease, complete_job, fail_job, renew_lease, retry_later
+from dicom_node.jobs.lifecycle import JobStateError
+from dicom_node.jobs.scheduler import JobScheduler
+from dicom_node.workers.versions import model_card_versions
 
 
 @pytest.fixture
 def settings(tmp_path: Path) -> Settings:
     return load_settings(overrides={"node": {"data_dir": str(tmp_path / "data")}})
+
+
+def scheduler_for(db: Database, settings: Settings, dispatcher: Dispatcher) -> JobScheduler:
+    """The scheduler as the node builds it: model versions from the model cards."""
+    return JobScheduler(db, settings, dispatcher, model_version=model_card_versions(settings))
 
 
 def jobs_of(db: Database) -> list[Job]:
@@ -56,9 +54,9 @@ def test_model_version_from_model_card(tmp_path: Path) -> None:
     model_dir = tmp_path / "model"
     model_dir.mkdir()
     settings = load_settings(overrides={"detectors": {"brain_mri": {"model_dir": str(model_dir)}}})
-    assert model_version(settings, "brain_mri") == "unversioned"
+    assert model_card_versions(settings)("brain_mri") == "unversioned"
     (model_dir / "model_card.json").write_text(json.dumps({"version": "2026.11-a"}))
-    assert model_version(settings, "brain_mri") == "2026.11-a"
+    assert model_card_versions(settings)("brain_mri") == "2026.11-a"
 
 
 def test_schedule_is_idempotent_and_enqueues_after_commit(
@@ -67,7 +65,7 @@ def test_schedule_is_idempotent_and_enqueues_after_commit(
     made = make_study(database, tmp_path / "s1")
     ignored = make_study(database, tmp_path / "s2", detector=None)
     dispatcher = RecordingDispatcher()
-    scheduler = JobScheduler(database, settings, dispatcher)
+    scheduler = scheduler_for(database, settings, dispatcher)
     first = scheduler.on_study_complete(made.study_id)
     assert len(first) == 1
     assert scheduler.on_study_complete(made.study_id) == []  # completed again: no second job
@@ -81,7 +79,7 @@ def test_schedule_is_idempotent_and_enqueues_after_commit(
 def test_late_instances_supersede(database: Database, settings: Settings, tmp_path: Path) -> None:
     made = make_study(database, tmp_path / "s1")
     dispatcher = RecordingDispatcher()
-    scheduler = JobScheduler(database, settings, dispatcher)
+    scheduler = scheduler_for(database, settings, dispatcher)
     (old_id,) = scheduler.on_study_complete(made.study_id)
     add_late_instance(database, made, tmp_path / "s1")
     (new_id,) = scheduler.on_study_complete(made.study_id)
@@ -95,14 +93,14 @@ def test_late_instances_supersede(database: Database, settings: Settings, tmp_pa
 
 def test_broker_down_leaves_job_queued(database: Database, settings: Settings, tmp_path: Path) -> None:
     made = make_study(database, tmp_path / "s1")
-    (job_id,) = JobScheduler(database, settings, RecordingDispatcher(fail=True)).on_study_complete(made.study_id)
+    (job_id,) = scheduler_for(database, settings, RecordingDispatcher(fail=True)).on_study_complete(made.study_id)
     (job,) = jobs_of(database)
     assert job.state == JobState.QUEUED and job.broker_task_id is None
 
 
 def test_lease_is_exclusive_and_counts_attempts(database: Database, settings: Settings, tmp_path: Path) -> None:
     made = make_study(database, tmp_path / "s1")
-    (job_id,) = JobScheduler(database, settings, RecordingDispatcher()).on_study_complete(made.study_id)
+    (job_id,) = scheduler_for(database, settings, RecordingDispatcher()).on_study_complete(made.study_id)
     lease = acquire_lease(database, job_id, "celery@a#10", 60)
     assert lease is not None and lease.attempt == 1 and len(lease.file_paths) == 3
     assert acquire_lease(database, job_id, "celery@b#20", 60) is None  # held by a live lease
@@ -118,7 +116,7 @@ def test_expired_lease_is_taken_over_and_old_holder_loses(
     database: Database, settings: Settings, tmp_path: Path
 ) -> None:
     made = make_study(database, tmp_path / "s1")
-    (job_id,) = JobScheduler(database, settings, RecordingDispatcher()).on_study_complete(made.study_id)
+    (job_id,) = scheduler_for(database, settings, RecordingDispatcher()).on_study_complete(made.study_id)
     stale = acquire_lease(database, job_id, "celery@a#10", -1)  # already expired
     assert stale is not None
     fresh = acquire_lease(database, job_id, "celery@b#20", 60)
@@ -133,7 +131,7 @@ def test_expired_lease_is_taken_over_and_old_holder_loses(
 def test_transient_errors_back_off_then_fail(database: Database, tmp_path: Path) -> None:
     settings = load_settings(overrides={"workers": {"max_attempts": 2, "retry_backoff_seconds": 0.01}})
     made = make_study(database, tmp_path / "s1")
-    (job_id,) = JobScheduler(database, settings, RecordingDispatcher()).on_study_complete(made.study_id)
+    (job_id,) = scheduler_for(database, settings, RecordingDispatcher()).on_study_complete(made.study_id)
     lease = acquire_lease(database, job_id, "w@h#1", 60)
     assert lease is not None
     assert retry_later(database, settings, lease, "OSError: spool unreachable") == pytest.approx(0.01)
@@ -149,7 +147,7 @@ def test_transient_errors_back_off_then_fail(database: Database, tmp_path: Path)
 def test_admin_actions(database: Database, settings: Settings, tmp_path: Path) -> None:
     made = make_study(database, tmp_path / "s1")
     dispatcher = RecordingDispatcher()
-    (job_id,) = JobScheduler(database, settings, dispatcher).on_study_complete(made.study_id)
+    (job_id,) = scheduler_for(database, settings, dispatcher).on_study_complete(made.study_id)
     with pytest.raises(JobStateError):
         redeliver_job(database, dispatcher, job_id)
     lease = acquire_lease(database, job_id, "w@h#1", 60)
@@ -165,7 +163,8 @@ def test_admin_actions(database: Database, settings: Settings, tmp_path: Path) -
     assert redeliver_job(database, dispatcher, job_id).state == JobState.SUCCEEDED
     assert dispatcher.deliveries == [job_id]
     # Re-running the same input queues the same job again: never a second result set.
-    assert rerun_study(database, settings, dispatcher, made.study_uid) == [job_id]
+    again = rerun_study(database, settings, dispatcher, made.study_uid, model_version=model_card_versions(settings))
+    assert again == [job_id]
     (job,) = jobs_of(database)
     assert job.state == JobState.QUEUED
     assert events_of(database, job_id) == [
@@ -179,7 +178,7 @@ def test_admin_actions(database: Database, settings: Settings, tmp_path: Path) -
         "rerun",
     ]
     with pytest.raises(JobStateError):
-        rerun_study(database, settings, dispatcher, "1.2.3.4")
+        rerun_study(database, settings, dispatcher, "1.2.3.4", model_version=model_card_versions(settings))
 
 
 def test_cli_jobs_retry_sends_to_the_embedded_broker(
@@ -195,7 +194,7 @@ def test_cli_jobs_retry_sends_to_the_embedded_broker(
     settings = load_settings(config)
     db = Database(sqlite_url)
     made = make_study(db, tmp_path / "s1")
-    (job_id,) = JobScheduler(db, settings, RecordingDispatcher()).on_study_complete(made.study_id)
+    (job_id,) = scheduler_for(db, settings, RecordingDispatcher()).on_study_complete(made.study_id)
     lease = acquire_lease(db, job_id, "w@h#1", 60)
     assert lease is not None
     fail_job(db, lease, "DetectorError: not a brain")
@@ -226,17 +225,20 @@ def test_cli_jobs_retry_sends_to_the_embedded_broker(
 def test_sweeper_requeues_expired_leases_and_resends_lost_messages(database: Database, tmp_path: Path) -> None:
     from datetime import timedelta
 
-    from dicom_node.sweeper import Sweeper
+    from dicom_node.jobs.sweeper import Sweeper
     from dicom_node.timeutil import utcnow
 
     settings = load_settings(overrides={"workers": {"max_attempts": 2, "requeue_after_seconds": 60}})
     dispatcher = RecordingDispatcher()
-    scheduler = JobScheduler(database, settings, dispatcher)
+    scheduler = scheduler_for(database, settings, dispatcher)
     lost = scheduler.on_study_complete(make_study(database, tmp_path / "a").study_id)[0]
     dead = scheduler.on_study_complete(make_study(database, tmp_path / "b").study_id)[0]
     fresh = scheduler.on_study_complete(make_study(database, tmp_path / "c").study_id)[0]
     assert acquire_lease(database, dead, "celery@gone#1", 5) is not None
-    sweepers = [Sweeper(database, settings, dispatcher), Sweeper(database, settings, dispatcher)]
+    sweepers = [
+        Sweeper(database, settings, dispatcher, model_version=model_card_versions(settings)),
+        Sweeper(database, settings, dispatcher, model_version=model_card_versions(settings)),
+    ]
     dispatcher.detections.clear()
 
     assert not sweepers[0].sweep_once()  # nothing is late yet
@@ -272,7 +274,7 @@ def test_dead_holder_on_the_same_node_is_taken_over_at_once(
     import sys
 
     made = make_study(database, tmp_path / "s1")
-    (job_id,) = JobScheduler(database, settings, RecordingDispatcher()).on_study_complete(made.study_id)
+    (job_id,) = scheduler_for(database, settings, RecordingDispatcher()).on_study_complete(made.study_id)
     gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     dead_pid = int(gone.stdout)
     assert acquire_lease(database, job_id, f"celery@h#{dead_pid}", 600) is not None
@@ -285,7 +287,7 @@ def test_dead_holder_on_the_same_node_is_taken_over_at_once(
 def test_urgent_rules_set_priority(database: Database, tmp_path: Path) -> None:
     settings = load_settings(overrides={"workers": {"urgent_rules": [{"name": "er", "calling_ae_title": ["er_ct"]}]}})
     dispatcher = RecordingDispatcher()
-    scheduler = JobScheduler(database, settings, dispatcher)
+    scheduler = scheduler_for(database, settings, dispatcher)
     normal = scheduler.on_study_complete(make_study(database, tmp_path / "a").study_id)[0]
     urgent = scheduler.on_study_complete(make_study(database, tmp_path / "b", calling_ae_title="ER_CT").study_id)[0]
     jobs = {job.id: job for job in jobs_of(database)}
@@ -323,11 +325,11 @@ def test_model_rolled_back_reactivates_the_earlier_job(database: Database, tmp_p
     dispatcher = RecordingDispatcher()
     made = make_study(database, tmp_path / "s1")
     card.write_text(json.dumps({"version": "1"}))
-    (v1,) = rerun_study(database, settings, dispatcher, made.study_uid)
+    (v1,) = rerun_study(database, settings, dispatcher, made.study_uid, model_version=model_card_versions(settings))
     card.write_text(json.dumps({"version": "2"}))
-    (v2,) = rerun_study(database, settings, dispatcher, made.study_uid)
+    (v2,) = rerun_study(database, settings, dispatcher, made.study_uid, model_version=model_card_versions(settings))
     card.write_text(json.dumps({"version": "1"}))
-    assert JobScheduler(database, settings, dispatcher).on_study_complete(made.study_id) == [v1]
+    assert scheduler_for(database, settings, dispatcher).on_study_complete(made.study_id) == [v1]
     states = {job.id: job.state for job in jobs_of(database)}
     assert states == {v1: JobState.QUEUED, v2: JobState.SUPERSEDED}
     assert events_of(database, v1) == ["created", "superseded", "reactivated"]
@@ -337,19 +339,19 @@ def test_sweeper_resends_lost_deliveries_once(database: Database, tmp_path: Path
     from datetime import timedelta
 
     from dicom_node.db import DeliveryAttempt
-    from dicom_node.sweeper import Sweeper
+    from dicom_node.jobs.sweeper import Sweeper
     from dicom_node.timeutil import utcnow
 
     destination = {"name": "pacs", "ae_title": "PACS", "host": "127.0.0.1", "port": 11112, "backoff_max_seconds": 40}
     settings = load_settings(overrides={"workers": {"requeue_after_seconds": 60}, "destinations": [destination]})
     dispatcher = RecordingDispatcher()
-    scheduler = JobScheduler(database, settings, dispatcher)
+    scheduler = scheduler_for(database, settings, dispatcher)
     lost, busy = (scheduler.on_study_complete(make_study(database, tmp_path / name).study_id)[0] for name in "ab")
     for job_id in (lost, busy):
         lease = acquire_lease(database, job_id, "w@h#1", 60)
         assert lease is not None
         complete_job(database, lease, series_score=0.1, image_threshold=0.5, is_abnormal=False, result_path="r")
-    sweeper = Sweeper(database, settings, dispatcher)
+    sweeper = Sweeper(database, settings, dispatcher, model_version=model_card_versions(settings))
     assert sweeper.sweep_once().deliveries_resent == []  # just finished: its deliver message is on its way
     later = utcnow() + timedelta(seconds=101)
     with database.session() as session:  # the other job's delivery is retrying right now
@@ -365,14 +367,14 @@ def test_heartbeats_decide_whether_a_holder_is_gone(database: Database, tmp_path
     from datetime import timedelta
 
     from dicom_node.heartbeat import Beat, publish
-    from dicom_node.sweeper import Sweeper
+    from dicom_node.jobs.sweeper import Sweeper
     from dicom_node.timeutil import utcnow
 
     settings = load_settings(
         overrides={"workers": {"heartbeat_seconds": 1, "failover_grace_seconds": 10, "sweep_interval_seconds": 2}}
     )
     dispatcher = RecordingDispatcher()
-    scheduler = JobScheduler(database, settings, dispatcher)
+    scheduler = scheduler_for(database, settings, dispatcher)
     job_id = scheduler.on_study_complete(make_study(database, tmp_path / "a").study_id)[0]
     publish(database, Beat("w1@hostB", 100, ["brain_mri"], [101], [], utcnow()), started=True)
     assert acquire_lease(database, job_id, "w1@hostB#101", 600, settings) is not None
@@ -389,7 +391,7 @@ def test_heartbeats_decide_whether_a_holder_is_gone(database: Database, tmp_path
     assert "pool process 101 of w1@hostB is gone" in (detail[-1] or "")
 
     # The whole worker stops beating: the sweeper re-queues its job within the grace, with the reason.
-    sweeper = Sweeper(database, settings, dispatcher)
+    sweeper = Sweeper(database, settings, dispatcher, model_version=model_card_versions(settings))
     dispatcher.detections.clear()
     assert not sweeper.sweep_once(utcnow() + timedelta(seconds=5)).worker_lost  # silent 5 s: within the limit
     report = sweeper.sweep_once(utcnow() + timedelta(seconds=9))  # silent beyond grace less one sweep (8 s)
@@ -405,14 +407,14 @@ def test_heartbeats_decide_whether_a_holder_is_gone(database: Database, tmp_path
 def test_sweeper_tells_lost_messages_from_queued_ones(database: Database, tmp_path: Path) -> None:
     from datetime import timedelta
 
-    from dicom_node.sweeper import BrokerSnapshot, Sweeper
+    from dicom_node.jobs.sweeper import BrokerSnapshot, Sweeper
     from dicom_node.timeutil import utcnow
 
     settings = load_settings(
         overrides={"workers": {"heartbeat_seconds": 1, "requeue_after_seconds": 30, "sweep_interval_seconds": 2}}
     )
     dispatcher = RecordingDispatcher()
-    scheduler = JobScheduler(database, settings, dispatcher)
+    scheduler = scheduler_for(database, settings, dispatcher)
     waiting = scheduler.on_study_complete(make_study(database, tmp_path / "a").study_id)[0]
     lost = scheduler.on_study_complete(make_study(database, tmp_path / "b").study_id)[0]
 
@@ -430,7 +432,7 @@ def test_sweeper_tells_lost_messages_from_queued_ones(database: Database, tmp_pa
             return len(self.forgotten)
 
     broker = Broker()
-    sweeper = Sweeper(database, settings, dispatcher, inspector=broker)
+    sweeper = Sweeper(database, settings, dispatcher, model_version=model_card_versions(settings), inspector=broker)
     dispatcher.detections.clear()
     start = utcnow() + timedelta(seconds=600)  # long after queueing: a time rule would re-send both
     broker.down = True

@@ -12,9 +12,10 @@ from workers_support import RecordingDispatcher, make_study
 
 from dicom_node.config import load_settings
 from dicom_node.db import Database, Instance, Job, JobState
-from dicom_node.jobs import JobScheduler
+from dicom_node.jobs.scheduler import JobScheduler
 from dicom_node.models.base import ModelIdentity, SeriesResult
 from dicom_node.processing import run_detection
+from dicom_node.workers.versions import model_card_versions
 
 sys.path.insert(0, str(REPO / "tests" / "plugins"))
 from dn_test_detectors import IntensityTestDetector  # noqa: E402
@@ -31,7 +32,9 @@ def test_run_detection_saves_records_and_sends_delivery(database: Database, tmp_
     (tmp_path / "model").mkdir()
     dispatcher = RecordingDispatcher()
     made = make_study(database, tmp_path / "s1", slices=3)
-    (job_id,) = JobScheduler(database, settings, dispatcher).on_study_complete(made.study_id)
+    (job_id,) = JobScheduler(
+        database, settings, dispatcher, model_version=model_card_versions(settings)
+    ).on_study_complete(made.study_id)
     outcome = run_detection(
         database, settings, job_id, worker="w@h#1", detectors=lambda name: detector, dispatcher=dispatcher
     )
@@ -62,7 +65,9 @@ def test_missing_instance_file_is_retried_with_backoff(database: Database, tmp_p
         first = session.query(Instance).filter(Instance.series_id == made.series_id).first()
         assert first is not None
         Path(first.file_path).unlink()  # e.g. the shared spool briefly unmounted
-    (job_id,) = JobScheduler(database, settings, dispatcher).on_study_complete(made.study_id)
+    (job_id,) = JobScheduler(
+        database, settings, dispatcher, model_version=model_card_versions(settings)
+    ).on_study_complete(made.study_id)
     outcome = run_detection(
         database, settings, job_id, worker="w@h#1", detectors=lambda name: detector, dispatcher=dispatcher
     )
@@ -115,7 +120,9 @@ def test_unreadable_spool_fails_the_job_at_once_with_the_reason(
     detector = IntensityTestDetector("brain_mri", tmp_path / "model", "cpu")
     dispatcher = RecordingDispatcher()
     made = make_study(database, tmp_path / "s1", slices=2)
-    (job_id,) = JobScheduler(database, settings, dispatcher).on_study_complete(made.study_id)
+    (job_id,) = JobScheduler(
+        database, settings, dispatcher, model_version=model_card_versions(settings)
+    ).on_study_complete(made.study_id)
 
     def denied(path: str, *args: object, **kwargs: object) -> pydicom.Dataset:
         raise PermissionError(13, "Permission denied", path)  # as for a worker running under another uid
@@ -159,3 +166,33 @@ def test_series_result_maps_keep_every_bit_and_older_results_still_load(tmp_path
     np.savez_compressed(old / "series_result.npz", image_scores=result.image_scores, anomaly_maps=maps,
                         scored=result.scored)  # fmt: skip
     assert SeriesResult.load(old).anomaly_maps.tobytes() == maps.tobytes()
+
+
+class _TimeUp(Exception):
+    """Stands for the task queue's soft time limit (Celery's SoftTimeLimitExceeded), which processing never imports."""
+
+
+@pytest.mark.parametrize("named", [True, False])
+def test_time_limit_exceptions_are_named_by_the_caller(database: Database, tmp_path: Path, named: bool) -> None:
+    """An exception the caller names in ``time_limits`` fails the job with the soft limit as the reason; unnamed,
+    the same exception is an ordinary permanent failure."""
+    settings = load_settings(overrides={"node": {"data_dir": str(tmp_path / "data")}})
+    detector = IntensityTestDetector("brain_mri", tmp_path / "model", "cpu")
+
+    def score_series(datasets: object) -> SeriesResult:
+        raise _TimeUp("soft time limit exceeded")
+
+    detector.score_series = score_series  # type: ignore[method-assign,assignment]
+    dispatcher = RecordingDispatcher()
+    made = make_study(database, tmp_path / "s1", slices=2)
+    (job_id,) = JobScheduler(
+        database, settings, dispatcher, model_version=model_card_versions(settings)
+    ).on_study_complete(made.study_id)
+    outcome = run_detection(
+        database, settings, job_id, worker="w@h#1", detectors=lambda name: detector, dispatcher=dispatcher,
+        time_limits=(_TimeUp,) if named else (),
+    )  # fmt: skip
+    assert outcome.state == "failed"
+    limit = settings.detector("brain_mri").soft_time_limit_seconds
+    expected = f"time limit: the detector ran longer than the soft limit of {limit:g} s"
+    assert outcome.detail == (expected if named else "_TimeUp: soft time limit exceeded")

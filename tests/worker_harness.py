@@ -25,10 +25,11 @@ from sqlalchemy import select
 
 from dicom_node.config import Settings, load_settings
 from dicom_node.db import Database, Job, JobEvent, WorkerHeartbeat
-from dicom_node.jobs import JobScheduler
-from dicom_node.sweeper import Sweeper
+from dicom_node.jobs.scheduler import JobScheduler
+from dicom_node.jobs.sweeper import Sweeper
 from dicom_node.workers.app import CeleryDispatcher, create_app
 from dicom_node.workers.inspect import inspector_for
+from dicom_node.workers.versions import model_card_versions
 
 DICOM_NODE = Path(sys.executable).parent / "dicom-node"
 PLUGINS = REPO / "tests" / "plugins"
@@ -145,9 +146,14 @@ class Node:
         self.db = Database(self.settings.database_url)
         self.app = create_app(self.settings)
         self.dispatcher = CeleryDispatcher(self.app, self.settings)
-        self.scheduler = JobScheduler(self.db, self.settings, self.dispatcher)
+        versions = model_card_versions(self.settings)
+        self.scheduler = JobScheduler(self.db, self.settings, self.dispatcher, model_version=versions)
         self.sweeper = Sweeper(
-            self.db, self.settings, self.dispatcher, inspector=inspector_for(self.app.conf.broker_url)
+            self.db,
+            self.settings,
+            self.dispatcher,
+            model_version=versions,
+            inspector=inspector_for(self.app.conf.broker_url),
         )
         self.pythonpath = install_plugin(tmp_path / "plugin")
         self.workers: list[Worker] = []

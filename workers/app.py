@@ -145,7 +145,8 @@ def create_app(settings: Settings, *, broker: str | None = None) -> Celery:
 
 
 class CeleryDispatcher:
-    """``dicom_node.jobs.Dispatcher`` over a Celery app: messages by task name, so the sender imports no task."""
+    """``dicom_node.jobs.dispatch.Dispatcher`` over a Celery app: messages by task name, so the sender imports no
+    task."""
 
     def __init__(self, app: Celery, settings: Settings) -> None:
         self.app = app

@@ -4,7 +4,7 @@ running a detection dies.
 Every ``workers.heartbeat_seconds`` the main process writes its ``WorkerHeartbeat`` row: the pool process ids and
 the broker messages it holds (unacknowledged: running, reserved, or waiting for their countdown). It is the main
 process, not a pool process, so a detector stuck in native code does not silence it. On warm shutdown the row is
-marked stopped. The node's sweeper reads these rows (``dicom_node.heartbeat``, ``dicom_node.sweeper``).
+marked stopped. The node's sweeper reads these rows (``dicom_node.heartbeat``, ``dicom_node.jobs.sweeper``).
 """
 
 from __future__ import annotations
@@ -20,7 +20,9 @@ from celery import Celery, bootsteps
 from dicom_node.config import Settings
 from dicom_node.db import Database, Job, JobState
 from dicom_node.heartbeat import Beat, mark_stopped, publish
-from dicom_node.jobs import JobStateError, release_job, send_detection, worker_name
+from dicom_node.jobs.dispatch import send_detection
+from dicom_node.jobs.leases import release_job, worker_name
+from dicom_node.jobs.lifecycle import JobStateError
 from dicom_node.timeutil import utcnow
 
 log = logging.getLogger(__name__)

@@ -22,7 +22,7 @@ from sqlalchemy import create_engine, text
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.pool import NullPool
 
-from dicom_node.sweeper import BrokerInspector, BrokerSnapshot
+from dicom_node.jobs.sweeper import BrokerInspector, BrokerSnapshot
 from dicom_node.workers.app import DELIVERY_QUEUE, detection_queues
 from dicom_node.workers.broker import is_embedded
 

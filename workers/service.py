@@ -7,12 +7,13 @@ from typing import Protocol
 
 from dicom_node.config import Settings
 from dicom_node.db import Database
-from dicom_node.jobs import JobScheduler
+from dicom_node.jobs.scheduler import JobScheduler
+from dicom_node.jobs.sweeper import SweeperService
 from dicom_node.studies.completion import StudyCompleteCallback
-from dicom_node.sweeper import SweeperService
 from dicom_node.workers.app import CeleryDispatcher, broker_url, create_app, delivery_tasks_available
 from dicom_node.workers.broker import is_embedded, prepare_embedded_broker, prune_consumed_messages
 from dicom_node.workers.inspect import inspector_for
+from dicom_node.workers.versions import model_card_versions
 from dicom_node.workers.worker import EmbeddedWorkers
 
 log = logging.getLogger(__name__)
@@ -46,7 +47,8 @@ def add_job_services(node: _NodeLike, dispatcher: CeleryDispatcher) -> JobSchedu
     """Register the scheduler for completed studies, the sweeper, and (``workers.embedded``) embedded workers."""
     settings = node.settings
     url = broker_url(settings)
-    scheduler = JobScheduler(node.db, settings, dispatcher)
+    versions = model_card_versions(settings)
+    scheduler = JobScheduler(node.db, settings, dispatcher, model_version=versions)
     node.add_study_complete_callback(scheduler)
     prune = None
     if is_embedded(url):
@@ -64,6 +66,7 @@ def add_job_services(node: _NodeLike, dispatcher: CeleryDispatcher) -> JobSchedu
             node.db,
             settings,
             dispatcher,
+            model_version=versions,
             also=prune,
             deliveries=delivery_tasks_available(),
             inspector=inspector_for(url),

@@ -13,10 +13,11 @@ from typing import Any
 from billiard.einfo import ExceptionWithTraceback
 from billiard.exceptions import WorkerLostError
 from celery import Task, shared_task
+from celery.exceptions import SoftTimeLimitExceeded
 from celery.worker import state as worker_state
 from celery.worker.request import Request
 
-from dicom_node.jobs import worker_name
+from dicom_node.jobs.leases import worker_name
 from dicom_node.processing import run_detection
 from dicom_node.workers.app import DETECT_TASK, CeleryDispatcher
 from dicom_node.workers.context import get_context
@@ -68,5 +69,6 @@ def detect(self: Task, job_id: int) -> str:
         worker=worker_name(self.request.hostname or socket.gethostname()),
         detectors=context.detector,
         dispatcher=CeleryDispatcher(self.app, context.settings),
+        time_limits=(SoftTimeLimitExceeded,),
     )
     return outcome.state

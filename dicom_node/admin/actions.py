@@ -1,7 +1,7 @@
 """The admin actions the API exposes (retry a failed job, re-run a study, re-deliver results).
 
 The API depends only on the ``AdminActions`` protocol; the job state machine that really performs them lives in
-``dicom_node/jobs.py`` (workers), wired in by whoever builds the app (``dicom-node serve``).
+``dicom_node/jobs/`` (workers), wired in by whoever builds the app (``dicom-node serve``).
 """
 
 from __future__ import annotations
@@ -13,7 +13,8 @@ from sqlalchemy import select
 from dicom_node import jobs
 from dicom_node.config import Settings
 from dicom_node.db import Database, Job, JobState, Study
-from dicom_node.jobs import Dispatcher
+from dicom_node.jobs.dispatch import Dispatcher
+from dicom_node.jobs.identity import ModelVersions
 
 
 class ActionError(Exception):
@@ -40,12 +41,16 @@ class JobActions:
     """``AdminActions`` over the job state machine (``dicom_node.jobs``) and a broker ``Dispatcher``.
 
     "Retry" means "do again what failed": a job failed in detection is queued for detection again
-    (``retry_job``); a job whose delivery failed is delivered again (``redeliver_job``)."""
+    (``retry_job``); a job whose delivery failed is delivered again (``redeliver_job``). ``model_version`` gives
+    the detectors' model versions for a re-run (part of the result key)."""
 
-    def __init__(self, db: Database, settings: Settings, dispatcher: Dispatcher) -> None:
+    def __init__(
+        self, db: Database, settings: Settings, dispatcher: Dispatcher, *, model_version: ModelVersions
+    ) -> None:
         self.db = db
         self.settings = settings
         self.dispatcher = dispatcher
+        self.model_version = model_version
 
     def _state(self, job_id: int) -> JobState:
         with self.db.session() as session:
@@ -67,7 +72,9 @@ class JobActions:
             if session.scalar(select(Study.id).where(Study.study_instance_uid == study_instance_uid)) is None:
                 raise LookupError(f"study {study_instance_uid} not found")
         try:
-            return jobs.rerun_study(self.db, self.settings, self.dispatcher, study_instance_uid)
+            return jobs.rerun_study(
+                self.db, self.settings, self.dispatcher, study_instance_uid, model_version=self.model_version
+            )
         except jobs.JobStateError as err:
             raise ActionError(str(err)) from None
 

@@ -132,6 +132,7 @@ def retry_job_command(args: argparse.Namespace) -> int:
     from dicom_node.admin.actions import ActionError, JobActions
     from dicom_node.admin.schemas import ActionResult
     from dicom_node.workers.app import CeleryDispatcher, create_app
+    from dicom_node.workers.versions import model_card_versions
 
     db = Database(settings.database_url)
     app = create_app(settings)
@@ -139,7 +140,10 @@ def retry_job_command(args: argparse.Namespace) -> int:
         with db.session() as session:
             before = session.scalar(select(Job.state).where(Job.id == args.job_id))
         try:
-            JobActions(db, settings, CeleryDispatcher(app, settings)).retry_job(args.job_id)
+            actions = JobActions(
+                db, settings, CeleryDispatcher(app, settings), model_version=model_card_versions(settings)
+            )
+            actions.retry_job(args.job_id)
         except (ActionError, LookupError) as err:
             print(f"dicom-node: {str(err).strip(QUOTES)}", file=sys.stderr)
             return EXIT_REFUSED

@@ -66,10 +66,12 @@ def compose(settings: Settings) -> Node:
     from dicom_node.admin.service import admin_service
     from dicom_node.node import build_node
     from dicom_node.workers.service import add_job_services, job_dispatcher
+    from dicom_node.workers.versions import model_card_versions
 
     node = build_node(settings)
     dispatcher = job_dispatcher(settings)
-    http = admin_service(settings, node.db, JobActions(node.db, settings, dispatcher))
+    actions = JobActions(node.db, settings, dispatcher, model_version=model_card_versions(settings))
+    http = admin_service(settings, node.db, actions)
     if http is not None:
         node.add_service(http)
     add_job_services(node, dispatcher)

@@ -40,7 +40,7 @@ from dicom_node.delivery import handover
 from dicom_node.delivery.destinations import DestinationType, open_destination
 from dicom_node.delivery.transfer import DONE, ResultFile, SendOutcome
 from dicom_node.delivery.webhook import TriageEvent, post_event
-from dicom_node.jobs import DELIVERABLE_STATES
+from dicom_node.jobs.lifecycle import DELIVERABLE_STATES, move
 from dicom_node.models.base import ModelIdentity, SeriesResult
 from dicom_node.results.build import BuiltObjects, ObjectRequest, build_results
 from dicom_node.timeutil import seconds
@@ -128,10 +128,10 @@ def _requests(destination: Destination) -> list[ObjectRequest]:
 
 
 def _event(session: Session, job: Job, event: str, detail: str, to_state: JobState | None = None) -> None:
-    from_state = str(job.state)
-    if to_state is not None:
-        job.state = to_state
-    session.add(JobEvent(job_id=job.id, from_state=from_state, to_state=str(job.state), event=event, detail=detail))
+    if to_state is not None:  # a state change: only the lifecycle's compare-and-set writes Job.state
+        move(session, job, to_state, event, detail=detail)
+        return
+    session.add(JobEvent(job_id=job.id, from_state=str(job.state), to_state=str(job.state), event=event, detail=detail))
 
 
 def _attempts(session: Session, job_id: int) -> dict[str, list[DeliveryAttempt]]:

@@ -24,7 +24,7 @@ looked into (Redis, the embedded broker: ``BrokerInspector``), the broker's own 
   plus the longest destination backoff). It is sent again; delivery is idempotent (results/delivery pipeline),
   a destination that stored the results is not sent to again.
 
-Each change is a compare-and-set on the job row (``dicom_node.jobs.transition``), so several sweepers (several
+Each change is a compare-and-set on the job row (``dicom_node.jobs.lifecycle.transition``), so several sweepers (several
 nodes) never re-queue the same job twice.
 """
 
@@ -42,14 +42,11 @@ from sqlalchemy import func, or_, select, update
 from dicom_node.config import Settings
 from dicom_node.db import Database, DeliveryAttempt, Job, JobEvent, JobState, Series, Study, StudyState
 from dicom_node.heartbeat import Liveness, liveness, mark_stopped
-from dicom_node.jobs import (
-    Dispatcher,
-    JobScheduler,
-    record_event,
-    release_job,
-    send_delivery,
-    send_detection,
-)
+from dicom_node.jobs.dispatch import Dispatcher, send_delivery, send_detection
+from dicom_node.jobs.identity import ModelVersions
+from dicom_node.jobs.leases import release_job
+from dicom_node.jobs.lifecycle import record_event
+from dicom_node.jobs.scheduler import JobScheduler
 from dicom_node.timeutil import utc, utcnow
 
 log = logging.getLogger(__name__)
@@ -112,17 +109,19 @@ class Sweeper:
         settings: Settings,
         dispatcher: Dispatcher,
         *,
+        model_version: ModelVersions,
         deliveries: bool = True,
         inspector: BrokerInspector | None = None,
     ) -> None:
-        """``deliveries``: also re-send lost delivery messages (only where the delivery tasks exist);
+        """``model_version``: the scheduler's model versions (studies left unscheduled are scheduled here);
+        ``deliveries``: also re-send lost delivery messages (only where the delivery tasks exist);
         ``inspector``: looks into the broker, so lost messages are told from queued ones."""
         self.db = db
         self.settings = settings
         self.dispatcher = dispatcher
         self.deliveries = deliveries
         self.inspector = inspector
-        self.scheduler = JobScheduler(db, settings, dispatcher)
+        self.scheduler = JobScheduler(db, settings, dispatcher, model_version=model_version)
         self._missing_since: dict[tuple[str, int], datetime] = {}
 
     def sweep_once(self, now: datetime | None = None) -> SweepReport:
@@ -367,11 +366,14 @@ class SweeperService:
         settings: Settings,
         dispatcher: Dispatcher,
         *,
+        model_version: ModelVersions,
         also: Callable[[], None] | None = None,
         deliveries: bool = True,
         inspector: BrokerInspector | None = None,
     ) -> None:
-        self.sweeper = Sweeper(db, settings, dispatcher, deliveries=deliveries, inspector=inspector)
+        self.sweeper = Sweeper(
+            db, settings, dispatcher, model_version=model_version, deliveries=deliveries, inspector=inspector
+        )
         self.interval = settings.workers.sweep_interval_seconds
         self._also = also
         self._stop = threading.Event()
