@@ -151,3 +151,95 @@ def test_installed_names_map_to_the_top_level_folders(module: str) -> None:
     file, top_level_absent = done.stdout.split()
     assert Path(file).resolve().parent == PACKAGE_DIRS[module]
     assert top_level_absent == "True"
+
+
+# The layers of docs/architecture.md, each with what it may import from dicom_node (its own package always).
+# Data flows receive → studies → jobs → runtime → detectors / results → delivery; imports point the other way only
+# where a lower layer's own types are needed, and nothing below the composition roots (dicom_node.cli, which holds
+# `serve` and `worker`) imports the runtime (dicom_node.workers).
+FOUNDATION = (
+    "dicom_node.config",
+    "dicom_node.db",
+    "dicom_node.timeutil",
+    "dicom_node.logconfig",
+    "dicom_node.lifetime",
+    "dicom_node.heartbeat",
+)
+LAYERS: dict[str, tuple[str, ...]] = {
+    "dicom_node.models": (),
+    "dicom_node.storage": FOUNDATION,
+    "dicom_node.studies": ("dicom_node.storage", *FOUNDATION),
+    "dicom_node.network": ("dicom_node.studies", "dicom_node.storage", *FOUNDATION),
+    "dicom_node.node": ("dicom_node.network", "dicom_node.studies", "dicom_node.storage", *FOUNDATION),
+    "dicom_node.jobs": ("dicom_node.studies", *FOUNDATION),
+    "dicom_node.results": ("dicom_node.models", *FOUNDATION),
+    "dicom_node.delivery": ("dicom_node.results", "dicom_node.jobs", "dicom_node.models", *FOUNDATION),
+    "dicom_node.workers": (
+        "dicom_node.delivery",
+        "dicom_node.results",
+        "dicom_node.models",
+        "dicom_node.jobs",
+        "dicom_node.studies",
+        "dicom_node.storage",
+        *FOUNDATION,
+    ),
+    "dicom_node.admin": ("dicom_node.jobs", *FOUNDATION),
+}
+# The open sets' registries, which the configuration reads to validate names (``detectors.<name>``, a destination's
+# ``kind``). Both are light: importing them loads neither torch nor a transport (checked below).
+REGISTRIES = ("dicom_node.models.registry", "dicom_node.delivery.destinations.registry")
+for _module in FOUNDATION:
+    LAYERS[_module] = (*FOUNDATION, *REGISTRIES) if _module == "dicom_node.config" else FOUNDATION
+
+
+def layer_of(module: str) -> str | None:
+    """The most specific layer a module belongs to; None for the top (dicom_node.cli, dicom_node.__main__, the
+    package root), which may import anything."""
+    owners = [layer for layer in LAYERS if within(module, layer)]
+    return max(owners, key=len) if owners else None
+
+
+def _package_of_allowed(imported: str, allowed: tuple[str, ...]) -> bool:
+    """``from dicom_node.models import registry`` names the package on its way to an allowed module."""
+    return any(a.startswith(imported + ".") for a in allowed)
+
+
+def layer_violations() -> list[str]:
+    found = []
+    for edge in all_edges():
+        layer = layer_of(edge.importer)
+        if layer is None or not within(edge.imported, "dicom_node") or edge.imported == "dicom_node":
+            continue
+        allowed = (layer, *LAYERS[layer])
+        if edge.imported in ("dicom_node.__version__",):
+            continue
+        if not any(within(edge.imported, a) for a in allowed) and not _package_of_allowed(edge.imported, allowed):
+            found.append(f"{edge.importer}:{edge.line} imports {edge.imported} ({layer} may import {allowed})")
+    return sorted(set(found))
+
+
+def test_every_module_has_a_layer() -> None:
+    """A new top-level module or package must be placed in LAYERS (or be the top: cli)."""
+    top = {"dicom_node", "dicom_node.__main__"}
+    unplaced = [
+        m for m, _ in module_files() if layer_of(m) is None and m not in top and not within(m, "dicom_node.cli")
+    ]
+    assert unplaced == []
+
+
+def test_layers_import_only_downwards() -> None:
+    assert layer_violations() == []
+
+
+def test_reading_the_configuration_loads_no_model_transport_or_runtime() -> None:
+    """The configuration validates detector names and destination kinds against the registries; that must not load
+    torch, the DICOM network stack, HTTP clients or Celery (every command, `dicom-node jobs list` too, reads it)."""
+    code = (
+        "import sys\n"
+        "from dicom_node.config import load_settings\n"
+        "pacs = {'name': 'pacs', 'ae_title': 'PACS', 'host': 'localhost', 'port': 104}\n"
+        "load_settings(overrides={'destinations': [pacs]})\n"
+        "print(sorted(m for m in ('torch', 'pynetdicom', 'httpx', 'celery') if m in sys.modules))"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
+    assert done.stdout.strip() == "[]"

@@ -14,7 +14,7 @@ from dicom_node.config import load_settings
 from dicom_node.db import Database, Instance, Job, JobState
 from dicom_node.jobs.scheduler import JobScheduler
 from dicom_node.models.base import ModelIdentity, SeriesResult
-from dicom_node.processing import run_detection
+from dicom_node.workers.detection import run_detection
 from dicom_node.workers.versions import model_card_versions
 
 sys.path.insert(0, str(REPO / "tests" / "plugins"))

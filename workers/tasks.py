@@ -1,4 +1,4 @@
-"""Celery tasks for detection; thin wrappers around dicom_node.processing.
+"""Celery tasks for detection; thin wrappers around dicom_node.workers.detection.
 
 ``DetectRequest`` runs in the worker's main process: when the pool process running a detection dies (kill -9, OOM
 kill) or is killed at the hard time limit, it puts the job back in the queue at once, before Celery returns the
@@ -18,9 +18,9 @@ from celery.worker import state as worker_state
 from celery.worker.request import Request
 
 from dicom_node.jobs.leases import worker_name
-from dicom_node.processing import run_detection
 from dicom_node.workers.app import DETECT_TASK, CeleryDispatcher
 from dicom_node.workers.context import get_context
+from dicom_node.workers.detection import run_detection
 from dicom_node.workers.heartbeat import release_lost_detection
 
 

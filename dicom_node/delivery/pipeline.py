@@ -40,7 +40,7 @@ from dicom_node.delivery import handover
 from dicom_node.delivery.destinations import DestinationType, open_destination
 from dicom_node.delivery.transfer import DONE, ResultFile, SendOutcome
 from dicom_node.delivery.webhook import TriageEvent, post_event
-from dicom_node.jobs.lifecycle import DELIVERABLE_STATES, move
+from dicom_node.jobs.lifecycle import DELIVERABLE_STATES, JobStateError, move
 from dicom_node.models.base import ModelIdentity, SeriesResult
 from dicom_node.results.build import BuiltObjects, ObjectRequest, build_results
 from dicom_node.timeutil import seconds
@@ -128,9 +128,16 @@ def _requests(destination: Destination) -> list[ObjectRequest]:
 
 
 def _event(session: Session, job: Job, event: str, detail: str, to_state: JobState | None = None) -> None:
-    if to_state is not None:  # a state change: only the lifecycle's compare-and-set writes Job.state
-        move(session, job, to_state, event, detail=detail)
-        return
+    """Record a delivery event, with its state change where ``to_state`` is given (only the lifecycle's
+    compare-and-set writes Job.state). A job that moved on while it was delivered (re-run, superseded) keeps its new
+    state: the event is still recorded, with the attempts of this delivery, and says so."""
+    if to_state is not None:
+        try:
+            if move(session, job, to_state, event, detail=detail):
+                return
+        except JobStateError as err:
+            log.warning("job %d: %s, but the job has moved on (%s); its state is left as it is", job.id, event, err)
+        detail = f"{detail}; not {to_state}: the job had moved on while it was delivered"
     session.add(JobEvent(job_id=job.id, from_state=str(job.state), to_state=str(job.state), event=event, detail=detail))
 
 

@@ -7,7 +7,7 @@ the time limit) fail the job with the reason; transient ones (I/O, database busy
 queue with backoff until ``workers.max_attempts``.
 
 Knows nothing of the task queue: the caller says which exceptions mean "the detector ran past its time limit"
-(``time_limits``; the Celery task passes ``SoftTimeLimitExceeded``), so the core never imports Celery.
+(``time_limits``; the Celery task passes ``SoftTimeLimitExceeded``), so this module (and its tests) never needs Celery.
 """
 
 from __future__ import annotations
