@@ -48,7 +48,7 @@ from pathlib import Path
 import pydicom
 import torch
 
-from dicom_node.models.brain import BRAIN_CARD, WEIGHTS_DIR, BrainMRIDetector
+from dicom_node.models.brain_mri.detector import BRAIN_CARD, WEIGHTS_DIR, BrainMRIDetector
 from dicom_node.models.lesion_segmenter import STATE_PREFIX
 from dicom_node.models.methods.spade import spade_part
 from dicom_node.models.training import calibrate_detector

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dicom_node.models.brain import BrainMRIDetector, default_config
+from dicom_node.models.brain_mri.detector import BrainMRIDetector, default_config
 from dicom_node.models.preprocessing import list_image_files, load_image_file
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"

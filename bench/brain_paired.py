@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from bench.brain_variants import clustered_bootstrap, patient
-from dicom_node.models.brain import BrainMRIDetector
+from dicom_node.models.brain_mri.detector import BrainMRIDetector
 from dicom_node.models.evaluation import Scored, mask_for, score_files
 from dicom_node.models.metrics import auroc
 from dicom_node.models.preprocessing import list_image_files

@@ -65,7 +65,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from bench.brain_variants import patient
-from dicom_node.models.brain import WEIGHTS_DIR, BrainMRIDetector
+from dicom_node.models.brain_mri.detector import WEIGHTS_DIR, BrainMRIDetector
 from dicom_node.models.evaluation import load_images, mask_for
 from dicom_node.models.image_detector import Prepared
 from dicom_node.models.lesion_segmenter import full_size

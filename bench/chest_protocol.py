@@ -42,7 +42,7 @@ DATA = Path("../shared/data/cxr_nih")
 # ------------------------------------------------------------------------------------------------ feature cache
 def cache_features(out: Path) -> None:
     """Backbone features of every cxr_nih image, prepared as the shipped detector prepares them."""
-    from dicom_node.models.chest import ChestXrayDetector
+    from dicom_node.models.chest_xray.detector import ChestXrayDetector
 
     detector = ChestXrayDetector.load(Path("models/chest_xray/weights"))
     with open(DATA / "labels.csv", newline="", encoding="utf-8") as handle:

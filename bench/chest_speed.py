@@ -32,7 +32,7 @@ from pydicom.uid import UID, ExplicitVRLittleEndian, generate_uid
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from dicom_node.models.chest import radiograph_image  # noqa: E402
+from dicom_node.models.chest_xray.detector import radiograph_image  # noqa: E402
 from dicom_node.models.regions import rules_for, select_regions  # noqa: E402
 from dicom_node.models.registry import default_registry  # noqa: E402
 

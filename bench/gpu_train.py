@@ -71,7 +71,7 @@ LGG_MASKS = "brain_lgg/val/masks"
 
 def prepare(out: Path) -> None:
     """Prepared images (uint8), head masks, labels, source and LGG lesion masks (in the prepared geometry)."""
-    from dicom_node.models.brain import BrainMRIDetector, default_config
+    from dicom_node.models.brain_mri.detector import BrainMRIDetector, default_config
     from dicom_node.models.preprocessing import crop_square, list_image_files, load_image_file, resize
 
     detector = BrainMRIDetector(default_config())
@@ -116,7 +116,7 @@ def _val_aurocs(scores: np.ndarray, labels: np.ndarray, sources: np.ndarray) -> 
 
 def _time_detector(images: np.ndarray, masks: np.ndarray, device: torch.device, repeat: int = 3) -> dict[str, Any]:
     """ms per prepared slice through the shipped brain_mri detector (features, retrieval, head, maps)."""
-    from dicom_node.models.brain import load_brain_mri
+    from dicom_node.models.brain_mri.detector import load_brain_mri
     from dicom_node.models.image_detector import Prepared
     from dicom_node.models.preprocessing import CropBox
 
@@ -227,7 +227,7 @@ def _train_autoencoder(
     device: Any,
     weights: Path,
 ) -> dict[str, Any]:
-    from dicom_node.models.brain import default_config
+    from dicom_node.models.brain_mri.detector import default_config
     from dicom_node.models.image_detector import Prepared
     from dicom_node.models.preprocessing import CropBox
     from experiments.autoencoder import fit_autoencoder, score_autoencoder
@@ -252,7 +252,7 @@ def assemble(weights: Path, record_file: Path, out: Path, version: str, base: Pa
     ``spade+segmenter`` when ``base`` is a fitted SPADE model directory."""
     from safetensors.torch import load_file
 
-    from dicom_node.models.brain import BRAIN_CARD, TRAINING_COMMAND, BrainMRIDetector, default_config
+    from dicom_node.models.brain_mri.detector import BRAIN_CARD, TRAINING_COMMAND, BrainMRIDetector, default_config
     from dicom_node.models.image_detector import ImageAnomalyDetector
     from dicom_node.models.training import calibrate_detector, new_detector
 

@@ -2,14 +2,14 @@
 added to their ``methods`` table (composition: nothing in the installed package knows about them).
 
     from experiments.detectors import ExperimentalBrainDetector
-    from dicom_node.models.brain import default_config
+    from dicom_node.models.brain_mri.detector import default_config
     config = default_config(); config.method = "patchcore"
     detector = ExperimentalBrainDetector(config)   # fit / calibrate / score_each / save / load as any detector
 """
 
 from __future__ import annotations
 
-from dicom_node.models.brain import BrainMRIDetector
+from dicom_node.models.brain_mri.detector import BrainMRIDetector
 from dicom_node.models.image_detector import IMAGE_METHODS, ImageAnomalyDetector, MethodFactory
 from experiments.methods.autoencoder import AutoencoderMethod
 from experiments.methods.msde import MsdeMethod

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from dicom_node.models.base import DetectorError
-from dicom_node.models.brain import BrainMRIDetector
+from dicom_node.models.brain_mri.detector import BrainMRIDetector
 from dicom_node.models.methods.spade import spade_part
 from dicom_node.models.neighbour_bank import NeighbourPatchBank
 from dicom_node.models.training import new_detector

@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 from dicom_node.cli import main
 from dicom_node.models.base import SeriesResult
-from dicom_node.models.brain import BrainMRIDetector
+from dicom_node.models.brain_mri.detector import BrainMRIDetector
 from dicom_node.models.evaluation import REPORT_KEYS
 from dicom_node.models.image_detector import sha256_file
 from dicom_node.models.region_evaluation import REGION_KEYS

@@ -48,7 +48,7 @@ def _assert_chest_upright(image: np.ndarray) -> None:
 
 @pytest.mark.parametrize("path", [J2K_CHEST, None], ids=["monochrome1-jpeg2000", "secondary-capture-jpeg"])
 def test_real_cr_files_come_out_bright_bone_dark_lung(path: Path | None) -> None:
-    from dicom_node.models.chest import radiograph_image
+    from dicom_node.models.chest_xray.detector import radiograph_image
 
     ds = pydicom.dcmread(path or _siim())
     image = radiograph_image(ds)
@@ -59,7 +59,7 @@ def test_real_cr_files_come_out_bright_bone_dark_lung(path: Path | None) -> None
 
 def test_monochrome1_is_inverted() -> None:
     """Without the MONOCHROME1 inversion the J2K CR would have dark bone: the inversion is what makes it right."""
-    from dicom_node.models.chest import radiograph_image
+    from dicom_node.models.chest_xray.detector import radiograph_image
 
     ds = pydicom.dcmread(J2K_CHEST)
     assert ds.PhotometricInterpretation == "MONOCHROME1"
@@ -72,14 +72,14 @@ def test_monochrome1_is_inverted() -> None:
 def test_inverted_copy_matches_original_after_preprocessing(caplog: pytest.LogCaptureFixture) -> None:
     """txv_Fake_MONOHR1 holds the SIIM pixels but says MONOCHROME1: shown as stored it would be a negative. The
     polarity check turns it back, so both files give the same image, and says so in the log."""
-    from dicom_node.models.chest import radiograph_image
+    from dicom_node.models.chest_xray.detector import radiograph_image
 
     original = radiograph_image(pydicom.dcmread(_siim()))
     fake = pydicom.dcmread(FAKE_MONO1)
     negative = radiograph_image(fake, check_polarity=False)
     r = _regions(negative)
     assert r["mediastinum"] < r["lung_left"] and r["mediastinum"] < r["lung_right"]
-    with caplog.at_level("WARNING", logger="dicom_node.models.chest"):
+    with caplog.at_level("WARNING", logger="dicom_node.models.chest_xray.detector"):
         corrected = radiograph_image(fake)
     assert "treating the pixel data as inverted" in caplog.text
     np.testing.assert_allclose(corrected, original, atol=1e-5)
@@ -107,7 +107,7 @@ def _synthetic_cr(photometric: str, rows: int = 300, cols: int = 240) -> pydicom
 
 
 def test_16_bit_window_and_photometric_agree() -> None:
-    from dicom_node.models.chest import radiograph_image
+    from dicom_node.models.chest_xray.detector import radiograph_image
 
     mono2 = radiograph_image(_synthetic_cr("MONOCHROME2"))
     mono1 = radiograph_image(_synthetic_cr("MONOCHROME1"))
@@ -116,7 +116,7 @@ def test_16_bit_window_and_photometric_agree() -> None:
 
 
 def test_prepare_keeps_aspect_ratio_and_maps_return_to_source_geometry() -> None:
-    from dicom_node.models.chest import ChestXrayDetector, default_config
+    from dicom_node.models.chest_xray.detector import ChestXrayDetector, default_config
     from dicom_node.models.preprocessing import uncrop_square
 
     config = default_config()
@@ -190,7 +190,7 @@ def test_per_view_and_localisation_by_hand(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_fit_evaluate_and_score_a_real_cr_series(tmp_path: Path) -> None:
     """Smoke: fit on 8 normals (small size), evaluate with views and boxes, score the real J2K CR as a series."""
-    from dicom_node.models.chest import ChestXrayDetector
+    from dicom_node.models.chest_xray.detector import ChestXrayDetector
     from dicom_node.models.regions import polygon_of, rules_for, select_regions
 
     with open(CXR / "labels.csv", newline="") as handle:
@@ -296,7 +296,7 @@ def test_positional_gaussian_radius_tolerates_a_shift_of_the_layout() -> None:
 def test_padim_method_fits_saves_and_loads(tmp_path: Path) -> None:
     """The shipped method: fit on a few normals at a small size, score, save, load, same scores; the image score is
     the mean per-position distance inside the lung field, so an added bright blob inside the lungs raises it."""
-    from dicom_node.models.chest import ChestXrayDetector, default_config
+    from dicom_node.models.chest_xray.detector import ChestXrayDetector, default_config
     from dicom_node.models.preprocessing import load_image_file
 
     config = default_config()
@@ -324,7 +324,7 @@ def test_the_map_covers_an_opacity_that_the_image_own_lung_field_leaves_out() ->
     the regions) also covers where the normals' lungs are (the lung-field heuristic on the atlas mean)."""
     import torch
 
-    from dicom_node.models.chest import ChestXrayDetector, default_config, lung_field_mask
+    from dicom_node.models.chest_xray.detector import ChestXrayDetector, default_config, lung_field_mask
     from dicom_node.models.image_detector import Prepared
     from dicom_node.models.preprocessing import CropBox
 

@@ -1,5 +1,6 @@
 """Chest radiograph views (AP/PA): the view classifier, per-view score normalisation and thresholds, and the view
-of a DICOM radiograph taken from View Position (models/radiograph_views.py, models/chest.py, models/labels.py)."""
+of a DICOM radiograph taken from View Position (models/chest_xray/views.py, models/chest_xray/detector.py,
+models/labels.py)."""
 
 from __future__ import annotations
 
@@ -14,8 +15,8 @@ import torch
 from conftest import DATA, DICOM_DATA
 
 from dicom_node.models.base import DetectorError, ImageInfo
+from dicom_node.models.chest_xray.views import MIN_VIEW_NORMALS, ViewCalibration, ViewClassifier
 from dicom_node.models.labels import declared_view
-from dicom_node.models.radiograph_views import MIN_VIEW_NORMALS, ViewCalibration, ViewClassifier
 
 CXR = DATA / "cxr_nih"
 
@@ -94,7 +95,7 @@ def test_labels_and_dicom_headers_describe_files(tmp_path: Path) -> None:
 
 
 def _fit_small(views_known: bool) -> tuple[object, list[np.ndarray], list[str]]:
-    from dicom_node.models.chest import ChestXrayDetector, default_config
+    from dicom_node.models.chest_xray.detector import ChestXrayDetector, default_config
     from dicom_node.models.preprocessing import load_image_file
 
     labels = _labels()
@@ -116,7 +117,7 @@ def _fit_small(views_known: bool) -> tuple[object, list[np.ndarray], list[str]]:
 def test_chest_fit_with_views_scores_each_image_against_its_view(tmp_path: Path) -> None:
     """Fitted with the training views, the detector keeps a view classifier and per-view statistics; the declared
     view (View Position) decides which statistics an image is scored against; save and load keep all of it."""
-    from dicom_node.models.chest import ChestXrayDetector
+    from dicom_node.models.chest_xray.detector import ChestXrayDetector
 
     detector, images, views = _fit_small(views_known=True)
     assert isinstance(detector, ChestXrayDetector)
@@ -139,7 +140,7 @@ def test_chest_fit_with_views_scores_each_image_against_its_view(tmp_path: Path)
 
 
 def test_a_dicom_radiograph_is_scored_with_its_view_position() -> None:
-    from dicom_node.models.chest import ChestXrayDetector
+    from dicom_node.models.chest_xray.detector import ChestXrayDetector
 
     detector, _, _ = _fit_small(views_known=True)
     assert isinstance(detector, ChestXrayDetector)

@@ -69,7 +69,7 @@ def test_shipped_detectors_come_from_entry_points() -> None:
         assert spec.model_card is not None and spec.model_card.is_file()
         assert registry.model_dir(name) == spec.weights
         assert registry.model_version(name) not in ("", registry.UNVERSIONED)
-    assert registry.spec("brain_mri").loader == "dicom_node.models.brain:load_brain_mri"
+    assert registry.spec("brain_mri").loader == "dicom_node.models.brain_mri.detector:load_brain_mri"
 
 
 def test_specs_are_read_without_torch(plugin_installed: str) -> None:
@@ -83,8 +83,9 @@ def test_specs_are_read_without_torch(plugin_installed: str) -> None:
         "from dicom_node.workers.app import detection_queues\n"
         "Settings(); detection_queues(); procedure_code('knee_xray')\n"
         "[registry.model_version(name) for name in registry.names()]\n"
-        "print(sorted(m for m in ('torch', 'dicom_node.models.brain', 'dicom_node.models.chest',"
-        " 'dn_knee_xray.detector') if m in sys.modules), registry.names())\n"
+        "code = ('torch', 'dicom_node.models.brain_mri.detector', 'dicom_node.models.chest_xray.detector',"
+        " 'dn_knee_xray.detector')\n"
+        "print(sorted(m for m in code if m in sys.modules), registry.names())\n"
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO)
     assert done.stdout.split("\n")[0] == "[] ['brain_mri', 'chest_xray', 'knee_xray']"

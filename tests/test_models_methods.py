@@ -8,10 +8,10 @@ import pytest
 
 from dicom_node.cli.detectors import METHOD_CHOICES
 from dicom_node.models.base import DetectorError
-from dicom_node.models.brain import BrainMRIDetector
-from dicom_node.models.brain import default_config as brain_config
-from dicom_node.models.chest import ChestXrayDetector
-from dicom_node.models.chest import default_config as chest_config
+from dicom_node.models.brain_mri.detector import BrainMRIDetector
+from dicom_node.models.brain_mri.detector import default_config as brain_config
+from dicom_node.models.chest_xray.detector import ChestXrayDetector
+from dicom_node.models.chest_xray.detector import default_config as chest_config
 from dicom_node.models.config import Prepared
 from dicom_node.models.methods.base import Calibration, ScoringMethod, z_sum
 from dicom_node.models.methods.padim import PadimMethod

@@ -158,7 +158,7 @@ def main() -> None:
             knn[d] = torch.cdist(q, ref).topk(5, largest=False).values.mean(1).numpy()
         report("global kNN k=5", knn, labels, {})
     if "autoencoder" in args.methods:
-        from dicom_node.models.brain import default_config
+        from dicom_node.models.brain_mri.detector import default_config
         from dicom_node.models.config import Prepared
         from experiments.autoencoder import fit_autoencoder, score_autoencoder
 

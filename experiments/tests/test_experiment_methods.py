@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from dicom_node.models.base import DetectorError
-from dicom_node.models.brain import BrainMRIDetector, default_config
+from dicom_node.models.brain_mri.detector import BrainMRIDetector, default_config
 from experiments.detectors import EXPERIMENT_METHODS, ExperimentalBrainDetector
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -55,7 +55,8 @@ def test_the_installed_detectors_do_not_offer_them() -> None:
 
 def test_the_installed_package_never_imports_experiments() -> None:
     code = (
-        "import sys, dicom_node.cli, dicom_node.models.brain, dicom_node.models.chest, dicom_node.models.training; "
+        "import sys, dicom_node.cli, dicom_node.models.training\n"
+        "import dicom_node.models.brain_mri.detector, dicom_node.models.chest_xray.detector\n"
         "print(any(m == 'experiments' or m.startswith('experiments.') for m in sys.modules))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)

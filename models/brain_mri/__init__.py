@@ -1,6 +1,7 @@
 """The brain MRI detector: its descriptor and, in weights/, the shipped weights and model card.
 
-The model code is dicom_node.models.brain (imported by the loader only, when a worker loads the detector)."""
+The model code is detector.py beside it (dicom_node.models.brain_mri.detector), imported by the loader only, when
+a worker loads the detector: this module stays torch-free."""
 
 from __future__ import annotations
 
@@ -11,9 +12,9 @@ from dicom_node.models.spec import DetectorSpec, SpecCode
 SPEC = DetectorSpec(
     name="brain_mri",
     description="brain MRI (any sequence), one-class anomaly detection per slice",
-    loader="dicom_node.models.brain:load_brain_mri",
-    detector_class="dicom_node.models.brain:BrainMRIDetector",
-    default_config="dicom_node.models.brain:default_config",
+    loader="dicom_node.models.brain_mri.detector:load_brain_mri",
+    detector_class="dicom_node.models.brain_mri.detector:BrainMRIDetector",
+    default_config="dicom_node.models.brain_mri.detector:default_config",
     weights=Path(__file__).resolve().parent / "weights",
     # The head foreground the brain detector reads (it has no brain mask).
     anatomy=SpecCode("69536005", "SCT", "Head"),

@@ -1,6 +1,7 @@
 """The chest X-ray detector: its descriptor and, in weights/, the shipped weights and model card.
 
-The model code is dicom_node.models.chest (imported by the loader only, when a worker loads the detector)."""
+The model code is detector.py beside it (dicom_node.models.chest_xray.detector, with views.py), imported by the
+loader only, when a worker loads the detector: this module stays torch-free."""
 
 from __future__ import annotations
 
@@ -11,9 +12,9 @@ from dicom_node.models.spec import DetectorSpec, SpecCode
 SPEC = DetectorSpec(
     name="chest_xray",
     description="frontal (PA/AP) chest radiographs, one-class anomaly detection",
-    loader="dicom_node.models.chest:load_chest_xray",
-    detector_class="dicom_node.models.chest:ChestXrayDetector",
-    default_config="dicom_node.models.chest:default_config",
+    loader="dicom_node.models.chest_xray.detector:load_chest_xray",
+    detector_class="dicom_node.models.chest_xray.detector:ChestXrayDetector",
+    default_config="dicom_node.models.chest_xray.detector:default_config",
     weights=Path(__file__).resolve().parent / "weights",
     anatomy=SpecCode("51185008", "SCT", "Thorax"),
     procedure=SpecCode("36554-4", "LN", "XR Chest Single view"),

@@ -1,5 +1,5 @@
 """PaDiM-style per-position Gaussians with a shared covariance (method ``padim``, the shipped chest_xray since 1.1.0;
-the method's history and the reasons for each setting: models/chest.py and docs/benchmarks.md).
+the method's history and the reasons for each setting: models/chest_xray/detector.py and docs/benchmarks.md).
 
 The ``config.strides`` features averaged to a ``grid`` x ``grid`` layout; per position the mean over the normals, one
 covariance shared by all positions. A cell's distance is the Mahalanobis distance to the nearest position mean within
@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from dicom_node.models.base import DetectorError, ImageInfo
+from dicom_node.models.chest_xray.views import ViewCalibration, ViewClassifier, view_features, view_of_logit
 from dicom_node.models.config import DetectorConfig, Prepared
 from dicom_node.models.labels import VIEWS
 from dicom_node.models.methods.base import (
@@ -36,7 +37,6 @@ from dicom_node.models.methods.base import (
     z_sum,
 )
 from dicom_node.models.methods.features import PatchFeatures, batches
-from dicom_node.models.radiograph_views import ViewCalibration, ViewClassifier, view_features, view_of_logit
 
 logger = logging.getLogger(__name__)
 

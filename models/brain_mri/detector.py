@@ -42,7 +42,7 @@ from dicom_node.models.preprocessing import (
 
 logger = logging.getLogger(__name__)
 
-WEIGHTS_DIR = Path(__file__).resolve().parent / "brain_mri" / "weights"
+WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 
 SERIES_DEFAULTS: dict[str, float] = {
     "series_top_fraction": 0.05,

@@ -71,7 +71,7 @@ from dicom_node.models.preprocessing import CropBox, PreprocessingError, crop_sq
 
 logger = logging.getLogger(__name__)
 
-WEIGHTS_DIR = Path(__file__).resolve().parent / "chest_xray" / "weights"
+WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 
 TRAINING_COMMAND = (
     "dicom-node fit --detector chest_xray --normal ../shared/data/cxr_nih/train/normal "
