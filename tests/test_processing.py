@@ -83,11 +83,13 @@ def test_worker_context_loads_plugin_detectors_once_with_batch_size(
 ) -> None:
     from worker_harness import install_plugin
 
+    from dicom_node.models import registry
     from dicom_node.workers.app import create_app
     from dicom_node.workers.context import get_context
 
     for entry in reversed(install_plugin(tmp_path / "plugin").split(":")):
         monkeypatch.syspath_prepend(entry)
+    registry.clear_cache()  # the detectors are read once per process: read them again with the plugin installed
     (tmp_path / "model").mkdir()
     settings = load_settings(
         overrides={
@@ -108,6 +110,7 @@ def test_worker_context_loads_plugin_detectors_once_with_batch_size(
     finally:
         context.close()
         app.close()
+        registry.clear_cache()  # the next reader sees the installed detectors only
 
 
 def test_unreadable_spool_fails_the_job_at_once_with_the_reason(
