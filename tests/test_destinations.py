@@ -1,5 +1,6 @@
-"""Open destinations: a destination type defined and registered here, in the test, receives a real job's results
-through the same pipeline as C-STORE and STOW-RS, with no change to product code."""
+"""Open destinations: a destination type defined here, in the test, and declared as a ``dicom_node.destinations``
+entry point by a throw-away distribution (as a site's plug-in would be), receives a real job's results through the
+same pipeline as C-STORE and STOW-RS, with no change to product code."""
 
 from __future__ import annotations
 
@@ -18,12 +19,7 @@ from dicom_node.config import ConfigError, Settings, load_settings
 from dicom_node.db import Database
 from dicom_node.db.models import DeliveryAttempt, JobState, ResultObject
 from dicom_node.delivery import handover, pipeline
-from dicom_node.delivery.destinations import (
-    DestinationType,
-    known_kinds,
-    register_destination_type,
-    unregister_destination_type,
-)
+from dicom_node.delivery.destinations import DestinationType, known_kinds, registry
 from dicom_node.delivery.pipeline import deliver_job
 from dicom_node.delivery.transfer import ResultFile, SendOutcome
 from dicom_node.models.base import SeriesResult
@@ -53,14 +49,27 @@ class FolderDestination(DestinationType):
         return SendOutcome("stored", None, f"{len(files)} file(s) committed")
 
 
+def install_types(directory: Path, monkeypatch: pytest.MonkeyPatch, **kinds: str) -> None:
+    """A distribution whose ``dicom_node.destinations`` entry points are ``kinds`` (kind → "module:Class"), on
+    sys.path for this test; the registry reads the entry points again."""
+    dist = directory / "dn_test_destinations-0.0.dist-info"
+    dist.mkdir(parents=True)
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: dn-test-destinations\nVersion: 0.0\n")
+    lines = "".join(f"{kind} = {value}\n" for kind, value in kinds.items())
+    (dist / "entry_points.txt").write_text(f"[dicom_node.destinations]\n{lines}")
+    monkeypatch.syspath_prepend(str(directory))
+    registry.clear_cache()
+
+
 @pytest.fixture
-def folder_type() -> Iterator[type[FolderDestination]]:
+def folder_type(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[type[FolderDestination]]:
     FolderDestination.sent = []
-    register_destination_type(FolderDestination)
+    install_types(tmp_path / "plugin", monkeypatch, folder="test_destinations:FolderDestination")
     try:
         yield FolderDestination
     finally:
-        unregister_destination_type(FolderDestination.kind)
+        monkeypatch.undo()
+        registry.clear_cache()
 
 
 def folder_settings(tmp_path: Path, *folders: tuple[str, dict[str, Any]]) -> Settings:
@@ -152,22 +161,42 @@ def test_the_source_headers_are_read_once_per_delivery_whatever_the_number_of_de
 
 
 def test_configuration_checks_the_kind_and_the_fields_against_the_registry(
-    folder_type: type[FolderDestination], tmp_path: Path
+    folder_type: type[FolderDestination], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     assert known_kinds() == ("dimse", "stow-rs", "folder")
     with pytest.raises(ConfigError, match=r"destinations\.0: a folder destination needs url"):
         load_settings(overrides={"destinations": [{"name": "x", "kind": "folder"}]})
-    unregister_destination_type("folder")
+    monkeypatch.undo()  # the plug-in's distribution is gone
+    registry.clear_cache()
     with pytest.raises(
         ConfigError, match=r"destinations\.0\.kind: unknown destination kind 'folder' \(known kinds: dimse, stow-rs\)"
     ):
         folder_settings(tmp_path, ("archive", {}))
 
 
-def test_a_kind_belongs_to_one_class() -> None:
-    class Impostor(FolderDestination):
-        kind = "dimse"
+class Impostor(FolderDestination):
+    kind = "dimse"
 
-    with pytest.raises(ValueError, match="destination kind 'dimse' is already"):
-        register_destination_type(Impostor)
+
+def test_a_kind_belongs_to_one_class(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    install_types(tmp_path / "plugin", monkeypatch, dimse="test_destinations:Impostor")
+    try:
+        with pytest.raises(RuntimeError, match="destination kind 'dimse' is declared twice"):
+            known_kinds()
+    finally:
+        monkeypatch.undo()
+        registry.clear_cache()
     assert known_kinds() == ("dimse", "stow-rs")
+
+
+def test_an_entry_point_must_name_a_destination_type_of_its_kind(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    install_types(tmp_path / "plugin", monkeypatch, ftp="test_destinations:FolderDestination")
+    try:
+        assert "ftp" in known_kinds()
+        with pytest.raises(RuntimeError, match="is not a DestinationType whose kind is 'ftp'"):
+            registry.destination_type("ftp")
+    finally:
+        monkeypatch.undo()
+        registry.clear_cache()

@@ -10,8 +10,9 @@ sends to every type the same way. Built in:
   Annex J) when the destination's profile asks for it;
 * ``stow-rs`` (``stow_rs.StowRsDestination``): STOW-RS (PS3.18 10.5).
 
-Adding a type is one class registered in one place: subclass ``DestinationType``, and add the class to the
-built-in list at the end of ``registry`` (or, from outside the product, call ``register_destination_type``).
+Adding a type is one class declared in one place: subclass ``DestinationType`` and declare it as an entry point of
+the ``dicom_node.destinations`` group named by its kind (pyproject.toml for the built-in ones; another
+distribution's metadata for a site's own), so every process of the node finds it.
 
 The triage webhook is not a destination type; it stays a notifier (``dicom_node.delivery.webhook``), because:
 
@@ -31,8 +32,6 @@ from dicom_node.delivery.destinations.registry import (
     destination_type,
     known_kinds,
     open_destination,
-    register_destination_type,
-    unregister_destination_type,
 )
 
 __all__ = [
@@ -40,6 +39,4 @@ __all__ = [
     "destination_type",
     "known_kinds",
     "open_destination",
-    "register_destination_type",
-    "unregister_destination_type",
 ]

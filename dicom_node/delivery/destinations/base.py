@@ -27,8 +27,8 @@ from dicom_node.delivery.transfer import ResultFile, SendOutcome
 
 class DestinationType(ABC):
     """A kind of destination for the result objects. Subclass it, set ``kind`` (and ``requires``,
-    ``supports_commitment`` as they apply), implement ``send`` (and ``commit``), and register the class
-    (``dicom_node.delivery.destinations.register_destination_type``)."""
+    ``supports_commitment`` as they apply), implement ``send`` (and ``commit``), and declare the class as an entry
+    point of the ``dicom_node.destinations`` group named by its kind (``dicom_node.delivery.destinations.registry``)."""
 
     kind: ClassVar[str]
     requires: ClassVar[tuple[str, ...]] = ()
