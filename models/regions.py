@@ -95,16 +95,14 @@ class RegionRules:
             raise ValueError("min_evidence_ratio must be between 0 and 1")
 
 
-# Per-detector rules. A radiograph's score is an average over the lung fields and its map a brightness atlas whose
-# weaker blobs are mostly anatomy (heart border, shoulders) rather than a second finding, so a radiograph shows its
-# strongest region only. (Before its map covered the whole lung field, every flagged radiograph of cxr_nih/val had
-# one region anyway; docs/results.md.)
-DETECTOR_RULES: dict[str, RegionRules] = {"chest_xray": RegionRules(max_regions=1)}
-
-
 def rules_for(detector: str | None) -> RegionRules:
-    """The region rules of a detector (``DETECTOR_RULES``; the defaults for any other or None)."""
-    return DETECTOR_RULES.get(detector or "", RegionRules())
+    """The region rules of a detector: the defaults with its spec's ``region_rules`` (``DetectorSpec``); the
+    defaults for an unknown detector or None."""
+    from dicom_node.models import registry
+
+    if detector is None or detector not in registry.names():
+        return RegionRules()
+    return RegionRules(**dict(registry.spec(detector).region_rules))
 
 
 @dataclass(frozen=True)

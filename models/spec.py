@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import importlib
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +47,8 @@ class DetectorSpec:
       when the detector ships none and needs ``detectors.<name>.model_dir``.
     * ``detector_class`` / ``default_config``: ``"module:attribute"`` of the trainable class and its default
       configuration function, for ``dicom-node fit``; None when the detector cannot be fitted by the CLI.
+    * ``region_rules``: how the result objects choose regions from its maps, as fields of
+      ``dicom_node.models.regions.RegionRules`` that differ from the defaults (e.g. ``{"max_regions": 1}``).
     """
 
     name: str
@@ -59,6 +61,7 @@ class DetectorSpec:
     description: str = ""
     detector_class: str | None = None
     default_config: str | None = None
+    region_rules: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not self.name.isidentifier():

@@ -17,6 +17,11 @@ SPEC = DetectorSpec(
     default_config="dicom_node.models.chest_xray.detector:default_config",
     weights=Path(__file__).resolve().parent / "weights",
     anatomy=SpecCode("51185008", "SCT", "Thorax"),
+    # A radiograph's score is an average over the lung fields and its map a brightness atlas whose weaker blobs are
+    # mostly anatomy (heart border, shoulders) rather than a second finding, so it shows its strongest region only.
+    # (Before its map covered the whole lung field, every flagged radiograph of cxr_nih/val had one region anyway;
+    # docs/results.md.)
+    region_rules={"max_regions": 1},
     procedure=SpecCode("36554-4", "LN", "XR Chest Single view"),
     # Frontal (PA/AP) chest CR/DX; lateral views are left out.
     selection=(
