@@ -40,15 +40,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from bench.workers import DICOM, free_port, make_study, wait
-from dicom_node.config import load_settings
+from bench.workers import DICOM, job_side, make_study, start_redis, wait
 from dicom_node.db import Database, Job
-from dicom_node.jobs.scheduler import JobScheduler
 from dicom_node.timeutil import utc
-from dicom_node.workers.app import CeleryDispatcher, create_app
-from dicom_node.workers.versions import model_card_versions
 
 MR = sorted((DICOM / "mr_brain_t1_siemens").glob("*.dcm"))
 SERIES: dict[str, tuple[str, list[Path]]] = {
@@ -84,25 +78,17 @@ def run(
     series: str, concurrency: int, jobs: int, workdir: Path, torch_threads: int | None, batch_size: int | None
 ) -> dict[str, Any]:
     detector, files = SERIES[series]
-    port = free_port()
-    redis = subprocess.Popen(
-        ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
-        stdout=subprocess.DEVNULL,
-    )
+    redis, url = start_redis()
     config: dict[str, Any] = {
         "node": {"data_dir": str(workdir / "data")},
-        "broker": {"url": f"redis://127.0.0.1:{port}/0"},
+        "broker": {"url": url},
         "logging": {"level": "INFO"},
         "detectors": {detector: {"soft_time_limit_seconds": 1800, "time_limit_seconds": 2000}},
     }
     if batch_size:
         config["detectors"][detector]["batch_size"] = batch_size
-    config_path = workdir / "node.yaml"
-    config_path.write_text(yaml.safe_dump(config))
-    settings = load_settings(config_path)
-    db = Database(settings.database_url)
-    app = create_app(settings)
-    scheduler = JobScheduler(db, settings, CeleryDispatcher(app, settings), model_version=model_card_versions(settings))
+    side = job_side(workdir, config)
+    db, scheduler, config_path = side.db, side.scheduler, side.config_path
     env = dict(os.environ)
     if torch_threads:
         env["OMP_NUM_THREADS"] = str(torch_threads)
@@ -134,8 +120,7 @@ def run(
         worker.wait(120)
         redis.kill()
         redis.wait()
-        app.close()
-        db.dispose()
+        side.close()
     output = log.read_text(errors="replace")
     loads = LOADED.findall(output)
     processes = {job.worker for job in done}

@@ -101,6 +101,7 @@ class Receiver:
     ae_title: str
     port: int
     process: subprocess.Popen[bytes]
+    rest_url: str | None = None  # Orthanc's REST API (loopback, no authentication)
 
 
 @contextmanager
@@ -145,7 +146,9 @@ def orthanc(work: Path) -> Iterator[Receiver]:
                 "DicomAet": "ORTHANC",
                 "DicomPort": port,
                 "HttpPort": http,
+                "HttpServerEnabled": True,
                 "RemoteAccessAllowed": False,
+                "AuthenticationEnabled": False,
                 "DicomCheckCalledAet": False,
                 "StorageCompression": False,
                 "Plugins": [],
@@ -155,7 +158,8 @@ def orthanc(work: Path) -> Iterator[Receiver]:
     process = subprocess.Popen(["/usr/sbin/Orthanc", str(config)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         wait_port(port, process)
-        yield Receiver("Orthanc", "ORTHANC", port, process)
+        wait_port(http, process)
+        yield Receiver("Orthanc", "ORTHANC", port, process, f"http://127.0.0.1:{http}")
     finally:
         process.terminate()
         process.wait(60)

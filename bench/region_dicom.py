@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import csv
 import io
-import json
 import re
 import shutil
 import subprocess
@@ -38,7 +37,6 @@ import tempfile
 import time
 from collections import defaultdict
 from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -52,7 +50,7 @@ from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, UID, ExplicitVRLittleEndian,
 from sqlalchemy import select
 
 from bench.e2e import node
-from bench.receive import REPO, free_port, wait_port
+from bench.receive import REPO, orthanc
 from dicom_node.db import Database, Job, JobState, Study
 from dicom_node.models.metrics import dice
 from dicom_node.models.region_evaluation import box_mask
@@ -233,44 +231,6 @@ def write_cxr_study(folder: str, path: Path, row: dict[str, str], monochrome1: b
 
 
 # ----------------------------------------------------------------------------------------------- the chain
-@contextmanager
-def orthanc_rest(work: Path) -> Iterator[tuple[int, str]]:
-    """A real Orthanc with its REST API: (DICOM port, REST URL)."""
-    port, http = free_port(), free_port()
-    data = work / "orthanc"
-    data.mkdir()
-    config = data / "orthanc.json"
-    config.write_text(
-        json.dumps(
-            {
-                "Name": "bench",
-                "StorageDirectory": str(data / "storage"),
-                "IndexDirectory": str(data / "index"),
-                "DicomAet": "ORTHANC",
-                "DicomPort": port,
-                "HttpPort": http,
-                "HttpServerEnabled": True,
-                "RemoteAccessAllowed": False,
-                "AuthenticationEnabled": False,
-                "DicomCheckCalledAet": False,
-                "StorageCompression": False,
-                "SyncStorageArea": False,
-                "Plugins": [],
-            }
-        )
-    )
-    log = (data / "orthanc.log").open("wb")
-    process = subprocess.Popen(["/usr/sbin/Orthanc", str(config)], stdout=log, stderr=log)
-    try:
-        wait_port(port, process)
-        wait_port(http, process)
-        yield port, f"http://127.0.0.1:{http}"
-    finally:
-        process.terminate()
-        process.wait(60)
-        log.close()
-
-
 def storescu(port: int, files: list[Path]) -> None:
     for start in range(0, len(files), 500):  # keep the command line short
         subprocess.run(
@@ -472,7 +432,9 @@ def main(argv: list[str] | None = None) -> int:
                 for i, (folder, path, row) in enumerate(chosen)
             ]
         written = time.monotonic()
-        with orthanc_rest(work) as (pacs_port, url), node(work, pacs_port, args.quiet) as (port, db_url):
+        with orthanc(work) as pacs, node(work, pacs.port, args.quiet) as (port, db_url):
+            assert pacs.rest_url is not None
+            url = pacs.rest_url
             db = Database(db_url, upgrade=False)
             sent_at = time.monotonic()
             storescu(port, [f for case in cases for f in case.files])

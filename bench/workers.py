@@ -24,15 +24,17 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import pydicom
 import yaml
+from celery import Celery
 from pydicom.uid import generate_uid
 
-from dicom_node.config import load_settings
+from dicom_node.config import Settings, load_settings
 from dicom_node.db import Database, Instance, Job, Series, Study, StudyState
 from dicom_node.jobs.scheduler import JobScheduler
 from dicom_node.timeutil import utc
@@ -73,6 +75,43 @@ def plugin_path(directory: Path) -> str:
     return os.pathsep.join([str(directory), str(PLUGINS)])
 
 
+def start_redis() -> tuple[subprocess.Popen[bytes], str]:
+    """A private ``redis-server`` on a free loopback port, nothing persisted: (process, broker URL)."""
+    port = free_port()
+    process = subprocess.Popen(
+        ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+        stdout=subprocess.DEVNULL,
+    )
+    return process, f"redis://127.0.0.1:{port}/0"
+
+
+@dataclass
+class JobSide:
+    """The job side of the node as ``dicom-node serve`` wires it, for a bench that starts its own worker."""
+
+    config_path: Path
+    settings: Settings
+    db: Database
+    app: Celery
+    scheduler: JobScheduler
+
+    def close(self) -> None:
+        self.app.close()
+        self.db.dispose()
+
+
+def job_side(workdir: Path, config: dict[str, Any]) -> JobSide:
+    """Write ``config`` to ``workdir/node.yaml`` (the worker reads the same file) and build the job database, the
+    Celery app and the scheduler on it."""
+    config_path = workdir / "node.yaml"
+    config_path.write_text(yaml.safe_dump(config))
+    settings = load_settings(config_path)
+    db = Database(settings.database_url)
+    app = create_app(settings)
+    scheduler = JobScheduler(db, settings, CeleryDispatcher(app, settings), model_version=model_card_versions(settings))
+    return JobSide(config_path, settings, db, app, scheduler)
+
+
 def make_study(db: Database, files: list[Path], detector: str = "brain_mri") -> int:
     now = datetime.now(UTC)
     with db.session() as session:
@@ -98,16 +137,7 @@ def make_study(db: Database, files: list[Path], detector: str = "brain_mri") -> 
 
 
 def run(broker: str, studies: int, workdir: Path, real: str | None = None) -> dict[str, float]:
-    redis = None
-    if broker == "redis":
-        port = free_port()
-        redis = subprocess.Popen(
-            ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
-            stdout=subprocess.DEVNULL,
-        )
-        url: str | None = f"redis://127.0.0.1:{port}/0"
-    else:
-        url = None
+    redis, url = start_redis() if broker == "redis" else (None, None)
     detector = real or "brain_mri"
     config: dict[str, Any] = {
         "node": {"data_dir": str(workdir / "data")},
@@ -119,12 +149,8 @@ def run(broker: str, studies: int, workdir: Path, real: str | None = None) -> di
         model_dir.mkdir(parents=True)
         (model_dir / "model_card.json").write_text(json.dumps({"version": "bench"}))
         config["detectors"] = {"brain_mri": {"model_dir": str(model_dir)}}
-    config_path = workdir / "node.yaml"
-    config_path.write_text(yaml.safe_dump(config))
-    settings = load_settings(config_path)
-    db = Database(settings.database_url)
-    app = create_app(settings)
-    scheduler = JobScheduler(db, settings, CeleryDispatcher(app, settings), model_version=model_card_versions(settings))
+    side = job_side(workdir, config)
+    db, scheduler, config_path = side.db, side.scheduler, side.config_path
     env = {**os.environ, "PYTHONPATH": plugin_path(workdir / "plugin")} if real is None else dict(os.environ)
     worker = subprocess.Popen(
         [str(Path(sys.executable).parent / "dicom-node"), "worker", "--config", str(config_path), "--queues",
@@ -160,8 +186,7 @@ def run(broker: str, studies: int, workdir: Path, real: str | None = None) -> di
         if redis is not None:
             redis.kill()
             redis.wait()
-        app.close()
-        db.dispose()
+        side.close()
     quantiles = statistics.quantiles(overheads, n=20, method="inclusive")
     return {
         "n": len(overheads),
