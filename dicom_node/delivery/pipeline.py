@@ -37,7 +37,7 @@ from dicom_node.config import Destination, Settings, Webhook
 from dicom_node.db import Database
 from dicom_node.db.models import DeliveryAttempt, Instance, Job, JobEvent, JobState, ResultObject
 from dicom_node.delivery import handover
-from dicom_node.delivery.destinations import DestinationType, open_destination
+from dicom_node.delivery.destinations import DestinationType, destination_type, known_kinds, open_destination
 from dicom_node.delivery.transfer import DONE, ResultFile, SendOutcome
 from dicom_node.delivery.webhook import TriageEvent, post_event
 from dicom_node.jobs.lifecycle import DELIVERABLE_STATES, JobStateError, move
@@ -504,8 +504,11 @@ def _finish(db: Database, job_id: int, report: DeliveryReport, completed_at: dat
 
 def warm_up() -> None:
     """Build a SEG and an SR once for a made-up two-slice series, so that the first real delivery of a worker does
-    not pay what the libraries do on first use (highdicom loads its tables of the standard: about a second). The
-    worker calls it before forking its pool (workers.delivery_tasks); nothing is written or sent."""
+    not pay what the libraries do on first use (highdicom loads its tables of the standard: about a second), and
+    load the destination types (their entry points and transport modules). The worker calls it before forking its
+    pool (workers.delivery_tasks); nothing is written or sent."""
+    for kind in known_kinds():
+        destination_type(kind)
     size, count = 16, 2
     study, series, frame = generate_uid(), generate_uid(), generate_uid()
     headers = []
@@ -529,7 +532,7 @@ def warm_up() -> None:
     maps = np.zeros((count, size, size), dtype=np.float32)
     maps[:, 4:12, 4:12] = 1.0
     result = SeriesResult(
-        model=ModelIdentity("brain_mri", "warm-up", "0", "0" * 64),
+        model=ModelIdentity("warm-up", "warm-up", "0", "0" * 64),
         series_score=1.0,
         image_threshold=0.5,
         pixel_threshold=0.5,
