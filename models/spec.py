@@ -49,6 +49,9 @@ class DetectorSpec:
       configuration function, for ``dicom-node fit``; None when the detector cannot be fitted by the CLI.
     * ``region_rules``: how the result objects choose regions from its maps, as fields of
       ``dicom_node.models.regions.RegionRules`` that differ from the defaults (e.g. ``{"max_regions": 1}``).
+    * ``unsized_long_side_mm``: how long the long side of one of its images is when the image states no pixel size
+      (an image file in ``dicom-node evaluate``); None: 1 mm pixels. A radiograph: its detector, 430 mm, as the
+      result builders assume for a DICOM radiograph without Pixel Spacing.
     """
 
     name: str
@@ -62,6 +65,7 @@ class DetectorSpec:
     detector_class: str | None = None
     default_config: str | None = None
     region_rules: Mapping[str, Any] = field(default_factory=dict)
+    unsized_long_side_mm: float | None = None
 
     def __post_init__(self) -> None:
         if not self.name.isidentifier():

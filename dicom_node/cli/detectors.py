@@ -13,8 +13,6 @@ from typing import Any
 # Methods `fit --method` offers: those of the installed detector classes' ``methods`` tables (a detector refuses one
 # that is not in its own table). Methods no shipped model uses are in the repository's experiments/ folder.
 METHOD_CHOICES: tuple[str, ...] = ("spade+segmenter", "spade", "segmenter", "padim")
-# A radiograph without a pixel size: its long side spans a 43 cm detector (as dicom_node.results.common assumes).
-ASSUMED_DETECTOR_MM = 430.0
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
@@ -137,8 +135,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
         "--pixel-mm",
         type=float,
         default=None,
-        help="pixel size in mm of the images, for the region rules' sizes in mm (default: brain_mri 1 mm; "
-        "chest_xray: the long side spans 430 mm, as the result builders assume without a Pixel Spacing)",
+        help="pixel size in mm of the images, for the region rules' sizes in mm (default: the detector's "
+        "unsized_long_side_mm spread over the long side, e.g. chest_xray 430 mm as the result builders assume "
+        "without a Pixel Spacing; 1 mm pixels for a detector without one, e.g. brain_mri)",
     )
     evaluate.add_argument("--json", type=Path, default=None, help="also write the metrics as JSON here")
     evaluate.add_argument(
@@ -299,6 +298,7 @@ def _region_metrics(args: argparse.Namespace, detector: Any, report: dict[str, A
     to ``report``; the text to print."""
     import numpy as np
 
+    from dicom_node.models import registry
     from dicom_node.models.evaluation import mask_for
     from dicom_node.models.preprocessing import resize
     from dicom_node.models.region_evaluation import box_mask, evaluate_regions, format_region_report
@@ -320,8 +320,9 @@ def _region_metrics(args: argparse.Namespace, detector: Any, report: dict[str, A
     def spacing_for(shape: tuple[int, int]) -> tuple[float, float]:
         if args.pixel_mm is not None:
             return args.pixel_mm, args.pixel_mm
-        if args.detector == "chest_xray":
-            side = ASSUMED_DETECTOR_MM / max(shape)
+        long_side_mm = registry.spec(args.detector).unsized_long_side_mm
+        if long_side_mm is not None:
+            side = long_side_mm / max(shape)
             return side, side
         return 1.0, 1.0
 

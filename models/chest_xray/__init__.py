@@ -22,6 +22,7 @@ SPEC = DetectorSpec(
     # (Before its map covered the whole lung field, every flagged radiograph of cxr_nih/val had one region anyway;
     # docs/results.md.)
     region_rules={"max_regions": 1},
+    unsized_long_side_mm=430.0,  # a 43 cm detector
     procedure=SpecCode("36554-4", "LN", "XR Chest Single view"),
     # Frontal (PA/AP) chest CR/DX; lateral views are left out.
     selection=(
