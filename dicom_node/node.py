@@ -14,6 +14,7 @@ import logging
 import signal
 import tempfile
 import threading
+import time
 from collections.abc import Sequence
 from typing import Protocol
 
@@ -33,6 +34,8 @@ log = logging.getLogger(__name__)
 # Errors of binding the listening socket (in use, not an address of this host, privileged port), as opposed to, say,
 # a TLS certificate file that cannot be read.
 _LISTEN_ERRNOS = (errno.EADDRINUSE, errno.EADDRNOTAVAIL, errno.EACCES)
+# How often a receiving process looks at its flags and for its node (a start or stop waits at most this long).
+_POLL_SECONDS = 0.1
 
 
 class Service(Protocol):
@@ -132,17 +135,21 @@ def run_receiver(settings: Settings, context: ReceiverContext) -> None:
         context.reports.put(("failed", context.index, f"receiving process {context.index}: {err}"))
         raise
     context.reports.put(("ready", context.index, None))
-    while not (stopped.is_set() or context.stop.is_set() or context.go.wait(0.5)):
-        pass
+
+    def ended() -> bool:
+        return stopped.is_set() or context.node_gone()
+
+    while not (ended() or context.stop.is_set() or context.go.is_set()):
+        time.sleep(_POLL_SECONDS)
     try:
-        if context.go.is_set() and not stopped.is_set():
+        if context.go.is_set() and not ended():
             scp.start()
-            while not (stopped.is_set() or context.stop.wait(0.5)):
-                pass
+            while not (ended() or context.stop.is_set()):
+                time.sleep(_POLL_SECONDS)
     finally:
-        # The node asked (its stop event): running associations get their grace. The node is gone (SIGTERM):
-        # end now, as the node did; the senders send their unacknowledged instances again.
-        if stopped.is_set():
+        # The node asked (its stop flag): running associations get their grace. The node is gone (SIGTERM, or
+        # handed to init): end now, as the node did; the senders send their unacknowledged instances again.
+        if ended():
             scp.stop(grace_seconds=0.0)
         else:
             scp.stop()

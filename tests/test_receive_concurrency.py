@@ -115,6 +115,11 @@ def test_a_receiving_process_that_dies_is_replaced(tmp_path: Path, sqlite_url: s
         assert node.alive()
     finally:
         node.stop()
+    # The replacement and the first receiver end with the node: none is left behind, handed to init.
+    deadline = time.monotonic() + 15
+    while any(Path(f"/proc/{pid}").exists() and "Z" not in _state(pid) for pid in replaced):
+        assert time.monotonic() < deadline, f"receiving processes {replaced} outlived the stopped node"
+        time.sleep(0.1)
 
 
 def test_receivers_end_with_a_killed_node_and_free_the_port(tmp_path: Path, sqlite_url: str) -> None:

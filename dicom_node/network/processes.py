@@ -15,6 +15,7 @@ acknowledged sends it again). Receivers end with the node even when it is killed
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import multiprocessing
 import os
@@ -36,19 +37,42 @@ _BACKLOG = 128
 _RESPAWN_DELAY_SECONDS = 1.0
 
 
+class Flag:
+    """A flag the node sets once and its receiving processes poll: a shared byte, read without a lock.
+
+    Not a multiprocessing Event: reading or waiting on one takes a lock shared with the node, and a node that dies
+    while it holds that lock (in ``Event.set``, which waits for the woken waiters) leaves every receiver blocked on
+    it for good, where neither the stop nor the parent-death signal reaches its loop: the receivers outlived the
+    node (tests/test_receive_concurrency.py)."""
+
+    def __init__(self, context: Any) -> None:
+        self._value = context.RawValue(ctypes.c_bool, False)
+
+    def set(self) -> None:
+        self._value.value = True
+
+    def is_set(self) -> bool:
+        return bool(self._value.value)
+
+
 @dataclass(frozen=True)
 class ReceiverContext:
     """What one receiving process is given: its index, the listening socket, the node-wide association slots, the
-    queue on which it reports ("ready" or "failed", index, detail), the event that tells it to start accepting
-    (the socket listens) and the one that tells it to stop."""
+    queue on which it reports ("ready" or "failed", index, detail), the flag that tells it to start accepting
+    (the socket listens) and the one that tells it to stop, and the node's process id."""
 
     index: int
     listening: socket.socket
     slots: AssociationSlots
     reports: Any  # multiprocessing Queue
-    go: Any  # multiprocessing Event
-    stop: Any  # multiprocessing Event
+    go: Flag
+    stop: Flag
     parent_pid: int
+
+    def node_gone(self) -> bool:
+        """The node ended without a word (this process was handed to init): the parent-death signal follows the
+        thread that started a process, so it is not the only guard."""
+        return os.getppid() != self.parent_pid
 
 
 # The body of a receiving process: builds its receive path on the context and serves until ``context.stop``.
@@ -82,8 +106,8 @@ class ReceivingProcesses:
         self.stop_timeout = stop_timeout
         self._mp = multiprocessing.get_context("spawn")  # a fresh interpreter: the node's threads are not forked
         self.slots = AssociationSlots(max_associations, count, self._mp)
-        self._go = self._mp.Event()
-        self._stop = self._mp.Event()
+        self._go = Flag(self._mp)
+        self._stop = Flag(self._mp)
         self._reports: Any = self._mp.Queue()
         self._socket: socket.socket | None = None
         self._processes: dict[int, SpawnProcess] = {}
