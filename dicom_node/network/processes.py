@@ -10,7 +10,8 @@ The main process binds the port (so a port in use is one clear start-up error, a
 port as it could with SO_REUSEPORT) and spawns the receivers, each handed the socket; once every one has built its
 receive path it listens, and the receivers start accepting: the port opens only when the node can take instances.
 A receiver that dies is replaced; its association slots are freed (the sender of an instance it had not
-acknowledged sends it again). Receivers end with the node even when it is killed (PR_SET_PDEATHSIG), at once.
+acknowledged sends it again). Receivers end with the node even when it is killed (PR_SET_PDEATHSIG), at once,
+and on their own when they find themselves handed to init.
 """
 
 from __future__ import annotations
