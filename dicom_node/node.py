@@ -13,7 +13,6 @@ import errno
 import logging
 import signal
 import tempfile
-import threading
 import time
 from collections.abc import Sequence
 from typing import Protocol
@@ -115,8 +114,11 @@ def run_receiver(settings: Settings, context: ReceiverContext) -> None:
     database engine, until the node says stop (or dies: SIGTERM by PR_SET_PDEATHSIG)."""
     end_with_parent(context.parent_pid)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group; the node decides
-    stopped = threading.Event()  # SIGTERM: the node died (PR_SET_PDEATHSIG) or someone asked this process to end
-    signal.signal(signal.SIGTERM, lambda _signum, _frame: stopped.set())
+    # SIGTERM: the node died (PR_SET_PDEATHSIG) or someone asked this process to end. The handler only appends to a
+    # list: a threading.Event's set() takes a lock, and a second SIGTERM arriving inside the first handler's set()
+    # deadlocked the process on it (seen: a receiver left behind by a killed node, stuck in its own handler).
+    terms: list[int] = []
+    signal.signal(signal.SIGTERM, lambda signum, _frame: terms.append(signum))
     configure_logging(settings.logging.level)
     storage = settings.storage
     spool = make_spool(settings)
@@ -137,7 +139,7 @@ def run_receiver(settings: Settings, context: ReceiverContext) -> None:
     context.reports.put(("ready", context.index, None))
 
     def ended() -> bool:
-        return stopped.is_set() or context.node_gone()
+        return bool(terms) or context.node_gone()
 
     while not (ended() or context.stop.is_set() or context.go.is_set()):
         time.sleep(_POLL_SECONDS)
