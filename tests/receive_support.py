@@ -28,6 +28,9 @@ from pydicom.uid import (
     JPEGLSNearLossless,
     RLELossless,
 )
+from sqlalchemy import select
+
+from dicom_node.db import Database, Job, JobState
 
 DICOM_NODE = REPO / ".venv" / "bin" / "dicom-node"
 STORESCU = "/usr/bin/storescu"
@@ -62,6 +65,21 @@ def wait_for(probe: Callable[[], T | None], timeout: float = 30.0, interval: flo
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout} s waiting for {probe}")
         time.sleep(interval)
+
+
+def newest_job_finished(db: Database, timeout: float) -> Job:
+    """The newest job once it is final (delivered, delivery failed or failed), detached from its session."""
+
+    def probe() -> Job | None:
+        with db.session() as session:
+            job = session.scalar(select(Job).order_by(Job.id.desc()))
+            if job is None:
+                return None
+            session.expunge(job)
+            done = (JobState.DELIVERED, JobState.DELIVERY_FAILED, JobState.FAILED)
+            return job if job.state in done else None
+
+    return wait_for(probe, timeout)
 
 
 @dataclass

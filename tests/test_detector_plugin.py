@@ -20,8 +20,7 @@ import pydicom
 import pytest
 from conftest import DICOM_DATA, REPO
 from orthanc_server import Orthanc, running_orthanc
-from receive_support import NodeProcess, storescu, wait_for
-from sqlalchemy import select
+from receive_support import NodeProcess, newest_job_finished, storescu
 
 from dicom_node.config import Settings
 from dicom_node.db import Database, Job, JobState
@@ -144,19 +143,6 @@ def orthanc(tmp_path: Path) -> Iterator[Orthanc]:
     yield from running_orthanc(tmp_path / "orthanc")
 
 
-def _finished_job(db: Database, timeout: float) -> Job:
-    def probe() -> Job | None:
-        with db.session() as session:
-            job = session.scalar(select(Job).order_by(Job.id.desc()))
-            if job is None:
-                return None
-            session.expunge(job)
-            done = (JobState.DELIVERED, JobState.DELIVERY_FAILED, JobState.FAILED)
-            return job if job.state in done else None
-
-    return wait_for(probe, timeout)
-
-
 def _codes(dataset: pydicom.Dataset) -> Iterator[tuple[str, str]]:
     """(value, scheme) of every coded concept anywhere in ``dataset``."""
     for element in dataset.iterall():
@@ -195,7 +181,7 @@ def test_knee_detector_end_to_end(tmp_path: Path, sqlite_url: str, orthanc: Orth
         sent = storescu(node.port, [CR_EXTREMITY])
         assert sent.returncode == 0, sent.stderr
         try:
-            job = _finished_job(db, timeout=300)
+            job = newest_job_finished(db, timeout=300)
         except AssertionError:
             print(node.log()[-6000:])
             raise

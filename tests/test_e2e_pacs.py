@@ -14,8 +14,7 @@ from pathlib import Path
 import pytest
 from conftest import DICOM_DATA
 from orthanc_server import Orthanc, running_orthanc
-from receive_support import NodeProcess, storescu, wait_for
-from sqlalchemy import select
+from receive_support import NodeProcess, newest_job_finished, storescu
 
 from dicom_node.db import Database, Job, JobState
 
@@ -52,19 +51,6 @@ def _node(tmp_path: Path, sqlite_url: str, orthanc: Orthanc) -> NodeProcess:
     )
 
 
-def _finished_job(db: Database, timeout: float) -> Job:
-    def probe() -> Job | None:
-        with db.session() as session:
-            job = session.scalar(select(Job).order_by(Job.id.desc()))
-            if job is None:
-                return None
-            session.expunge(job)
-            done = (JobState.DELIVERED, JobState.DELIVERY_FAILED, JobState.FAILED)
-            return job if job.state in done else None
-
-    return wait_for(probe, timeout)
-
-
 def _study_of(orthanc: Orthanc, study_uid: str) -> list[dict[str, str]]:
     tags = [orthanc.tags(instance_id) for instance_id in orthanc.instances()]
     return [t for t in tags if t.get("StudyInstanceUID") == study_uid]
@@ -93,7 +79,7 @@ def test_study_in_results_in_pacs(
         sent = storescu(node.port, files)
         assert sent.returncode == 0, sent.stderr
         try:
-            job = _finished_job(db, timeout=300)
+            job = newest_job_finished(db, timeout=300)
         except AssertionError:
             print(node.log()[-6000:])
             raise
