@@ -21,8 +21,8 @@ from __future__ import annotations
 import json
 import logging
 import re
-import threading
 from dataclasses import replace
+from functools import cache
 from importlib.metadata import EntryPoint, entry_points
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -39,9 +39,6 @@ ENTRY_POINT_GROUP = "dicom_node.detectors"
 DISTRIBUTION = "dicom-node"
 UNVERSIONED = "unversioned"
 
-_lock = threading.Lock()
-_specs: dict[str, DetectorSpec] | None = None
-
 
 class UnknownDetectorError(LookupError):
     """A detector name no installed detector has; the message lists the known ones."""
@@ -53,7 +50,9 @@ def _distribution_name(entry: EntryPoint) -> str:
     return re.sub(r"[-_.]+", "-", name or "").lower()
 
 
+@cache
 def _discover() -> dict[str, DetectorSpec]:
+    """The specs of the installed entry points, read once per process (``clear_cache`` reads them again)."""
     shipped: dict[str, DetectorSpec] = {}
     plugins: list[tuple[EntryPoint, Any]] = []
     for entry in entry_points(group=ENTRY_POINT_GROUP):
@@ -96,18 +95,12 @@ def _discover() -> dict[str, DetectorSpec]:
 
 def specs() -> dict[str, DetectorSpec]:
     """Every installed detector, name → spec, sorted by name (read once per process; ``clear_cache`` re-reads)."""
-    global _specs
-    with _lock:
-        if _specs is None:
-            _specs = _discover()
-        return dict(_specs)
+    return dict(_discover())
 
 
 def clear_cache() -> None:
     """Forget the detectors read so far (a test that installs a plugin into the running process calls this)."""
-    global _specs
-    with _lock:
-        _specs = None
+    _discover.cache_clear()
 
 
 def names() -> list[str]:
