@@ -10,11 +10,12 @@ from typing import Protocol
 
 from sqlalchemy import select
 
-from dicom_node import jobs
 from dicom_node.config import Settings
 from dicom_node.db import Database, Job, JobState, Study
+from dicom_node.jobs.actions import redeliver_job, rerun_study, retry_job
 from dicom_node.jobs.dispatch import Dispatcher
 from dicom_node.jobs.identity import ModelVersions
+from dicom_node.jobs.lifecycle import JobStateError
 
 
 class ActionError(Exception):
@@ -62,9 +63,9 @@ class JobActions:
     def retry_job(self, job_id: int) -> list[int]:
         try:
             if self._state(job_id) == JobState.DELIVERY_FAILED:
-                return [jobs.redeliver_job(self.db, self.dispatcher, job_id).id]
-            return [jobs.retry_job(self.db, self.dispatcher, job_id).id]
-        except jobs.JobStateError as err:
+                return [redeliver_job(self.db, self.dispatcher, job_id).id]
+            return [retry_job(self.db, self.dispatcher, job_id).id]
+        except JobStateError as err:
             raise ActionError(str(err)) from None
 
     def rerun_study(self, study_instance_uid: str) -> list[int]:
@@ -72,15 +73,15 @@ class JobActions:
             if session.scalar(select(Study.id).where(Study.study_instance_uid == study_instance_uid)) is None:
                 raise LookupError(f"study {study_instance_uid} not found")
         try:
-            return jobs.rerun_study(
+            return rerun_study(
                 self.db, self.settings, self.dispatcher, study_instance_uid, model_version=self.model_version
             )
-        except jobs.JobStateError as err:
+        except JobStateError as err:
             raise ActionError(str(err)) from None
 
     def redeliver_job(self, job_id: int) -> list[int]:
         self._state(job_id)
         try:
-            return [jobs.redeliver_job(self.db, self.dispatcher, job_id).id]
-        except jobs.JobStateError as err:
+            return [redeliver_job(self.db, self.dispatcher, job_id).id]
+        except JobStateError as err:
             raise ActionError(str(err)) from None

@@ -11,8 +11,6 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Callable, Iterable
 
-UNVERSIONED = "unversioned"
-
 # detector name → its model version ("unversioned" when the model says none); injected into ``JobScheduler``.
 ModelVersions = Callable[[str], str]
 
